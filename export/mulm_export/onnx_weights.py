@@ -1,0 +1,34 @@
+"""Reading the weights back out of an exported model.onnx, for the numpy reference.
+
+verify runs the reference on what the file holds, not on what the exporter meant to write, so
+a wiring or layout mistake in the graph cannot hide behind shared code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .arch import Arch, weight_names
+from .quant import dequantize_q4
+
+
+def read(path, arch: Arch) -> dict:
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for name in weight_names(arch):
+        if name in inits:
+            weights[name] = numpy_helper.to_array(inits[name])
+        elif name + ".T" in inits:
+            weights[name] = numpy_helper.to_array(inits[name + ".T"]).T
+        elif name + ".q4" in inits:
+            weights[name] = dequantize_q4(numpy_helper.to_array(inits[name + ".q4"]),
+                                          numpy_helper.to_array(inits[name + ".scales"]))
+        else:
+            raise ValueError(f"{path}: no initializer holds {name}")
+    if "head.q4" in inits:
+        weights["__head__"] = dequantize_q4(numpy_helper.to_array(inits["head.q4"]),
+                                            numpy_helper.to_array(inits["head.scales"]))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}

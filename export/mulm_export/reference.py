@@ -1,0 +1,72 @@
+"""An independent numpy implementation of the architecture, the yardstick for `verify`.
+
+It shares nothing with the ONNX writer but the weight dict: attention is computed head by head
+with the key/value heads repeated, and rotary angles are recomputed here in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import Arch
+
+
+class Reference:
+    def __init__(self, arch: Arch, weights: dict) -> None:
+        self.arch = arch
+        self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+        self.k_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
+        self.v_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        var = (x * x).mean(axis=-1, keepdims=True)
+        return x / np.sqrt(var + self.arch.rms_norm_eps) * self.w[name]
+
+    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        # x: [heads, seq, head_dim]; dimension i pairs with i + head_dim/2.
+        d = x.shape[-1]
+        half = d // 2
+        freqs = self.arch.rope_theta ** (-np.arange(half) * 2.0 / d)
+        ang = positions[:, None] * freqs[None, :]
+        c, s = np.cos(ang), np.sin(ang)
+        a, b = x[..., :half], x[..., half:]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        """Feeds `ids` after everything fed so far; returns the last position's logits."""
+        a = self.arch
+        past = self.k_cache[0].shape[1]
+        pos = np.arange(past, past + len(ids), dtype=np.float64)
+        x = self.w["model.embed_tokens.weight"][ids]
+        group = a.num_heads // a.num_kv_heads
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}."
+            xn = self._norm(x, p + "input_layernorm.weight")
+            q = (xn @ self.w[p + "self_attn.q_proj.weight"].T).reshape(len(ids), a.num_heads, a.head_dim).transpose(1, 0, 2)
+            k = (xn @ self.w[p + "self_attn.k_proj.weight"].T).reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
+            v = (xn @ self.w[p + "self_attn.v_proj.weight"].T).reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            self.k_cache[i] = np.concatenate([self.k_cache[i], k], axis=1)
+            self.v_cache[i] = np.concatenate([self.v_cache[i], v], axis=1)
+            total = self.k_cache[i].shape[1]
+            out = np.empty_like(q)
+            for head in range(a.num_heads):
+                kh, vh = self.k_cache[i][head // group], self.v_cache[i][head // group]
+                scores = q[head] @ kh.T / np.sqrt(a.head_dim)
+                allowed = np.arange(total)[None, :] <= pos[:, None]
+                scores = np.where(allowed, scores, -np.inf)
+                scores -= scores.max(axis=-1, keepdims=True)
+                probs = np.exp(scores)
+                probs /= probs.sum(axis=-1, keepdims=True)
+                out[head] = probs @ vh
+            attn = out.transpose(1, 0, 2).reshape(len(ids), a.hidden_size)
+            x = x + attn @ self.w[p + "self_attn.o_proj.weight"].T
+            xn = self._norm(x, p + "post_attention_layernorm.weight")
+            gate = xn @ self.w[p + "mlp.gate_proj.weight"].T
+            up = xn @ self.w[p + "mlp.up_proj.weight"].T
+            x = x + (gate / (1.0 + np.exp(-gate)) * up) @ self.w[p + "mlp.down_proj.weight"].T
+        last = self._norm(x[-1], "model.norm.weight")
+        head = self.w.get("__head__")
+        if head is None:
+            head = self.w["model.embed_tokens.weight" if a.tied_embeddings else "lm_head.weight"]
+        return head @ last
