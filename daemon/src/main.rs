@@ -1,1 +1,190 @@
-fn main(){}
+//! The `mulmd` command: parse the command line, set up logging, run one subcommand.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use mulmd::engine::{CancelToken, Engine, EngineConfig, Job, Model, Opener, OpenerEvent, OpenerOptions, Sampling};
+
+/// Exit code for a missing or invalid model or configuration (sysexits' EX_CONFIG): restarting
+/// will not help, so the systemd unit lists it in RestartPreventExitStatus.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "mulmd", version, about = "Instant openers from a micro language model, continued by a cloud model")]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "mulmd=debug".
+    #[arg(long, global = true, env = "MULMD_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the opener for one question and print it word by word, then its timings.
+    Open(OpenArgs),
+}
+
+#[derive(Args)]
+struct OpenArgs {
+    /// The question.
+    query: String,
+    /// Model directory (default: $MULMD_MODEL_DIR or ~/.cache/mulmd/models/smollm2-135m-instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    min_words: usize,
+    #[arg(long, default_value_t = 8)]
+    max_words: usize,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A system turn before the question (default: the model template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Matrix-multiply threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match cli.command {
+        Command::Open(args) => open(args),
+    }
+}
+
+fn open(args: OpenArgs) -> ExitCode {
+    let dir = args.model.clone().unwrap_or_else(mulmd::paths::default_model_dir);
+    let model = match Model::load(&dir, args.threads) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            if args.model.is_none() && !dir.exists() {
+                eprintln!("mulmd: prepare the default model first: see the README's first command");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let options = OpenerOptions {
+        min_words: args.min_words,
+        max_words: args.max_words,
+        max_tokens: args.max_tokens,
+        sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        system_prompt: args.system.clone(),
+    };
+    let engine = match Engine::start(model.clone(), EngineConfig { workers: 1, queue_depth: 1 }) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job = Job {
+        query: args.query.clone(),
+        options,
+        arrived: Instant::now(),
+        cancel: CancelToken::default(),
+        sink: Box::new(move |ev| {
+            let _ = tx.send(ev);
+        }),
+    };
+    if let Err((e, _)) = engine.submit(job) {
+        eprintln!("mulmd: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut out = std::io::stdout().lock();
+    for ev in rx {
+        match ev {
+            OpenerEvent::Word(w) if !args.json => {
+                let _ = write!(out, "{}{}", if w.index == 0 { "" } else { w.leading.as_str() }, w.text);
+                let _ = out.flush();
+            }
+            OpenerEvent::Word(_) => {}
+            OpenerEvent::Done(opener) => {
+                if args.json {
+                    let _ = writeln!(out, "{}", opener_json(&model, &opener));
+                } else {
+                    let _ = writeln!(out);
+                    print_timings(&model, &opener);
+                }
+                return ExitCode::SUCCESS;
+            }
+            OpenerEvent::Error(e) => {
+                let _ = writeln!(out);
+                eprintln!("mulmd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    eprintln!("mulmd: the engine stopped without finishing the request");
+    ExitCode::FAILURE
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 1e2
+}
+
+fn opener_json(model: &Model, o: &Opener) -> serde_json::Value {
+    let t = &o.timings;
+    serde_json::json!({
+        "opener": o.text,
+        "words": o.words,
+        "stop": o.stop,
+        "ttft_ms": ms(t.ttft),
+        "opener_ms": ms(t.opener),
+        "tokenize_ms": ms(t.tokenize),
+        "prefill_ms": ms(t.prefill),
+        "queued_ms": ms(t.queued),
+        "total_ms": ms(t.total),
+        "prompt_tokens": o.prompt_tokens,
+        "generated_tokens": o.generated_tokens,
+        "model": model.manifest.name,
+        "precision": model.manifest.precision,
+        "load_ms": ms(model.load_time),
+    })
+}
+
+fn print_timings(model: &Model, o: &Opener) {
+    let t = &o.timings;
+    eprintln!(
+        "model {} ({}), loaded in {:.0} ms",
+        model.manifest.name,
+        model.manifest.precision,
+        ms(model.load_time)
+    );
+    eprintln!(
+        "tokenize {:.2} ms · prefill {:.2} ms ({} prompt tokens) · time to first token {:.2} ms",
+        ms(t.tokenize),
+        ms(t.prefill),
+        o.prompt_tokens,
+        ms(t.ttft)
+    );
+    let words: Vec<String> = o.words.iter().map(|w| format!("{} {:.1}", w.text, ms(w.at))).collect();
+    eprintln!("words (ms since arrival): {}", words.join(" · "));
+    eprintln!(
+        "opener {:.2} ms · total {:.2} ms · {} generated tokens · stopped: {:?}",
+        ms(t.opener),
+        ms(t.total),
+        o.generated_tokens,
+        o.stop
+    );
+}

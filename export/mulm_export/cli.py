@@ -136,8 +136,10 @@ def cmd_verify(args) -> None:
 
 
 def cmd_logits(args) -> None:
-    """Reference logits for the engine's tests: onnxruntime's output for a prompt and greedy
-    continuation, with the token ids fed at each step."""
+    """Reference logits for the engine's tests: onnxruntime's output for a question (rendered
+    with the model's chat template by Jinja2) and its greedy continuation, with the token ids
+    fed at each step."""
+    import jinja2
     import numpy as np
 
     from .runner import OrtModel, greedy
@@ -145,13 +147,39 @@ def cmd_logits(args) -> None:
 
     d = Path(args.dir)
     model = OrtModel(d)
-    ids = prompt_ids(d, args.text)
+    template = jinja2.Environment().from_string(model.manifest["chat_template"])
+    text = template.render(messages=[{"role": "user", "content": args.query}], add_generation_prompt=True)
+    ids = prompt_ids(d, text)
     tokens, logits = greedy(model.step, ids, args.steps)
     data = {"prompt_ids": ids, "greedy_tokens": tokens,
             "steps": [{"fed": ids if i == 0 else [tokens[i - 1]], "logits": np.asarray(l, dtype=np.float32).tolist()}
                       for i, l in enumerate(logits)]}
     Path(args.out).write_text(json.dumps(data))
     print(f"wrote {args.out}: {len(ids)} prompt tokens, {len(tokens)} steps")
+
+
+TEMPLATE_CASES = [
+    {"system": None, "query": "How do I remove odor from inside my shoes?"},
+    {"system": "You answer in one short sentence.", "query": "What is the capital of France?"},
+    {"system": None, "query": "Ünïcödé, emoji 🎉 and \"quotes\"\nacross lines"},
+]
+
+
+def cmd_render_template(args) -> None:
+    """The manifest's chat template rendered by Jinja2 for a few conversations (test fixtures)."""
+    import jinja2
+
+    from .modeldir import read_manifest
+
+    m = read_manifest(Path(args.dir))
+    template = jinja2.Environment().from_string(m["chat_template"])
+    cases = []
+    for case in TEMPLATE_CASES:
+        messages = ([{"role": "system", "content": case["system"]}] if case["system"] else [])
+        messages.append({"role": "user", "content": case["query"]})
+        cases.append({**case, "rendered": template.render(messages=messages, add_generation_prompt=True)})
+    Path(args.out).write_text(json.dumps(cases, ensure_ascii=False, indent=1))
+    print(f"wrote {args.out}: {len(cases)} renderings")
 
 
 def main(argv=None) -> int:
@@ -201,9 +229,14 @@ def main(argv=None) -> int:
     lg = sub.add_parser("logits", help="dump onnxruntime's logits for a prompt (test fixtures)")
     lg.add_argument("dir")
     lg.add_argument("--out", required=True)
-    lg.add_argument("--text", default="<|im_start|>user\nHow do I remove odor from inside my shoes?<|im_end|>\n<|im_start|>assistant\n")
+    lg.add_argument("--query", default="How do I remove odor from inside my shoes?")
     lg.add_argument("--steps", type=int, default=6)
     lg.set_defaults(func=cmd_logits)
+
+    rt = sub.add_parser("render-template", help="render the chat template with Jinja2 (test fixtures)")
+    rt.add_argument("dir")
+    rt.add_argument("--out", required=True)
+    rt.set_defaults(func=cmd_render_template)
 
     args = p.parse_args(argv)
     try:

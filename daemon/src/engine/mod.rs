@@ -1,1 +1,22 @@
+//! The only place that touches tract and tokenizers: model loading, per-request KV caches,
+//! sampling, word boundaries and the worker threads. The rest of mulmd holds an [`Engine`] and
+//! receives [`OpenerEvent`]s.
 
+mod error;
+mod manifest;
+mod model;
+mod opener;
+mod sampling;
+mod session;
+mod template;
+mod words;
+mod worker;
+
+pub use error::{LoadError, RequestError};
+pub use manifest::Manifest;
+pub use model::Model;
+pub use opener::{write_opener, CancelToken, Opener, OpenerEvent, OpenerOptions, OpenerTimings, WordEvent};
+pub use sampling::Sampling;
+pub use session::Session;
+pub use words::StopReason;
+pub use worker::{Engine, EngineConfig, EventSink, Job};

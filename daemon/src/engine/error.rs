@@ -1,0 +1,42 @@
+//! Errors the engine reports. Each message names the file or value at fault and what to do.
+
+use std::path::PathBuf;
+
+/// Why a model directory could not be loaded. Loading errors are fatal for the daemon (a
+/// distinct exit code), so every variant says which file is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {problem}; prepare a model directory with `export/mulm-export` (see README)")]
+    MissingFile { path: PathBuf, problem: String },
+    #[error("{path}: {problem}")]
+    BadManifest { path: PathBuf, problem: String },
+    #[error("{path}: cannot be loaded as an ONNX model ({detail}); re-export it with `export/mulm-export`")]
+    BadOnnx { path: PathBuf, detail: String },
+    #[error("{path}: {problem}; the model does not match its manifest, re-export the directory")]
+    ShapeMismatch { path: PathBuf, problem: String },
+    #[error("{path}: cannot be loaded as a tokenizer ({detail})")]
+    BadTokenizer { path: PathBuf, detail: String },
+    #[error("{path}: {problem}")]
+    VocabularyMismatch { path: PathBuf, problem: String },
+    #[error("chat template in {path}: {detail}")]
+    BadTemplate { path: PathBuf, detail: String },
+}
+
+/// Why one request failed. The request's other events (words already sent) stay valid.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum RequestError {
+    #[error("the query is empty; send the user's question as text")]
+    EmptyQuery,
+    #[error("the prompt is {tokens} tokens but the model's context holds {limit}; shorten the query")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+    #[error("all {capacity} queue places are taken; retry shortly or raise engine.queue_depth")]
+    Busy { capacity: usize },
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("inference failed: {0}")]
+    Inference(String),
+}

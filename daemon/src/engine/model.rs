@@ -1,0 +1,189 @@
+//! A loaded model directory: the optimized tract plan, the tokenizer and the chat template.
+//! Loaded once and shared read-only by every worker; per-request state lives in `Session`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokenizers::Tokenizer;
+use tract_onnx::prelude::*;
+
+use super::error::LoadError;
+use super::manifest::Manifest;
+use super::template::{ChatTemplate, Message};
+
+pub type Plan = Arc<TypedRunnableModel>;
+
+pub struct Model {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub(crate) plan: Plan,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) template: ChatTemplate,
+    /// Token ids that end generation: the manifest's stop tokens and every special token.
+    pub(crate) stop_ids: HashSet<u32>,
+    pub(crate) bos_id: Option<u32>,
+    pub load_time: Duration,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("dir", &self.dir).field("name", &self.manifest.name).finish()
+    }
+}
+
+impl Model {
+    /// Loads and checks a model directory. `threads` sets tract's matrix-multiply threads.
+    pub fn load(dir: &Path, threads: usize) -> Result<Self, LoadError> {
+        let started = Instant::now();
+        if !dir.is_dir() {
+            return Err(LoadError::MissingFile {
+                path: dir.to_path_buf(),
+                problem: "is not a directory".into(),
+            });
+        }
+        let manifest = Manifest::read(dir)?;
+        let tokenizer = load_tokenizer(dir, &manifest)?;
+        let plan = load_plan(dir, &manifest, threads)?;
+        let manifest_path = dir.join(super::manifest::FILE);
+        let template = ChatTemplate::new(
+            &manifest.chat_template,
+            manifest.special_tokens.bos.as_deref(),
+            &manifest.special_tokens.eos,
+        )
+        .map_err(|e| LoadError::BadTemplate { path: manifest_path.clone(), detail: e.to_string() })?;
+
+        let id = |t: &str| tokenizer.token_to_id(t);
+        let mut stop_ids: HashSet<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        for t in manifest.special_tokens.stop.iter().chain([&manifest.special_tokens.eos]) {
+            let i = id(t).ok_or_else(|| LoadError::VocabularyMismatch {
+                path: dir.join("tokenizer.json"),
+                problem: format!("the stop token {t:?} named in mulm.json is not in the vocabulary"),
+            })?;
+            stop_ids.insert(i);
+        }
+        let bos_id = match &manifest.special_tokens.bos {
+            Some(b) if manifest.special_tokens.add_bos => Some(id(b).ok_or_else(|| LoadError::VocabularyMismatch {
+                path: dir.join("tokenizer.json"),
+                problem: format!("the bos token {b:?} named in mulm.json is not in the vocabulary"),
+            })?),
+            _ => None,
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            plan,
+            tokenizer,
+            template,
+            stop_ids,
+            bos_id,
+            load_time: started.elapsed(),
+        })
+    }
+
+    /// The prompt text for a single-turn question, as the model's chat template renders it.
+    pub fn render_prompt(&self, system: Option<&str>, query: &str) -> Result<String, String> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(s) = system {
+            messages.push(Message { role: "system", content: s });
+        }
+        messages.push(Message { role: "user", content: query });
+        self.template.render(&messages).map_err(|e| format!("chat template: {e}"))
+    }
+
+    /// The prompt token ids for a single-turn question. Special-token text inside the query is
+    /// matched like the template's own markers, as Hugging Face's tokenizer does.
+    pub fn prompt_ids(&self, system: Option<&str>, query: &str) -> Result<Vec<u32>, String> {
+        let text = self.render_prompt(system, query)?;
+        let enc = self.tokenizer.encode(text, false).map_err(|e| format!("tokenizer: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        ids.extend(self.bos_id);
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.manifest.context_length
+    }
+}
+
+fn load_tokenizer(dir: &Path, manifest: &Manifest) -> Result<Tokenizer, LoadError> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(LoadError::MissingFile { path, problem: "is missing".into() });
+    }
+    let tokenizer =
+        Tokenizer::from_file(&path).map_err(|e| LoadError::BadTokenizer { path: path.clone(), detail: e.to_string() })?;
+    let size = tokenizer.get_vocab_size(true);
+    if size > manifest.architecture.vocab_size {
+        return Err(LoadError::VocabularyMismatch {
+            path,
+            problem: format!(
+                "the tokenizer has {size} tokens but the model's vocabulary holds {}; \
+                 the tokenizer belongs to another model",
+                manifest.architecture.vocab_size
+            ),
+        });
+    }
+    Ok(tokenizer)
+}
+
+fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, LoadError> {
+    let path = dir.join("model.onnx");
+    if !path.is_file() {
+        return Err(LoadError::MissingFile { path, problem: "is missing".into() });
+    }
+    let bad = |e: TractError| LoadError::BadOnnx { path: path.clone(), detail: format!("{e:#}") };
+    let model = tract_onnx::onnx().model_for_path(&path).map_err(bad)?;
+    let a = &manifest.architecture;
+    let expected_inputs = 1 + 2 * a.num_layers;
+    if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
+        return Err(LoadError::ShapeMismatch {
+            path,
+            problem: format!(
+                "it has {} inputs and {} outputs, a {}-layer model needs {expected_inputs} of each",
+                model.inputs.len(),
+                model.outputs.len(),
+                a.num_layers
+            ),
+        });
+    }
+    let typed = model.into_typed().map_err(bad)?;
+    check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
+    let optimized = typed.into_optimized().map_err(bad)?;
+    let mut options = RunOptions::default();
+    if threads > 1 {
+        options.executor = Some(tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
+    }
+    optimized.into_runnable_with_options(&options).map_err(bad)
+}
+
+/// The graph's declared tensor shapes against the manifest's architecture.
+fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
+    let a = &manifest.architecture;
+    let ids = model.input_fact(0).map_err(|e| e.to_string())?;
+    if !ids.datum_type.is_integer() || ids.rank() != 2 {
+        return Err(format!("input 0 should be int64 token ids [1, sequence], found {ids:?}"));
+    }
+    for i in 1..model.inputs.len() {
+        let f = model.input_fact(i).map_err(|e| e.to_string())?;
+        let dims: Vec<Option<usize>> = f.shape.iter().map(|d| d.to_usize().ok()).collect();
+        if dims.len() != 4 || dims[1] != Some(a.num_kv_heads) || dims[3] != Some(a.head_dim) {
+            return Err(format!(
+                "KV-cache input {i} has shape {:?}, the manifest says [1, {}, past, {}]",
+                f.shape, a.num_kv_heads, a.head_dim
+            ));
+        }
+    }
+    let logits = model.output_fact(0).map_err(|e| e.to_string())?;
+    if logits.shape.last().and_then(|d| d.to_usize().ok()) != Some(a.vocab_size) {
+        return Err(format!("logits have shape {:?}, the manifest's vocabulary is {}", logits.shape, a.vocab_size));
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Writing one opener: prompt → prefill → decode, words streamed as they complete.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::RequestError;
+use super::model::Model;
+use super::sampling::{Sampler, Sampling};
+use super::session::{logits, Session};
+use super::words::{StopReason, Word, WordSplitter};
+
+/// What the caller may choose per request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenerOptions {
+    pub min_words: usize,
+    pub max_words: usize,
+    /// Hard cap on generated tokens, whatever the word count.
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// A system turn placed before the question (None: the template's own default).
+    pub system_prompt: Option<String>,
+}
+
+impl Default for OpenerOptions {
+    fn default() -> Self {
+        // 4–8 words: the range the paper found best for a hand-off (§1, Table 2).
+        Self { min_words: 4, max_words: 8, max_tokens: 48, sampling: Sampling::default(), system_prompt: None }
+    }
+}
+
+impl OpenerOptions {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if self.min_words == 0 || self.min_words > self.max_words {
+            return Err(RequestError::InvalidOptions(format!(
+                "min_words {} and max_words {} must satisfy 1 <= min_words <= max_words",
+                self.min_words, self.max_words
+            )));
+        }
+        if self.max_words > 64 {
+            return Err(RequestError::InvalidOptions(format!(
+                "max_words {} is above 64; an opener is the first few words of an answer",
+                self.max_words
+            )));
+        }
+        if self.max_tokens == 0 || self.max_tokens > 512 {
+            return Err(RequestError::InvalidOptions(format!("max_tokens {} is outside 1..=512", self.max_tokens)));
+        }
+        self.sampling.validate()
+    }
+}
+
+/// A word of the opener, as the event stream reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WordEvent {
+    pub index: usize,
+    /// The word as written, without surrounding whitespace.
+    pub text: String,
+    /// Whitespace that separates it from the previous word ("" for the first).
+    pub leading: String,
+    /// Time since the request arrived.
+    #[serde(serialize_with = "ms")]
+    pub at: Duration,
+}
+
+/// Timings of one opener, each measured from the request's arrival unless named otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OpenerTimings {
+    /// Waiting in the queue before a worker took the request.
+    #[serde(serialize_with = "ms")]
+    pub queued: Duration,
+    /// Rendering the chat template and tokenizing (duration).
+    #[serde(serialize_with = "ms")]
+    pub tokenize: Duration,
+    /// The prompt's forward pass (duration).
+    #[serde(serialize_with = "ms")]
+    pub prefill: Duration,
+    /// Arrival to the first generated token.
+    #[serde(serialize_with = "ms")]
+    pub ttft: Duration,
+    /// Arrival to the last word of the opener.
+    #[serde(serialize_with = "ms")]
+    pub opener: Duration,
+    /// Arrival to the end of the work (including any token decoded past the last word).
+    #[serde(serialize_with = "ms")]
+    pub total: Duration,
+}
+
+/// The finished opener.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Opener {
+    /// The words joined as the model wrote them (inner whitespace kept, none at either end).
+    pub text: String,
+    pub words: Vec<WordEvent>,
+    pub stop: StopReason,
+    pub timings: OpenerTimings,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+}
+
+/// What a request produces, in order: zero or more `Word`, then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpenerEvent {
+    Word(WordEvent),
+    Done(Opener),
+    Error(RequestError),
+}
+
+fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// A flag the caller sets to stop a request; checked between tokens.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one request to completion on the calling thread, sending words through `emit` as they
+/// complete. Returns the opener, or the error that ended it (the caller turns either into the
+/// request's one terminal event).
+pub fn write_opener(
+    model: &Arc<Model>,
+    session: &mut Session,
+    query: &str,
+    opts: &OpenerOptions,
+    arrived: Instant,
+    cancel: &CancelToken,
+    mut emit: impl FnMut(WordEvent),
+) -> Result<Opener, RequestError> {
+    let mut timings = OpenerTimings { queued: arrived.elapsed(), ..Default::default() };
+    if query.trim().is_empty() {
+        return Err(RequestError::EmptyQuery);
+    }
+    opts.validate()?;
+    let t = Instant::now();
+    let prompt = model.prompt_ids(opts.system_prompt.as_deref(), query).map_err(RequestError::Inference)?;
+    timings.tokenize = t.elapsed();
+    let limit = model.context_length();
+    if prompt.len() + 1 >= limit {
+        return Err(RequestError::PromptTooLong { tokens: prompt.len(), limit });
+    }
+    let inference = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
+    session.reset().map_err(inference)?;
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut splitter = WordSplitter::new(opts.min_words, opts.max_words);
+    let mut words: Vec<WordEvent> = Vec::with_capacity(opts.max_words);
+    let mut text = String::new();
+    let mut on_word = |w: Word, words: &mut Vec<WordEvent>| {
+        let ev = WordEvent { index: words.len(), leading: w.leading, text: w.text, at: arrived.elapsed() };
+        if !words.is_empty() {
+            text.push_str(&ev.leading);
+        }
+        text.push_str(&ev.text);
+        emit(ev.clone());
+        words.push(ev);
+    };
+
+    let t = Instant::now();
+    let out = session.step(&prompt).map_err(inference)?;
+    timings.prefill = t.elapsed();
+    let mut token = sampler.pick(logits(&out).map_err(inference)?);
+    timings.ttft = arrived.elapsed();
+
+    let mut generated: Vec<u32> = Vec::with_capacity(opts.max_tokens);
+    let mut decoded_len = 0usize;
+    let stop = loop {
+        if cancel.is_cancelled() {
+            return Err(RequestError::Cancelled);
+        }
+        if model.stop_ids.contains(&token) {
+            break StopReason::EndOfText;
+        }
+        generated.push(token);
+        // Decode everything generated so far and take the new tail, holding it back while it
+        // ends inside a multi-byte character (the tokenizer then yields U+FFFD). Bytes that
+        // can never form a character (U+FFFD inside the text) are dropped, not shown.
+        let decoded = model.tokenizer.decode(&generated, true).map_err(|e| RequestError::Inference(e.to_string()))?;
+        if !decoded.ends_with('\u{FFFD}') && decoded.len() > decoded_len && decoded.is_char_boundary(decoded_len) {
+            let piece = decoded[decoded_len..].replace('\u{FFFD}', "");
+            decoded_len = decoded.len();
+            if let Some(reason) = splitter.push(&piece, |w| on_word(w, &mut words)) {
+                break reason;
+            }
+        }
+        if generated.len() >= opts.max_tokens {
+            break StopReason::TokenCap;
+        }
+        if session.len() + 1 >= limit {
+            break StopReason::ContextFull;
+        }
+        let out = session.step(&[token]).map_err(inference)?;
+        token = sampler.pick(logits(&out).map_err(inference)?);
+    };
+    if !matches!(stop, StopReason::WordBudget | StopReason::ClauseBoundary) {
+        splitter.finish(|w| on_word(w, &mut words));
+    }
+    timings.opener = words.last().map(|w| w.at).unwrap_or_else(|| arrived.elapsed());
+    timings.total = arrived.elapsed();
+    Ok(Opener { text, words, stop, timings, prompt_tokens: prompt.len(), generated_tokens: generated.len() })
+}

@@ -1,0 +1,51 @@
+//! tract (the engine) against onnxruntime on the same model.onnx: prefill and decode logits.
+
+mod common;
+
+/// Largest |tract − onnxruntime| over a step's logits, relative to the logit scale (min 1).
+/// Both run float32 kernels with different summation orders; 1e-4 of the scale is far above
+/// that rounding and far below any real wiring error (which moves logits by O(scale)).
+const RELATIVE_TOLERANCE: f32 = 1e-4;
+
+fn check(name: &str) {
+    let (Some(model), Some(reference)) = (common::load(name), common::reference(name)) else { return };
+    let mut session = model.session().unwrap();
+    assert_eq!(
+        model.prompt_ids(None, "How do I remove odor from inside my shoes?").unwrap(),
+        reference.prompt_ids,
+        "the engine's tokenizer and chat template must give the ids onnxruntime was fed"
+    );
+    for (i, step) in reference.steps.iter().enumerate() {
+        let got = session.forward(&step.fed).unwrap();
+        assert_eq!(got.len(), step.logits.len());
+        let scale = step.logits.iter().fold(1.0f32, |m, l| m.max(l.abs()));
+        let err = got.iter().zip(&step.logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(
+            err <= RELATIVE_TOLERANCE * scale,
+            "{name} step {i} ({} tokens fed): max |Δlogit| {err} exceeds {} (scale {scale})",
+            step.fed.len(),
+            RELATIVE_TOLERANCE * scale
+        );
+        let argmax = mulmd_argmax(&got);
+        assert_eq!(argmax, reference.greedy_tokens[i], "{name} step {i}: greedy token differs");
+    }
+}
+
+fn mulmd_argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+}
+
+#[test]
+fn tiny_float32_matches_onnxruntime() {
+    check("tiny");
+}
+
+#[test]
+fn tiny_q4_matches_onnxruntime() {
+    check("tiny-q4");
+}
+
+#[test]
+fn smollm2_matches_onnxruntime() {
+    check("smollm2");
+}

@@ -1,0 +1,129 @@
+"""mulm-export end to end: exports verify, quantization costs are reported, bad input is named."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mulm_export import cli, quant, sources
+from mulm_export.arch import SHAPES
+from mulm_export.modeldir import sha256_file
+
+
+def run_cli(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def test_quantization_roundtrip_error_is_bounded():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    codes, scales = quant.quantize_q4(w)
+    assert codes.shape == (8, 2, 16) and scales.shape == (16,)
+    back = quant.dequantize_q4(codes, scales)
+    step = np.repeat(np.abs(scales), 32).reshape(8, 64)
+    err = np.abs(back - w)
+    # Rounding costs half a step; only values of the opposite sign to the block's extreme can
+    # be clipped at +7, costing at most one step. The extreme itself is exact.
+    assert np.all(err <= step + 1e-6)
+    assert np.mean(err <= step * 0.5 + 1e-6) > 0.95
+    blocks, berr = w.reshape(16, 32), err.reshape(16, 32)
+    assert np.all(berr[np.arange(16), np.abs(blocks).argmax(axis=1)] < 1e-6)
+
+
+def test_generate_is_reproducible(tmp_path):
+    for name in ("a", "b"):
+        assert run_cli("generate", "--shape", "tiny", "--seed", 5, "--out", tmp_path / name) == 0
+    assert sha256_file(tmp_path / "a/model.onnx") == sha256_file(tmp_path / "b/model.onnx")
+    assert sha256_file(tmp_path / "a/tokenizer.json") == sha256_file(tmp_path / "b/tokenizer.json")
+    manifest = json.loads((tmp_path / "a/mulm.json").read_text())
+    assert manifest["architecture"]["vocab_size"] == 12288
+    tok = json.loads((tmp_path / "a/tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) == 12288
+
+
+def test_mulm_28m_has_the_papers_parameter_count():
+    assert round(SHAPES["mulm-28m"].parameter_count() / 1e6, 2) == 28.84
+
+
+def test_verify_passes_for_the_tiny_model(fixture_dir, capsys):
+    assert cli.main(["verify", str(fixture_dir("tiny"))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reference"]["ok"] and report["reference"]["max_relative_error"] < 1e-3
+
+
+def test_verify_reports_what_4_bit_costs(fixture_dir, capsys):
+    assert cli.main(["verify", str(fixture_dir("tiny-q4")), "--baseline", str(fixture_dir("tiny"))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reference"]["ok"], "onnxruntime must match the reference on the dequantized weights"
+    cost = report["precision_cost"]
+    assert cost["max_abs_error"] > 0, "4-bit weights cannot be free"
+
+
+def test_smollm2_agrees_with_llama_cpp(fixture_dir, capsys):
+    gguf = sources.smollm2_gguf()
+    assert cli.main(["verify", str(fixture_dir("smollm2")), "--llama-cpp", str(gguf), "--greedy-steps", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["llama_cpp"]["tokenizer"]["mismatches"] == []
+    assert report["llama_cpp"]["tokenizer"]["texts"] >= 10
+    prompts = report["llama_cpp"]["greedy"]["prompts"]
+    assert len(prompts) >= 3 and all(p["agreeing_steps"] >= 16 for p in prompts)
+
+
+def test_from_hf_matches_the_same_weights_generated(tmp_path, fixture_dir):
+    """A Hugging Face directory of the tiny model's weights exports to the same logits."""
+    from safetensors.numpy import save_file
+
+    arch = SHAPES["tiny"]
+    weights = sources.generated_weights(arch, 1)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(weights, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads, "intermediate_size": arch.intermediate_size,
+        "rope_theta": arch.rope_theta, "rms_norm_eps": arch.rms_norm_eps, "tie_word_embeddings": True,
+        "max_position_embeddings": arch.context_length,
+    }))
+    shutil.copy(fixture_dir("tiny") / "tokenizer.json", hf / "tokenizer.json")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert run_cli("from-hf", hf, "--out", tmp_path / "out") == 0
+    from mulm_export.runner import OrtModel
+
+    a, b = OrtModel(tmp_path / "out"), OrtModel(fixture_dir("tiny"))
+    ids = [5, 17, 300, 42]
+    assert np.allclose(a.step(ids), b.step(ids), atol=1e-6)
+
+
+def test_a_pytorch_checkpoint_without_torch_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16}))
+    (tmp_path / "model.pth").write_bytes(b"not really")
+    try:
+        import torch  # noqa: F401
+        pytest.skip("torch is installed here, so the missing-torch message cannot be shown")
+    except ImportError:
+        pass
+    assert run_cli("from-hf", tmp_path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "torch" in err and "safetensors" in err
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"hello")
+    assert run_cli("from-gguf", bad, "--out", tmp_path / "out") == 2
+    assert "bad.gguf" in capsys.readouterr().err
+
+
+def test_the_launcher_runs_from_a_shell():
+    launcher = Path(__file__).resolve().parents[1] / "mulm-export"
+    env = dict(os.environ, MULMD_VENV=str(Path(sys.executable).parents[1]))
+    out = subprocess.run([str(launcher), "--version"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "mulm-export" in out.stdout
