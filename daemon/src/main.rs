@@ -27,6 +27,25 @@ struct Cli {
 enum Command {
     /// Write the opener for one question and print it word by word, then its timings.
     Open(OpenArgs),
+    /// Measure raw engine speed (greedy, fixed token count) and print JSON; used by
+    /// bench/compare_runtimes.py to set mulmd against onnxruntime and llama.cpp.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "How do I remove odor from inside my shoes?")]
+    query: String,
+    /// Tokens to generate per run (end-of-text is ignored).
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -68,7 +87,57 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match cli.command {
         Command::Open(args) => open(args),
+        Command::Probe(args) => probe(args),
     }
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let dir = args.model.unwrap_or_else(mulmd::paths::default_model_dir);
+    let model = match Model::load(&dir, args.threads) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut session = match model.session() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut runs = Vec::new();
+    for _ in 0..=args.runs {
+        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens) {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                eprintln!("mulmd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let warmup = runs.remove(0);
+    let report = serde_json::json!({
+        "runtime": "mulmd",
+        "model": model.manifest.name,
+        "precision": model.manifest.precision,
+        "threads": args.threads,
+        "load_ms": ms(model.load_time),
+        "warmup": warmup,
+        "runs": runs,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{report}");
+    ExitCode::SUCCESS
+}
+
+/// The process's peak resident set (VmHWM) in MB, where /proc provides it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn open(args: OpenArgs) -> ExitCode {

@@ -26,6 +26,9 @@ def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
     scale = signed_max / -8.0
     scale[amax == 0] = 1.0
+    # tract keeps block scales as float16 (as GGML's Q4_0 does); rounding them here makes the
+    # file mean the same weights in every runtime.
+    scale = scale.astype(np.float16).astype(np.float32)
     q = np.clip(np.round(blocks / scale), -8, 7).astype(np.int16) + 8
     q = q.astype(np.uint8)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)

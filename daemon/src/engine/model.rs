@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::DimLike;
 
 use super::error::LoadError;
 use super::manifest::Manifest;
@@ -159,7 +160,7 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {
-        options.executor = Some(tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
+        options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
     }
     optimized.into_runnable_with_options(&options).map_err(bad)
 }

@@ -1,0 +1,150 @@
+"""mulmd's engine against onnxruntime on the same model.onnx, side by side in one run.
+
+Every (model, runtime, threads) configuration runs in a fresh process: load, one warm-up
+generation, then timed generations of a fixed number of greedy tokens (end-of-text ignored).
+Rounds interleave the runtimes, rotating the order, so drift hits both alike. Medians are
+printed with mulmd/onnxruntime ratios (>1 means mulmd is faster, for times the inverse).
+
+  python bench/compare_runtimes.py [--rounds 5] [--threads 1 2] [--models NAME ...]
+
+Models (prepared into $MULMD_BENCH_MODELS, default ~/.cache/mulmd/bench-models, if missing):
+mulm-28m float32 and q4 (the paper's shape, seeded random weights) and SmolLM2-135M-Instruct
+float32 and q4. The mulmd binary is target/release/mulmd (built if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT = ROOT / "export" / "mulm-export"
+MODELS = {
+    "mulm-28m-f32": ["generate", "--shape", "mulm-28m", "--seed", "0"],
+    "mulm-28m-q4": ["generate", "--shape", "mulm-28m", "--seed", "0", "--precision", "q4"],
+    "smollm2-f32": ["default-model"],
+    "smollm2-q4": ["default-model", "--precision", "q4"],
+}
+
+
+def prepare(cache: Path, names: list[str]) -> dict[str, Path]:
+    dirs = {}
+    for name in names:
+        d = cache / name
+        if not (d / "mulm.json").exists():
+            subprocess.run([str(EXPORT), *MODELS[name], "--out", str(d)], check=True)
+        dirs[name] = d
+    return dirs
+
+
+def mulmd_binary() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    exe = target / "release" / "mulmd"
+    if not exe.exists():
+        subprocess.run(["cargo", "build", "--release", "-p", "mulmd"], cwd=ROOT, check=True)
+    return exe
+
+
+def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
+    if runtime == "mulmd":
+        cmd = [str(mulmd_binary()), "probe", "--model", str(model), "--threads", str(threads),
+               "--tokens", str(tokens), "--runs", str(runs)]
+    else:
+        cmd = [sys.executable, str(ROOT / "bench" / "ort_probe.py"), "--model", str(model),
+               "--threads", str(threads), "--tokens", str(tokens), "--runs", str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
+def words_ms(run: dict, tokenizer, n: int) -> float | None:
+    """When the n-th word is complete: the moment the (n+1)-th word starts, as mulmd emits."""
+    for i in range(len(run["tokens"])):
+        if len(tokenizer.decode(run["tokens"][: i + 1]).split()) > n:
+            return run["token_ms"][i]
+    return None
+
+
+def summarize(results: list[dict], tokenizer) -> dict:
+    runs = [r for res in results for r in res["runs"]]
+    med = statistics.median
+    decode = [(len(r["token_ms"]) - 1) / ((r["token_ms"][-1] - r["token_ms"][0]) / 1e3) for r in runs]
+    w4 = [w for w in (words_ms(r, tokenizer, 4) for r in runs) if w is not None]
+    w8 = [w for w in (words_ms(r, tokenizer, 8) for r in runs) if w is not None]
+    return {
+        "load_ms": med(r["load_ms"] for r in results),
+        "prefill_tok_s": med(r["prompt_tokens"] / (r["prefill_ms"] / 1e3) for r in runs),
+        "ttft_ms": med(r["token_ms"][0] for r in runs),
+        "words4_ms": med(w4) if w4 else None,
+        "words8_ms": med(w8) if w8 else None,
+        "decode_tok_s": med(decode),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "tokens_agree": len({tuple(r["tokens"]) for r in runs}) == 1,
+        "first_tokens": runs[0]["tokens"][:8],
+        "n": len(runs),
+    }
+
+
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=2, help="timed generations per process")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--json", help="also write the raw results here")
+    a = p.parse_args()
+
+    from tokenizers import Tokenizer
+
+    cache = Path(os.environ.get("MULMD_BENCH_MODELS") or Path.home() / ".cache/mulmd/bench-models")
+    dirs = prepare(cache, a.models)
+    mulmd_binary()
+    configs = [(m, t) for m in a.models for t in a.threads]
+    raw: dict = {f"{m}|{rt}|{t}": [] for m, t in configs for rt in ("mulmd", "onnxruntime")}
+    for rnd in range(a.rounds):
+        order = ["mulmd", "onnxruntime"] if rnd % 2 == 0 else ["onnxruntime", "mulmd"]
+        for m, t in (configs if rnd % 2 == 0 else list(reversed(configs))):
+            for rt in order:
+                raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs))
+        print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
+
+    header = ("| model | thr | runtime | load ms | prefill tok/s | TTFT ms | 4 words ms | 8 words ms "
+              "| decode tok/s | peak RSS MB |")
+    print(header)
+    print("|" + "---|" * 10)
+    ratios = []
+    for m, t in configs:
+        tok = Tokenizer.from_file(str(dirs[m] / "tokenizer.json"))
+        s = {rt: summarize(raw[f"{m}|{rt}|{t}"], tok) for rt in ("mulmd", "onnxruntime")}
+        for rt in ("mulmd", "onnxruntime"):
+            x = s[rt]
+            print(f"| {m} | {t} | {rt} | {fmt(x['load_ms'], '.0f')} | {fmt(x['prefill_tok_s'], '.0f')} | "
+                  f"{fmt(x['ttft_ms'])} | {fmt(x['words4_ms'])} | {fmt(x['words8_ms'])} | "
+                  f"{fmt(x['decode_tok_s'])} | {fmt(x['peak_rss_mb'], '.0f')} |")
+        a_, b_ = s["mulmd"], s["onnxruntime"]
+        ratios.append((m, t, b_["load_ms"] / a_["load_ms"], a_["prefill_tok_s"] / b_["prefill_tok_s"],
+                       b_["ttft_ms"] / a_["ttft_ms"], a_["decode_tok_s"] / b_["decode_tok_s"],
+                       a_["peak_rss_mb"] / b_["peak_rss_mb"], a_["first_tokens"] == b_["first_tokens"]))
+    print("\nmulmd relative to onnxruntime (>1: mulmd better, except RSS: <1 better)\n")
+    print("| model | thr | load | prefill | TTFT | decode | peak RSS | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, t, load, pre, ttft, dec, rss, same in ratios:
+        print(f"| {m} | {t} | {load:.2f}x | {pre:.2f}x | {ttft:.2f}x | {dec:.2f}x | {rss:.2f}x | {'yes' if same else 'no'} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+//! Raw speed of the engine for benchmarks: greedy decoding of a fixed number of tokens with
+//! a timestamp per token (end-of-text ignored), so runtimes can be compared token for token.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::model::Model;
+use super::sampling::argmax;
+use super::session::{logits, Session};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeRun {
+    pub prompt_tokens: usize,
+    /// Template rendering and tokenization.
+    pub tokenize_ms: f64,
+    /// The prompt's forward pass alone.
+    pub prefill_ms: f64,
+    /// For each generated token, ms from the start of the run (text handed over) until it
+    /// was chosen; the first entry is the time to first token.
+    pub token_ms: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+/// Renders `query` with the chat template, then decodes `n` tokens greedily.
+pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize) -> Result<ProbeRun, String> {
+    let err = |e: tract_onnx::prelude::TractError| format!("{e:#}");
+    let start = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let prompt = model.prompt_ids(None, query)?;
+    let tokenize_ms = ms(start);
+    if prompt.len() + n >= model.context_length() {
+        return Err(format!("{} prompt + {n} generated tokens exceed the context", prompt.len()));
+    }
+    session.reset().map_err(err)?;
+    let t = Instant::now();
+    let out = session.step(&prompt).map_err(err)?;
+    let prefill_ms = ms(t);
+    let mut token = argmax(logits(&out).map_err(err)?);
+    let mut token_ms = vec![ms(start)];
+    let mut tokens = vec![token];
+    while tokens.len() < n {
+        let out = session.step(&[token]).map_err(err)?;
+        token = argmax(logits(&out).map_err(err)?);
+        token_ms.push(ms(start));
+        tokens.push(token);
+    }
+    Ok(ProbeRun { prompt_tokens: prompt.len(), tokenize_ms, prefill_ms, token_ms, tokens })
+}
