@@ -91,14 +91,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn probe(args: ProbeArgs) -> ExitCode {
-    let dir = args.model.unwrap_or_else(mulmd::paths::default_model_dir);
-    let model = match Model::load(&dir, args.threads) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            eprintln!("mulmd: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+/// Loads `--model` or the default model directory; a failure is reported and mapped to the
+/// configuration exit code.
+fn load_model(explicit: Option<&PathBuf>, threads: usize) -> Result<Arc<Model>, ExitCode> {
+    let dir = explicit.cloned().unwrap_or_else(mulmd::paths::default_model_dir);
+    Model::load(&dir, threads).map(Arc::new).map_err(|e| {
+        eprintln!("mulmd: {e}");
+        if explicit.is_none() && !dir.exists() {
+            eprintln!("mulmd: prepare the default model first: see the README's first command");
         }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let model = match load_model(args.model.as_ref(), args.threads) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
     let mut session = match model.session() {
         Ok(s) => s,
@@ -141,16 +150,9 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn open(args: OpenArgs) -> ExitCode {
-    let dir = args.model.clone().unwrap_or_else(mulmd::paths::default_model_dir);
-    let model = match Model::load(&dir, args.threads) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            eprintln!("mulmd: {e}");
-            if args.model.is_none() && !dir.exists() {
-                eprintln!("mulmd: prepare the default model first: see the README's first command");
-            }
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let model = match load_model(args.model.as_ref(), args.threads) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
     let options = OpenerOptions {
         min_words: args.min_words,

@@ -157,6 +157,14 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     }
     let typed = model.into_typed().map_err(bad)?;
     check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
+    let mut typed = typed.into_decluttered().map_err(bad)?;
+    if let Ok(list) = std::env::var("MULMD_TRACT_TRANSFORMS") {
+        for name in list.split(',').filter(|s| !s.is_empty()) {
+            let t = tract_onnx::tract_core::transform::get_transform(name).map_err(bad)?;
+            let t = t.ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("no transform {name}") })?;
+            t.transform(&mut typed).map_err(bad)?;
+        }
+    }
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {
