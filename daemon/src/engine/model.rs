@@ -158,12 +158,15 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     let typed = model.into_typed().map_err(bad)?;
     check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
     let mut typed = typed.into_decluttered().map_err(bad)?;
-    if let Ok(list) = std::env::var("MULMD_TRACT_TRANSFORMS") {
-        for name in list.split(',').filter(|s| !s.is_empty()) {
-            let t = tract_onnx::tract_core::transform::get_transform(name).map_err(bad)?;
-            let t = t.ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("no transform {name}") })?;
-            t.transform(&mut typed).map_err(bad)?;
-        }
+    // tract-transformers recognises RMSNorm, rotary embedding and attention patterns in the
+    // decluttered graph and swaps in fused ops; the KV cache it folds into stateful ops is
+    // unfolded again so the cache stays an explicit input/output the session owns. Measured
+    // on SmolLM2-135M f32 (bench/RESULTS.md): decode 12 -> 23 tok/s, load 2.0 -> 1.4 s.
+    for name in ["transformers_detect_all", "unfold_kv_cache"] {
+        let transform = tract_onnx::tract_core::transform::get_transform(name)
+            .map_err(bad)?
+            .ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("tract lacks the {name} transform") })?;
+        transform.transform(&mut typed).map_err(bad)?;
     }
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
