@@ -1,5 +1,6 @@
 //! mulmd: instant openers from a micro language model on the device, continued by a cloud
 //! model. The binary (`main.rs`) is a thin CLI over this library.
 
+pub mod bench;
 pub mod engine;
 pub mod paths;

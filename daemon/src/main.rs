@@ -27,9 +27,65 @@ struct Cli {
 enum Command {
     /// Write the opener for one question and print it word by word, then its timings.
     Open(OpenArgs),
+    /// The paper's benchmark: a fixed window of back-to-back requests per model, with
+    /// throughput, latency, and energy above an idle baseline from a meter.
+    Bench(Box<BenchArgs>),
     /// Measure raw engine speed (greedy, fixed token count) and print JSON; used by
     /// bench/compare_runtimes.py to set mulmd against onnxruntime and llama.cpp.
     Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model directories, measured in turn under identical settings (default: the default model).
+    #[arg(long, num_args = 1..)]
+    models: Vec<PathBuf>,
+    /// Measurement window per model, seconds.
+    #[arg(long, default_value_t = 90.0)]
+    window: f64,
+    /// Warm-up requests before the idle baseline.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Idle baseline before (and after) the window, seconds; used only with a meter.
+    #[arg(long, default_value_t = 30.0)]
+    idle: f64,
+    /// Skip the idle baseline after the window (no drift check).
+    #[arg(long)]
+    no_idle_after: bool,
+    /// Questions, one per line (default: the built-in set of short assistant questions).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    min_words: usize,
+    #[arg(long, default_value_t = 8)]
+    max_words: usize,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Energy meter: none | powercap | hwmon:CHIP[:LABEL] | battery[:NAME] | command:PROGRAM [ARGS] | manual
+    #[arg(long, default_value = "none")]
+    meter: String,
+    /// What a command meter prints: joules (cumulative) or watts (instantaneous).
+    #[arg(long, value_parser = ["joules", "watts"], default_value = "joules")]
+    meter_unit: String,
+    /// What an hwmon, command or manual meter measures: board | wall | cpu | battery.
+    #[arg(long, value_parser = ["board", "wall", "cpu", "battery"], default_value = "board")]
+    meter_scope: String,
+    /// The meter's resolution in joules (command and manual meters; a UM24C's 1 mWh is 3.6).
+    #[arg(long, default_value_t = 3.6)]
+    meter_resolution: f64,
+    /// How often an automatic meter is read, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    poll_ms: u64,
+    /// Results directory (default: mulmd-bench/<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Filesystem root for /sys and /proc (for testing against a fake tree).
+    #[arg(long, default_value = "/", hide = true)]
+    sysfs_root: PathBuf,
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args)]
@@ -88,6 +144,126 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Open(args) => open(args),
         Command::Probe(args) => probe(args),
+        Command::Bench(args) => bench(*args),
+    }
+}
+
+fn meter_spec(a: &BenchArgs) -> Result<mulmd::bench::MeterSpec, String> {
+    use mulmd::bench::meter::{CommandUnit, Scope};
+    use mulmd::bench::MeterSpec;
+    let scope = match a.meter_scope.as_str() {
+        "wall" => Scope::WallSocket,
+        "cpu" => Scope::CpuPackage,
+        "battery" => Scope::Battery,
+        _ => Scope::BoardInput,
+    };
+    let (kind, rest) = a.meter.split_once(':').map(|(k, r)| (k, Some(r))).unwrap_or((a.meter.as_str(), None));
+    if !(a.meter_resolution.is_finite() && a.meter_resolution >= 0.0) {
+        return Err(format!("--meter-resolution {} must be a non-negative number of joules", a.meter_resolution));
+    }
+    Ok(match (kind, rest) {
+        ("none", None) => MeterSpec::None,
+        ("powercap", None) => MeterSpec::Powercap,
+        ("hwmon", Some(r)) if !r.is_empty() => {
+            let (chip, label) = r.split_once(':').map(|(c, l)| (c, Some(l.to_string()))).unwrap_or((r, None));
+            MeterSpec::Hwmon { chip: chip.to_string(), label, scope }
+        }
+        ("battery", name) => MeterSpec::Battery { name: name.filter(|n| !n.is_empty()).map(str::to_string) },
+        ("command", Some(cmd)) if !cmd.trim().is_empty() => MeterSpec::Command {
+            command: cmd.to_string(),
+            unit: if a.meter_unit == "watts" { CommandUnit::Watts } else { CommandUnit::Joules },
+            scope,
+            resolution_j: a.meter_resolution,
+        },
+        ("manual", None) => MeterSpec::Manual { resolution_j: a.meter_resolution },
+        _ => {
+            return Err(format!(
+                "--meter {:?} is not understood; use none, powercap, hwmon:CHIP[:LABEL], battery[:NAME], \
+                 command:PROGRAM [ARGS] or manual",
+                a.meter
+            ))
+        }
+    })
+}
+
+fn bench(a: BenchArgs) -> ExitCode {
+    let spec = match meter_spec(&a) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !(a.window.is_finite() && a.window > 0.0 && a.idle.is_finite() && a.idle >= 0.0) {
+        eprintln!("mulmd: --window must be positive and --idle non-negative (seconds)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (prompts, prompt_set) = match &a.prompts {
+        Some(p) => match mulmd::bench::prompts::from_file(p) {
+            Ok(v) => (v, p.display().to_string()),
+            Err(e) => {
+                eprintln!("mulmd: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => (mulmd::bench::prompts::BUILT_IN.iter().map(|s| s.to_string()).collect(), "built-in".to_string()),
+    };
+    let opener = OpenerOptions { min_words: a.min_words, max_words: a.max_words, max_tokens: a.max_tokens, ..Default::default() };
+    if let Err(e) = opener.validate() {
+        eprintln!("mulmd: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let opts = mulmd::bench::BenchOptions {
+        models: if a.models.is_empty() { vec![mulmd::paths::default_model_dir()] } else { a.models.clone() },
+        window: std::time::Duration::from_secs_f64(a.window),
+        warmup: a.warmup,
+        idle: std::time::Duration::from_secs_f64(a.idle),
+        idle_after: !a.no_idle_after,
+        prompts,
+        prompt_set,
+        opener,
+        threads: a.threads,
+        meter: spec.clone(),
+        root: a.sysfs_root.clone(),
+        poll: std::time::Duration::from_millis(a.poll_ms.max(10)),
+        progress: !a.no_progress,
+    };
+    let meter = match mulmd::bench::open_meter(&spec, &opts.root) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("mulmd: energy meter: {e}");
+            eprintln!("mulmd: choose another with --meter (none measures throughput only)");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let report = match mulmd::bench::run(&opts, meter) {
+        Ok(r) => r,
+        Err(e @ mulmd::bench::BenchError::Load(_)) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("mulmd: bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("mulmd-bench").join(report.started_unix_s.to_string()));
+    let summary = mulmd::bench::report::markdown(&report);
+    let written = std::fs::create_dir_all(&out).and_then(|_| {
+        std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report).unwrap_or_default())?;
+        std::fs::write(out.join("summary.md"), &summary)?;
+        std::fs::write(out.join("plot.svg"), mulmd::bench::plot::svg(&report))
+    });
+    print!("{summary}");
+    match written {
+        Ok(()) => {
+            println!("Results: {0}/report.json, {0}/summary.md, {0}/plot.svg", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mulmd: writing results to {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
     }
 }
 
