@@ -63,8 +63,8 @@ struct BenchArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Energy meter: none | powercap | hwmon:CHIP[:LABEL] | battery[:NAME] | command:PROGRAM [ARGS] | manual
-    #[arg(long, default_value = "none")]
+    /// Energy meter: auto | none | powercap | hwmon:CHIP[:LABEL] | battery[:NAME] | command:PROGRAM [ARGS] | manual
+    #[arg(long, default_value = "auto")]
     meter: String,
     /// What a command meter prints: joules (cumulative) or watts (instantaneous).
     #[arg(long, value_parser = ["joules", "watts"], default_value = "joules")]
@@ -163,6 +163,7 @@ fn meter_spec(a: &BenchArgs) -> Result<mulmd::bench::MeterSpec, String> {
     }
     Ok(match (kind, rest) {
         ("none", None) => MeterSpec::None,
+        ("auto", None) => MeterSpec::Auto,
         ("powercap", None) => MeterSpec::Powercap,
         ("hwmon", Some(r)) if !r.is_empty() => {
             let (chip, label) = r.split_once(':').map(|(c, l)| (c, Some(l.to_string()))).unwrap_or((r, None));
@@ -178,7 +179,7 @@ fn meter_spec(a: &BenchArgs) -> Result<mulmd::bench::MeterSpec, String> {
         ("manual", None) => MeterSpec::Manual { resolution_j: a.meter_resolution },
         _ => {
             return Err(format!(
-                "--meter {:?} is not understood; use none, powercap, hwmon:CHIP[:LABEL], battery[:NAME], \
+                "--meter {:?} is not understood; use auto, none, powercap, hwmon:CHIP[:LABEL], battery[:NAME], \
                  command:PROGRAM [ARGS] or manual",
                 a.meter
             ))
@@ -228,7 +229,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         poll: std::time::Duration::from_millis(a.poll_ms.max(10)),
         progress: !a.no_progress,
     };
-    let meter = match mulmd::bench::open_meter(&spec, &opts.root) {
+    let (meter, note) = match mulmd::bench::open_meter(&spec, &opts.root) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("mulmd: energy meter: {e}");
@@ -236,7 +237,10 @@ fn bench(a: BenchArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let report = match mulmd::bench::run(&opts, meter) {
+    if let Some(n) = &note {
+        eprintln!("mulmd: {n}");
+    }
+    let report = match mulmd::bench::run(&opts, meter, note) {
         Ok(r) => r,
         Err(e @ mulmd::bench::BenchError::Load(_)) => {
             eprintln!("mulmd: {e}");

@@ -129,3 +129,23 @@ fn a_bad_meter_exits_with_the_config_code_and_a_reason() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("RAPL"));
 }
+
+#[test]
+fn auto_finds_rapl_in_a_fake_tree_and_says_plainly_when_nothing_is_there() {
+    let Some(model) = common::fixture("tiny") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty-root");
+    std::fs::create_dir_all(&empty).unwrap();
+    let r = bench(&model, &dir.path().join("a"), &["--idle", "0", "--sysfs-root", empty.to_str().unwrap()], None);
+    assert!(r["meter"].is_null());
+    assert!(r["meter_note"].as_str().unwrap().contains("no energy meter found"), "{}", r["meter_note"]);
+
+    let rapl = dir.path().join("rapl-root/sys/class/powercap/intel-rapl:0");
+    std::fs::create_dir_all(&rapl).unwrap();
+    std::fs::write(rapl.join("name"), "package-0\n").unwrap();
+    std::fs::write(rapl.join("energy_uj"), "1000\n").unwrap();
+    let root = dir.path().join("rapl-root");
+    let r = bench(&model, &dir.path().join("b"), &["--idle", "0", "--sysfs-root", root.to_str().unwrap()], None);
+    assert_eq!(r["meter"]["backend"], "powercap");
+    assert_eq!(r["meter"]["scope"], "cpu_package");
+}

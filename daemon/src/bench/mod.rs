@@ -26,6 +26,9 @@ use report::{BenchReport, ModelInfo, ModelResult, Protocol, TimelinePoint, Workl
 #[derive(Debug, Clone, PartialEq)]
 pub enum MeterSpec {
     None,
+    /// RAPL if present, else a discharging battery, else none (hwmon sensors need naming:
+    /// only the operator knows what a given chip measures).
+    Auto,
     Powercap,
     Hwmon { chip: String, label: Option<String>, scope: Scope },
     Battery { name: Option<String> },
@@ -61,10 +64,32 @@ pub struct BenchOptions {
     pub progress: bool,
 }
 
-/// Opens the meter; `None` for `MeterSpec::None`.
-pub fn open_meter(spec: &MeterSpec, root: &Path) -> Result<Option<Box<dyn EnergyMeter>>, MeterError> {
+/// Opens the meter; `None` for `MeterSpec::None` or when `Auto` finds nothing. The note says
+/// what `Auto` chose or why it found nothing.
+pub fn open_meter(spec: &MeterSpec, root: &Path) -> Result<(Option<Box<dyn EnergyMeter>>, Option<String>), MeterError> {
+    if *spec == MeterSpec::Auto {
+        let rapl = match meter::Powercap::open(root) {
+            Ok(m) => return Ok((Some(Box::new(m)), Some("auto: RAPL package counters (CPU package only, not the board)".into()))),
+            Err(e) => e,
+        };
+        let battery = match meter::Battery::open(root, None) {
+            Ok(m) => return Ok((Some(Box::new(m)), Some("auto: battery fuel gauge".into()))),
+            Err(e) => e,
+        };
+        return Ok((
+            None,
+            Some(format!(
+                "auto: no energy meter found ({rapl}; {battery}); throughput only. Name one with --meter \
+                 (hwmon:CHIP[:LABEL], command:PROGRAM, manual)"
+            )),
+        ));
+    }
+    Ok((open_explicit(spec, root)?, None))
+}
+
+fn open_explicit(spec: &MeterSpec, root: &Path) -> Result<Option<Box<dyn EnergyMeter>>, MeterError> {
     Ok(match spec {
-        MeterSpec::None => None,
+        MeterSpec::None | MeterSpec::Auto => None,
         MeterSpec::Powercap => Some(Box::new(meter::Powercap::open(root)?)),
         MeterSpec::Hwmon { chip, label, scope } => Some(Box::new(meter::Hwmon::open(root, chip, label.as_deref(), *scope)?)),
         MeterSpec::Battery { name } => Some(Box::new(meter::Battery::open(root, name.as_deref())?)),
@@ -80,7 +105,7 @@ pub fn open_meter(spec: &MeterSpec, root: &Path) -> Result<Option<Box<dyn Energy
 }
 
 /// Runs the whole protocol for every model in turn with the same settings and meter.
-pub fn run(opts: &BenchOptions, mut meter: Option<Box<dyn EnergyMeter>>) -> Result<BenchReport, BenchError> {
+pub fn run(opts: &BenchOptions, mut meter: Option<Box<dyn EnergyMeter>>, meter_note: Option<String>) -> Result<BenchReport, BenchError> {
     let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let machine = context::static_context(&opts.root);
     let meter_info = meter.as_ref().map(|m| m.info().clone());
@@ -110,6 +135,7 @@ pub fn run(opts: &BenchOptions, mut meter: Option<Box<dyn EnergyMeter>>) -> Resu
         },
         machine,
         meter: meter_info,
+        meter_note,
         models,
     })
 }

@@ -20,6 +20,8 @@ pub struct BenchReport {
     pub machine: StaticContext,
     /// The meter used (null for `none`), with its scope and resolution.
     pub meter: Option<MeterInfo>,
+    /// How the meter was chosen, or why there is none (for `--meter auto`).
+    pub meter_note: Option<String>,
     pub models: Vec<ModelResult>,
 }
 
@@ -169,7 +171,10 @@ pub fn markdown(r: &BenchReport) -> String {
     ));
     match &r.meter {
         Some(m) => s.push_str(&format!("Energy: {} meter, scope **{:?}**, {:?}, resolution {} J ({}).\n\n", m.backend, m.scope, m.method, m.resolution_j, m.source)),
-        None => s.push_str("Energy: no meter (`--meter none`): throughput only, no energy figures.\n\n"),
+        None => s.push_str("Energy: **no meter**: throughput only, no energy figures.\n\n"),
+    }
+    if let Some(note) = &r.meter_note {
+        s.push_str(&format!("Meter selection: {note}\n\n"));
     }
     for m in &r.models {
         let w = &m.workload;
