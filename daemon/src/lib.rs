@@ -2,5 +2,7 @@
 //! model. The binary (`main.rs`) is a thin CLI over this library.
 
 pub mod bench;
+pub mod cloud;
 pub mod engine;
 pub mod paths;
+pub mod pipeline;

@@ -27,12 +27,49 @@ struct Cli {
 enum Command {
     /// Write the opener for one question and print it word by word, then its timings.
     Open(OpenArgs),
+    /// Answer a question: the opener on the device, then the cloud's continuation (or the
+    /// local model finishing the sentence when the cloud is off or fails).
+    Ask(AskArgs),
     /// The paper's benchmark: a fixed window of back-to-back requests per model, with
     /// throughput, latency, and energy above an idle baseline from a meter.
     Bench(Box<BenchArgs>),
     /// Measure raw engine speed (greedy, fixed token count) and print JSON; used by
     /// bench/compare_runtimes.py to set mulmd against onnxruntime and llama.cpp.
     Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct AskArgs {
+    query: String,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// OpenAI-compatible endpoint up to the API version, e.g. http://127.0.0.1:8080/v1.
+    #[arg(long, env = "MULMD_CLOUD_URL")]
+    cloud_url: Option<String>,
+    #[arg(long, env = "MULMD_CLOUD_MODEL", default_value = "default")]
+    cloud_model: String,
+    /// File holding the API key (default: $CREDENTIALS_DIRECTORY/cloud_api_key if present).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// How the cloud repairs a wrong opener.
+    #[arg(long, value_parser = ["natural", "explicit", "humor"], default_value = "natural")]
+    recovery: String,
+    /// Keep the whole answer on the device.
+    #[arg(long)]
+    no_cloud: bool,
+    #[arg(long, default_value_t = 4)]
+    min_words: usize,
+    #[arg(long, default_value_t = 8)]
+    max_words: usize,
+    #[arg(long, default_value_t = 10.0)]
+    first_token_timeout: f64,
+    #[arg(long, default_value_t = 60.0)]
+    total_timeout: f64,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print one JSON object (the final answer) instead of streaming text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -140,12 +177,107 @@ struct OpenArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match cli.command {
         Command::Open(args) => open(args),
         Command::Probe(args) => probe(args),
         Command::Bench(args) => bench(*args),
+        Command::Ask(args) => ask(args),
     }
+}
+
+fn ask(a: AskArgs) -> ExitCode {
+    use mulmd::cloud::{load_api_key, CloudClient, CloudConfig};
+    use mulmd::pipeline::{answer, AnswerEvent, AnswerRequest};
+    let model = match load_model(a.model.as_ref(), a.threads) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let cloud = match &a.cloud_url {
+        Some(url) if !a.no_cloud => {
+            let mut cfg = CloudConfig::new(url, &a.cloud_model);
+            cfg.first_token_timeout = std::time::Duration::from_secs_f64(a.first_token_timeout.max(0.1));
+            cfg.total_timeout = std::time::Duration::from_secs_f64(a.total_timeout.max(0.1));
+            match load_api_key(a.api_key_file.as_deref()).and_then(|k| {
+                cfg.api_key = k;
+                CloudClient::new(cfg)
+            }) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    eprintln!("mulmd: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        _ => None,
+    };
+    let engine = match Engine::start(model, EngineConfig { workers: 1, queue_depth: 1 }) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let req = AnswerRequest {
+        query: a.query.clone(),
+        opener: OpenerOptions { min_words: a.min_words, max_words: a.max_words, ..Default::default() },
+        recovery: a.recovery.parse().unwrap_or_default(),
+        use_cloud: !a.no_cloud,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mulmd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(answer(engine, cloud, req, Instant::now(), tx, cancel.clone()));
+        let mut out = std::io::stdout().lock();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                AnswerEvent::Word(w) if !a.json => {
+                    let _ = write!(out, "{}{}", if w.index == 0 { "" } else { w.leading.as_str() }, w.text);
+                }
+                AnswerEvent::Delta { text, .. } if !a.json => {
+                    let _ = write!(out, "{text}");
+                }
+                AnswerEvent::Done(ans) => {
+                    if a.json {
+                        let _ = writeln!(out, "{}", serde_json::to_string(&ans).unwrap_or_default());
+                    } else {
+                        let _ = writeln!(out);
+                        let t = &ans.timings;
+                        eprintln!(
+                            "opener {:.1} ms (first token {:.1} ms) · cloud first text {} · total {:.1} ms{}{}",
+                            t.opener_ms,
+                            t.ttft_ms,
+                            t.cloud_first_token_ms.map(|x| format!("{x:.1} ms after the opener")).unwrap_or_else(|| "none".into()),
+                            t.total_ms,
+                            if ans.corrected { " · corrected" } else { "" },
+                            ans.fallback.as_ref().map(|f| format!(" · fallback: {} ({})", f.reason, f.message)).unwrap_or_default()
+                        );
+                    }
+                    return ExitCode::SUCCESS;
+                }
+                AnswerEvent::Error(e) => {
+                    let _ = writeln!(out);
+                    eprintln!("mulmd: {e}");
+                    return ExitCode::FAILURE;
+                }
+                _ => {}
+            }
+            let _ = out.flush();
+        }
+        eprintln!("mulmd: the answer ended without a terminal event");
+        ExitCode::FAILURE
+    })
 }
 
 fn meter_spec(a: &BenchArgs) -> Result<mulmd::bench::MeterSpec, String> {
@@ -340,6 +472,7 @@ fn open(args: OpenArgs) -> ExitCode {
         max_tokens: args.max_tokens,
         sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
         system_prompt: args.system.clone(),
+        continue_from: None,
     };
     let engine = match Engine::start(model.clone(), EngineConfig { workers: 1, queue_depth: 1 }) {
         Ok(e) => e,

@@ -109,6 +109,11 @@ impl Model {
         Ok(ids)
     }
 
+    /// Token ids of plain text (no template, special-token text matched as such).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, String> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec())
+    }
+
     pub fn context_length(&self) -> usize {
         self.manifest.context_length
     }

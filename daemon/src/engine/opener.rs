@@ -23,12 +23,23 @@ pub struct OpenerOptions {
     pub sampling: Sampling,
     /// A system turn placed before the question (None: the template's own default).
     pub system_prompt: Option<String>,
+    /// Text already shown as the start of the answer: generation continues after it and
+    /// stops at the end of the current sentence (at most `max_words` words). Used to finish
+    /// a sentence locally when the cloud cannot.
+    pub continue_from: Option<String>,
 }
 
 impl Default for OpenerOptions {
     fn default() -> Self {
         // 4–8 words: the range the paper found best for a hand-off (§1, Table 2).
-        Self { min_words: 4, max_words: 8, max_tokens: 48, sampling: Sampling::default(), system_prompt: None }
+        Self {
+            min_words: 4,
+            max_words: 8,
+            max_tokens: 48,
+            sampling: Sampling::default(),
+            system_prompt: None,
+            continue_from: None,
+        }
     }
 }
 
@@ -144,7 +155,15 @@ pub fn write_opener(
     }
     opts.validate()?;
     let t = Instant::now();
-    let prompt = model.prompt_ids(opts.system_prompt.as_deref(), query).map_err(RequestError::Inference)?;
+    let mut prompt = model.prompt_ids(opts.system_prompt.as_deref(), query).map_err(RequestError::Inference)?;
+    if let Some(prefix) = &opts.continue_from {
+        if super::words::ends_sentence(prefix) || prefix.trim().is_empty() {
+            timings.total = arrived.elapsed();
+            let stop = if prefix.trim().is_empty() { StopReason::EndOfText } else { StopReason::SentenceEnd };
+            return Ok(Opener { text: String::new(), words: Vec::new(), stop, timings, prompt_tokens: 0, generated_tokens: 0 });
+        }
+        prompt.extend(model.encode_text(prefix).map_err(RequestError::Inference)?);
+    }
     timings.tokenize = t.elapsed();
     let limit = model.context_length();
     if prompt.len() + 1 >= limit {
@@ -153,7 +172,10 @@ pub fn write_opener(
     let inference = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
     session.reset().map_err(inference)?;
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut splitter = WordSplitter::new(opts.min_words, opts.max_words);
+    let mut splitter = match opts.continue_from {
+        Some(_) => WordSplitter::to_sentence_end(opts.max_words),
+        None => WordSplitter::new(opts.min_words, opts.max_words),
+    };
     let mut words: Vec<WordEvent> = Vec::with_capacity(opts.max_words);
     let mut text = String::new();
     let mut on_word = |w: Word, words: &mut Vec<WordEvent>| {
@@ -202,7 +224,7 @@ pub fn write_opener(
         let out = session.step(&[token]).map_err(inference)?;
         token = sampler.pick(logits(&out).map_err(inference)?);
     };
-    if !matches!(stop, StopReason::WordBudget | StopReason::ClauseBoundary) {
+    if !matches!(stop, StopReason::WordBudget | StopReason::ClauseBoundary | StopReason::SentenceEnd) {
         splitter.finish(|w| on_word(w, &mut words));
     }
     timings.opener = words.last().map(|w| w.at).unwrap_or_else(|| arrived.elapsed());

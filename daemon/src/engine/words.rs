@@ -26,10 +26,19 @@ pub enum StopReason {
     TokenCap,
     /// The model's context is full.
     ContextFull,
+    /// Finishing a sentence: it has ended.
+    SentenceEnd,
 }
 
 /// Characters that close a clause when they end a word.
 const CLAUSE_END: &[char] = &['.', ',', ';', ':', '!', '?', '…', '—', ')'];
+/// Characters that close a sentence when they end a word (possibly before a closing quote).
+pub const SENTENCE_END: &[char] = &['.', '!', '?', '…'];
+
+/// True when `text` already ends a sentence.
+pub fn ends_sentence(text: &str) -> bool {
+    text.trim_end().trim_end_matches(['"', '\'', '”', '’', ')']).ends_with(SENTENCE_END)
+}
 
 /// Splits streamed text into words and decides when to stop.
 #[derive(Debug)]
@@ -38,13 +47,20 @@ pub struct WordSplitter {
     max_words: usize,
     pending: String,
     emitted: usize,
+    /// Stop only at a sentence end (finishing a sentence), not at any clause boundary.
+    sentence: bool,
 }
 
 impl WordSplitter {
     /// `1 <= min_words <= max_words` is the caller's contract (options are validated first).
     pub fn new(min_words: usize, max_words: usize) -> Self {
         debug_assert!(1 <= min_words && min_words <= max_words);
-        Self { min_words, max_words, pending: String::new(), emitted: 0 }
+        Self { min_words, max_words, pending: String::new(), emitted: 0, sentence: false }
+    }
+
+    /// A splitter that runs to the end of the current sentence (at most `max_words` words).
+    pub fn to_sentence_end(max_words: usize) -> Self {
+        Self { sentence: true, ..Self::new(1, max_words.max(1)) }
     }
 
     /// Adds text; calls `on_word` for every word this completes. Returns a stop reason when the
@@ -66,14 +82,14 @@ impl WordSplitter {
             };
             let next_break = self.pending[end..].chars().take_while(|c| c.is_whitespace()).any(|c| c == '\n');
             self.pending.drain(..end);
-            let closes = word.text.ends_with(CLAUSE_END) || next_break;
+            let closes = if self.sentence { ends_sentence(&word.text) } else { word.text.ends_with(CLAUSE_END) };
             self.emitted += 1;
             on_word(word);
+            if self.emitted >= self.min_words && (closes || next_break) {
+                return Some(if self.sentence { StopReason::SentenceEnd } else { StopReason::ClauseBoundary });
+            }
             if self.emitted >= self.max_words {
                 return Some(StopReason::WordBudget);
-            }
-            if self.emitted >= self.min_words && closes {
-                return Some(StopReason::ClauseBoundary);
             }
         }
     }
@@ -164,6 +180,22 @@ mod tests {
         assert_eq!(words[0].text, "Grüße");
         assert_eq!(words[1], Word { leading: "\u{00A0}".into(), text: "日本語".into() });
         assert_eq!(words[2].text, "ok");
+    }
+
+    #[test]
+    fn finishing_a_sentence_ignores_commas_and_stops_at_its_end() {
+        let mut s = WordSplitter::to_sentence_end(40);
+        let mut words = Vec::new();
+        let mut reason = None;
+        for p in [" and", " dry,", " then", " rinse.", " Next"] {
+            reason = s.push(p, |w| words.push(w.text));
+            if reason.is_some() {
+                break;
+            }
+        }
+        assert_eq!(words, ["and", "dry,", "then", "rinse."]);
+        assert_eq!(reason, Some(StopReason::SentenceEnd));
+        assert!(ends_sentence("It is Paris.\"") && !ends_sentence("It is Paris,"));
     }
 
     #[test]

@@ -1,0 +1,12 @@
+//! The cloud side: the only module that speaks HTTP to the continuation model. Prompts for the
+//! recovery modes, the streaming client, and the seam between opener and continuation.
+
+mod client;
+mod config;
+mod prompt;
+mod seam;
+
+pub use client::{CloudClient, CloudError, CloudSummary, Failure};
+pub use config::{load_api_key, CloudConfig, Secret, CREDENTIAL_NAME};
+pub use prompt::{messages, RecoveryMode, CORRECTION_MARKER};
+pub use seam::{Seam, SeamOutput};

@@ -1,0 +1,324 @@
+//! The pipeline against a scriptable fake OpenAI-compatible server, for the faults a real
+//! server cannot produce on demand. Each fault must still give the opener, then exactly one
+//! terminal event (Done, with the local model finishing the sentence where the cloud failed),
+//! and the engine must go on serving.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mulmd::cloud::{CloudClient, CloudConfig, RecoveryMode, Secret};
+use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
+use mulmd::pipeline::{answer, Answer, AnswerEvent, AnswerRequest, Source};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const SHOES: &str = "How do I remove odor from inside my shoes?";
+const OPENER: &str = "Removing odor from inside your shoes is a";
+
+/// What the fake server does for one chat-completions request.
+#[derive(Clone)]
+enum Reply {
+    /// 200 with these SSE lines (each written as its own chunk), then close.
+    Stream(Vec<String>),
+    /// An HTTP error with extra headers and a body.
+    Status(u16, Vec<(String, String)>, String),
+    /// Accept, read the request, say nothing.
+    Stall,
+    /// Send these SSE lines, then stay silent with the connection open.
+    StallAfter(Vec<String>),
+}
+
+fn chunk(text: &str) -> String {
+    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}))
+}
+fn finish() -> String {
+    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+}
+fn done() -> String {
+    "data: [DONE]\n\n".into()
+}
+
+struct FakeCloud {
+    url: String,
+    completions: Arc<AtomicUsize>,
+    auth: Arc<Mutex<Vec<String>>>,
+}
+
+async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let completions = Arc::new(AtomicUsize::new(0));
+    let auth = Arc::new(Mutex::new(Vec::new()));
+    let (count, seen) = (completions.clone(), auth.clone());
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let (count, seen, script) = (count.clone(), seen.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                // Read the head and the body (Content-Length).
+                let head_end = loop {
+                    let n = sock.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let n = sock.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                }
+                if head.starts_with("GET") {
+                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}").await;
+                    return;
+                }
+                if let Some(a) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")) {
+                    seen.lock().unwrap().push(a.to_string());
+                }
+                let i = count.fetch_add(1, Ordering::SeqCst);
+                let reply = script.get(i).cloned().unwrap_or_else(|| Reply::Status(500, vec![], "script exhausted".into()));
+                let sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
+                match reply {
+                    Reply::Stream(lines) => {
+                        let _ = sock.write_all(sse_head).await;
+                        for l in lines {
+                            let _ = sock.write_all(l.as_bytes()).await;
+                            let _ = sock.flush().await;
+                        }
+                    }
+                    Reply::Status(code, headers, body) => {
+                        let mut r = format!("HTTP/1.1 {code} Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+                        for (k, v) in headers {
+                            r.push_str(&format!("{k}: {v}\r\n"));
+                        }
+                        r.push_str("\r\n");
+                        r.push_str(&body);
+                        let _ = sock.write_all(r.as_bytes()).await;
+                    }
+                    Reply::Stall => tokio::time::sleep(Duration::from_secs(60)).await,
+                    Reply::StallAfter(lines) => {
+                        let _ = sock.write_all(sse_head).await;
+                        for l in lines {
+                            let _ = sock.write_all(l.as_bytes()).await;
+                        }
+                        let _ = sock.flush().await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            });
+        }
+    });
+    FakeCloud { url, completions, auth }
+}
+
+fn client(url: &str) -> Arc<CloudClient> {
+    let mut cfg = CloudConfig::new(url, "fake-model");
+    cfg.first_token_timeout = Duration::from_secs(2);
+    cfg.idle_timeout = Duration::from_secs(1);
+    cfg.total_timeout = Duration::from_secs(20);
+    cfg.max_retries = 2;
+    cfg.api_key = Some(test_key());
+    Arc::new(CloudClient::new(cfg).unwrap())
+}
+
+fn test_key() -> Secret {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("key");
+    std::fs::write(&f, "sk-test-SECRET-4242").unwrap();
+    mulmd::cloud::load_api_key(Some(&f)).unwrap().unwrap()
+}
+
+fn engine() -> Option<Arc<Engine>> {
+    let model = common::load("smollm2")?;
+    Some(Arc::new(Engine::start(model, EngineConfig::default()).unwrap()))
+}
+
+/// Runs one answer; returns all events, checking the stream's shape on the way.
+async fn ask(engine: &Arc<Engine>, cloud: Option<Arc<CloudClient>>, recovery: RecoveryMode) -> (Vec<AnswerEvent>, Answer) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = AnswerRequest { query: SHOES.into(), opener: OpenerOptions::default(), recovery, use_cloud: true };
+    tokio::spawn(answer(engine.clone(), cloud, req, Instant::now(), tx, CancellationToken::new()));
+    let mut events = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        events.push(ev);
+    }
+    let terminal = events.iter().filter(|e| matches!(e, AnswerEvent::Done(_) | AnswerEvent::Error(_))).count();
+    assert_eq!(terminal, 1, "exactly one terminal event: {events:?}");
+    let Some(AnswerEvent::Done(done)) = events.last() else { panic!("the last event is not Done: {:?}", events.last()) };
+    assert_eq!(done.opener, OPENER, "the opener comes first, whatever the cloud does");
+    let opener_done = events.iter().position(|e| matches!(e, AnswerEvent::OpenerDone { .. })).unwrap();
+    assert!(events[..opener_done].iter().all(|e| matches!(e, AnswerEvent::Word(_))));
+    // What was streamed is exactly what Done reports.
+    let streamed: String = events
+        .iter()
+        .map(|e| match e {
+            AnswerEvent::Word(w) => format!("{}{}", if w.index == 0 { "" } else { &w.leading }, w.text),
+            AnswerEvent::Delta { text, .. } => text.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(streamed, done.text);
+    assert!(!format!("{events:?}").contains("SECRET-4242"), "the API key leaked into an event");
+    let d = (**done).clone();
+    (events, d)
+}
+
+fn sources(events: &[AnswerEvent]) -> Vec<Source> {
+    events.iter().filter_map(|e| if let AnswerEvent::Delta { source, .. } = e { Some(*source) } else { None }).collect()
+}
+
+#[tokio::test]
+async fn a_restated_opener_is_dropped_and_the_key_is_sent() {
+    let Some(engine) = engine() else { return };
+    let cloud = fake_cloud(vec![Reply::Stream(vec![
+        ": keep-alive comment\n\n".into(),
+        chunk("Removing odor from "),
+        chunk("inside your shoes is a"),
+        chunk(" simple task."),
+        finish(),
+        done(),
+    ])])
+    .await;
+    let (_, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Natural).await;
+    assert_eq!(a.text, format!("{OPENER} simple task."));
+    assert!(a.fallback.is_none() && !a.corrected);
+    assert_eq!(cloud.auth.lock().unwrap().as_slice(), ["authorization: Bearer sk-test-SECRET-4242"]);
+}
+
+#[tokio::test]
+async fn a_correction_is_reported_before_the_continuation() {
+    let Some(engine) = engine() else { return };
+    let cloud = fake_cloud(vec![Reply::Stream(vec![chunk("[[redirect]] simple"), chunk(" fix: baking soda."), finish(), done()])]).await;
+    let (events, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Explicit).await;
+    let c = events.iter().position(|e| *e == AnswerEvent::Correction).expect("a Correction event");
+    let first_delta = events.iter().position(|e| matches!(e, AnswerEvent::Delta { .. })).unwrap();
+    assert!(c < first_delta);
+    assert!(a.corrected && a.text.ends_with(" simple fix: baking soda.") && !a.text.contains("[[redirect]]"));
+}
+
+#[tokio::test]
+async fn rate_limited_then_served_retries_after_the_given_delay() {
+    let Some(engine) = engine() else { return };
+    let cloud = fake_cloud(vec![
+        Reply::Status(429, vec![("retry-after".into(), "1".into())], r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#.into()),
+        Reply::Stream(vec![chunk(" common chore."), finish(), done()]),
+    ])
+    .await;
+    let (_, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Natural).await;
+    assert_eq!(cloud.completions.load(Ordering::SeqCst), 2);
+    assert!(a.fallback.is_none());
+    assert!(a.text.ends_with("common chore."));
+}
+
+#[tokio::test]
+async fn a_server_error_then_success_is_retried() {
+    let Some(engine) = engine() else { return };
+    let cloud = fake_cloud(vec![Reply::Status(500, vec![], "{}".into()), Reply::Stream(vec![chunk(" chore."), finish(), done()])]).await;
+    let (_, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Natural).await;
+    assert_eq!(cloud.completions.load(Ordering::SeqCst), 2);
+    assert!(a.fallback.is_none());
+}
+
+async fn expect_fallback(script: Vec<Reply>, reason: &str) -> (Vec<AnswerEvent>, Answer) {
+    let engine = engine().expect("checked by the caller");
+    let cloud = fake_cloud(script).await;
+    let (events, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Natural).await;
+    let f = a.fallback.clone().unwrap_or_else(|| panic!("expected a fallback ({reason}): {a:?}"));
+    assert_eq!(f.reason, reason, "{f:?}");
+    assert!(!f.message.contains("SECRET"));
+    assert!(sources(&events).contains(&Source::Local) || mulmd_ends_sentence(&a.text), "the local model finished the sentence: {a:?}");
+    // The engine still serves after the fault.
+    let (_, again) = ask(&engine, None, RecoveryMode::Natural).await;
+    assert_eq!(again.opener, OPENER);
+    (events, a)
+}
+
+fn mulmd_ends_sentence(t: &str) -> bool {
+    t.trim_end().ends_with(['.', '!', '?'])
+}
+
+#[tokio::test]
+async fn an_error_event_mid_stream_falls_back_after_the_text_already_shown() {
+    if common::fixture("smollm2").is_none() {
+        return;
+    }
+    let script = vec![Reply::Stream(vec![
+        chunk(" simple"),
+        "data: {\"error\":{\"message\":\"upstream overloaded\",\"type\":\"server_error\"}}\n\n".into(),
+    ])];
+    let (events, a) = expect_fallback(script, "stream_error").await;
+    let s = sources(&events);
+    assert_eq!(s.first(), Some(&Source::Cloud), "the cloud text shown stays shown");
+    assert!(a.text.starts_with(&format!("{OPENER} simple")));
+}
+
+#[tokio::test]
+async fn a_stream_cut_without_done_is_a_truncation() {
+    if common::fixture("smollm2").is_none() {
+        return;
+    }
+    expect_fallback(vec![Reply::Stream(vec![chunk(" simple")])], "truncated").await;
+}
+
+#[tokio::test]
+async fn a_malformed_event_falls_back() {
+    if common::fixture("smollm2").is_none() {
+        return;
+    }
+    expect_fallback(vec![Reply::Stream(vec!["data: {not json\n\n".into()])], "malformed_event").await;
+}
+
+#[tokio::test]
+async fn a_stall_before_the_first_byte_times_out_and_falls_back() {
+    if common::fixture("smollm2").is_none() {
+        return;
+    }
+    // Every attempt stalls; with retries the total stays bounded by the timeouts.
+    expect_fallback(vec![Reply::Stall, Reply::Stall, Reply::Stall], "first_token_timeout").await;
+}
+
+#[tokio::test]
+async fn a_stall_mid_stream_is_not_retried() {
+    if common::fixture("smollm2").is_none() {
+        return;
+    }
+    let (events, _) = expect_fallback(vec![Reply::StallAfter(vec![chunk(" simple")]), Reply::Stream(vec![chunk("x"), done()])], "stalled").await;
+    assert_eq!(sources(&events).first(), Some(&Source::Cloud));
+}
+
+#[tokio::test]
+async fn a_refused_connection_falls_back() {
+    let Some(engine) = engine() else { return };
+    // Bind and drop a listener: its port now refuses connections.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = CloudConfig::new(&format!("http://127.0.0.1:{port}/v1"), "m");
+    cfg.max_retries = 0;
+    let (_, a) = ask(&engine, Some(Arc::new(CloudClient::new(cfg).unwrap())), RecoveryMode::Natural).await;
+    assert_eq!(a.fallback.unwrap().reason, "connect");
+}
+
+#[tokio::test]
+async fn without_a_cloud_the_answer_is_finished_locally_and_says_why() {
+    let Some(engine) = engine() else { return };
+    let (events, a) = ask(&engine, None, RecoveryMode::Natural).await;
+    assert_eq!(a.fallback.unwrap().reason, "not_configured");
+    assert!(sources(&events).iter().all(|s| *s == Source::Local));
+    assert!(a.text.len() > OPENER.len() && mulmd_ends_sentence(&a.text), "{:?}", a.text);
+}
