@@ -96,7 +96,9 @@ const WARM_AFTER: Duration = Duration::from_secs(30);
 /// Retry-After values beyond this are not waited for: the user would rather have the fallback.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
-fn install_crypto() {
+/// Installs the process-wide TLS crypto provider (idempotent). Call before building any
+/// other reqwest client.
+pub fn install_crypto() {
     // rustls needs one process-wide provider; ring keeps the build free of C toolchains.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
