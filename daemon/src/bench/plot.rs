@@ -28,14 +28,16 @@ fn panel(svg: &mut String, top: f64, title: &str, unit: &str, series: &[(String,
         let v = v_max * i as f64 / 4.0;
         let _ = writeln!(svg, r##"<text x="{}" y="{}" font-size="11" text-anchor="end">{v:.1}</text><line x1="{x0}" x2="{x1}" y1="{2}" y2="{2}" stroke="#eee"/>"##, x0 - 6.0, y(v) + 4.0, y(v));
         let t = t_max * i as f64 / 4.0;
-        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{t:.0} s</text>"#, x(t), y0 + 16.0);
+        let digits = if t_max < 10.0 { 1 } else { 0 };
+        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{t:.digits$} s</text>"#, x(t), y0 + 16.0);
     }
     let _ = writeln!(svg, r#"<text x="14" y="{}" font-size="11" transform="rotate(-90 14 {0})">{}</text>"#, (y0 + y1) / 2.0, escape(unit));
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let pts: Vec<String> = points.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
         let _ = writeln!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#, pts.join(" "));
-        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="12" fill="{color}">{}</text>"#, x1 - 220.0, y1 + 16.0 + 15.0 * i as f64, escape(name));
+        // Legend in the title row, right-aligned, one entry per model.
+        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="12" text-anchor="end" fill="{color}">{}</text>"#, x1, top + 12.0 + 13.0 * i as f64, escape(name));
     }
 }
 
@@ -43,12 +45,12 @@ pub fn svg(report: &BenchReport) -> String {
     let tok: Vec<(String, Vec<(f64, f64)>)> = report
         .models
         .iter()
-        .map(|m| (m.model.name.clone(), m.timeline.iter().map(|p| (p.t_s, p.generated_tok_s)).collect()))
+        .map(|m| (m.model.label(), m.timeline.iter().map(|p| (p.t_s, p.generated_tok_s)).collect()))
         .collect();
     let power: Vec<(String, Vec<(f64, f64)>)> = report
         .models
         .iter()
-        .map(|m| (m.model.name.clone(), m.timeline.iter().filter_map(|p| Some((p.t_s, p.power_w?))).collect::<Vec<_>>()))
+        .map(|m| (m.model.label(), m.timeline.iter().filter_map(|p| Some((p.t_s, p.power_w?))).collect::<Vec<_>>()))
         .filter(|(_, p): &(String, Vec<(f64, f64)>)| !p.is_empty())
         .collect();
     let panels = if power.is_empty() { 1.0 } else { 2.0 };

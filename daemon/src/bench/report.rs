@@ -50,6 +50,13 @@ pub struct ModelInfo {
     pub load_ms: f64,
 }
 
+impl ModelInfo {
+    /// Name and precision: two exports of one model differ only in the latter.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.precision)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
     pub window_s: f64,
@@ -178,7 +185,7 @@ pub fn markdown(r: &BenchReport) -> String {
     }
     for m in &r.models {
         let w = &m.workload;
-        s.push_str(&format!("## {} ({})\n\n", m.model.name, m.model.precision));
+        s.push_str(&format!("## {}\n\n", m.model.label()));
         s.push_str(&format!("- runs: {} started, {} valid, {} failed in {:.1} s; {} prompt and {} generated tokens\n",
             w.runs_started, w.runs_valid, w.runs_failed, w.window_s, w.prompt_tokens, w.generated_tokens));
         s.push_str(&format!("- throughput: prompt {:.0} tok/s, generation {:.1} tok/s, end-to-end {:.1} tok/s\n",
@@ -207,9 +214,9 @@ pub fn markdown(r: &BenchReport) -> String {
 pub fn comparison(r: &BenchReport) -> String {
     let base = &r.models[0];
     let mut s = String::from("## Comparison\n\n| | ");
-    s.push_str(&r.models.iter().map(|m| m.model.name.clone()).collect::<Vec<_>>().join(" | "));
+    s.push_str(&r.models.iter().map(|m| m.model.label()).collect::<Vec<_>>().join(" | "));
     for m in &r.models[1..] {
-        s.push_str(&format!(" | {} / {}", m.model.name, base.model.name));
+        s.push_str(&format!(" | {} / {}", m.model.label(), base.model.label()));
     }
     s.push_str(" |\n|---|");
     s.push_str(&"---|".repeat(2 * r.models.len() - 1));
