@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cloud;
+pub mod config;
 pub mod engine;
 pub mod paths;
 pub mod pipeline;

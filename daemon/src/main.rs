@@ -30,6 +30,14 @@ enum Command {
     /// Answer a question: the opener on the device, then the cloud's continuation (or the
     /// local model finishing the sentence when the cloud is off or fails).
     Ask(AskArgs),
+    /// Print the full default configuration, with comments.
+    PrintConfig,
+    /// Check a configuration file and list every problem with its key and the fix
+    /// (exit 0 when valid, 78 otherwise).
+    CheckConfig {
+        #[arg(default_value = mulmd::config::DEFAULT_PATH)]
+        file: PathBuf,
+    },
     /// The paper's benchmark: a fixed window of back-to-back requests per model, with
     /// throughput, latency, and energy above an idle baseline from a meter.
     Bench(Box<BenchArgs>),
@@ -41,6 +49,9 @@ enum Command {
 #[derive(Args)]
 struct AskArgs {
     query: String,
+    /// Configuration file ([model], [opener] and [cloud] are used; flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long)]
     model: Option<PathBuf>,
     /// OpenAI-compatible endpoint up to the API version, e.g. http://127.0.0.1:8080/v1.
@@ -187,22 +198,73 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe(args),
         Command::Bench(args) => bench(*args),
         Command::Ask(args) => ask(args),
+        Command::PrintConfig => {
+            print!("{}", mulmd::config::TEMPLATE);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match mulmd::config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                report_config_problems(&file, &problems);
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+    }
+}
+
+fn report_config_problems(file: &std::path::Path, problems: &[mulmd::config::Problem]) {
+    eprintln!("{}: {} problem(s)", file.display(), problems.len());
+    for p in problems {
+        eprintln!("  {p}");
     }
 }
 
 fn ask(a: AskArgs) -> ExitCode {
     use mulmd::cloud::{load_api_key, CloudClient, CloudConfig};
     use mulmd::pipeline::{answer, AnswerEvent, AnswerRequest};
-    let model = match load_model(a.model.as_ref(), a.threads) {
+    use std::time::Duration;
+    let file = match &a.config {
+        Some(path) => match mulmd::config::load(path) {
+            Ok(c) => Some(c),
+            Err(problems) => {
+                report_config_problems(path, &problems);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let model_dir = a.model.clone().or_else(|| file.as_ref().map(|c| c.model.dir.clone()).filter(|d| !d.as_os_str().is_empty()));
+    let model = match load_model(model_dir.as_ref(), a.threads) {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let cloud = match &a.cloud_url {
+    // Flags first, then the file's [cloud] section when it is enabled.
+    let from_file = file.as_ref().map(|c| &c.cloud).filter(|c| c.enabled);
+    let url = a.cloud_url.clone().or_else(|| from_file.map(|c| c.base_url.clone()));
+    let cloud = match url {
         Some(url) if !a.no_cloud => {
-            let mut cfg = CloudConfig::new(url, &a.cloud_model);
-            cfg.first_token_timeout = std::time::Duration::from_secs_f64(a.first_token_timeout.max(0.1));
-            cfg.total_timeout = std::time::Duration::from_secs_f64(a.total_timeout.max(0.1));
-            match load_api_key(a.api_key_file.as_deref()).and_then(|k| {
+            let mut cfg = CloudConfig::new(&url, &a.cloud_model);
+            cfg.first_token_timeout = Duration::from_secs_f64(a.first_token_timeout.max(0.1));
+            cfg.total_timeout = Duration::from_secs_f64(a.total_timeout.max(0.1));
+            let mut key_file = a.api_key_file.clone();
+            if let (Some(c), None) = (from_file, &a.cloud_url) {
+                cfg.model = c.model.clone();
+                cfg.connect_timeout = Duration::from_millis(c.connect_timeout_ms);
+                cfg.first_token_timeout = Duration::from_millis(c.first_token_timeout_ms);
+                cfg.idle_timeout = Duration::from_millis(c.idle_timeout_ms);
+                cfg.total_timeout = Duration::from_millis(c.total_timeout_ms);
+                cfg.max_retries = c.max_retries;
+                cfg.max_tokens = c.max_tokens;
+                cfg.include_usage = c.include_usage;
+                cfg.extra_headers = c.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if key_file.is_none() && !c.api_key_file.as_os_str().is_empty() {
+                    key_file = Some(c.api_key_file.clone());
+                }
+            }
+            match load_api_key(key_file.as_deref()).and_then(|k| {
                 cfg.api_key = k;
                 CloudClient::new(cfg)
             }) {

@@ -58,3 +58,23 @@ fn bad_options_are_refused_with_the_option_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr).unwrap().contains("min_words"));
 }
+
+#[test]
+fn the_printed_config_checks_clean_and_a_bad_one_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = mulmd().arg("print-config").output().unwrap();
+    assert!(printed.status.success());
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &printed.stdout).unwrap();
+    let out = mulmd().arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[engine]\nworkers = 0\nqueue = 3\n[cloud]\nenabled = true\nbase_url = \"localhost\"\n").unwrap();
+    let out = mulmd().arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "config problems use the configuration exit code");
+    let err = String::from_utf8(out.stderr).unwrap();
+    for key in ["engine.workers", "engine.queue", "cloud.base_url"] {
+        assert!(err.contains(key), "{key} not reported: {err}");
+    }
+}

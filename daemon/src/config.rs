@@ -1,0 +1,368 @@
+//! One typed configuration (`/etc/mulmd/mulmd.toml`): every key has a default, `print-config`
+//! prints them all with comments, and `check` lists every problem with its key and the fix
+//! before anything binds or loads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cloud::RecoveryMode;
+
+pub const DEFAULT_PATH: &str = "/etc/mulmd/mulmd.toml";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub engine: EngineSection,
+    pub opener: OpenerSection,
+    pub cloud: CloudSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Empty: $MULMD_MODEL_DIR or ~/.cache/mulmd/models/smollm2-135m-instruct.
+    pub dir: PathBuf,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    pub workers: usize,
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenerSection {
+    pub min_words: usize,
+    pub max_words: usize,
+    pub max_tokens: usize,
+    /// The most words a request may ask for.
+    pub max_words_limit: usize,
+    /// Longest accepted question, in characters.
+    pub max_query_chars: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudSection {
+    pub enabled: bool,
+    pub base_url: String,
+    pub model: String,
+    /// Empty: $CREDENTIALS_DIRECTORY/cloud_api_key (systemd LoadCredential), if present.
+    pub api_key_file: PathBuf,
+    pub recovery: RecoveryMode,
+    pub connect_timeout_ms: u64,
+    pub first_token_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+    pub max_retries: u32,
+    pub max_tokens: u32,
+    pub include_usage: bool,
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// "text" (journald-friendly) or "json".
+    pub format: String,
+    /// tracing's filter syntax: "info", "mulmd=debug,warn", ...
+    pub level: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { dir: PathBuf::new(), threads: 1 }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self { workers: 1, queue_depth: 8 }
+    }
+}
+
+impl Default for OpenerSection {
+    fn default() -> Self {
+        Self { min_words: 4, max_words: 8, max_tokens: 48, max_words_limit: 16, max_query_chars: 2000 }
+    }
+}
+
+impl Default for CloudSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            base_url: "http://127.0.0.1:8080/v1".into(),
+            model: "default".into(),
+            api_key_file: PathBuf::new(),
+            recovery: RecoveryMode::Natural,
+            connect_timeout_ms: 3000,
+            first_token_timeout_ms: 10000,
+            idle_timeout_ms: 10000,
+            total_timeout_ms: 60000,
+            max_retries: 2,
+            max_tokens: 400,
+            include_usage: true,
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { format: "text".into(), level: "info".into() }
+    }
+}
+
+/// The full default configuration with comments: what `mulmd print-config` prints.
+pub const TEMPLATE: &str = r#"# mulmd configuration. Every key is optional; these are the defaults.
+
+[model]
+# Model directory (mulm.json, model.onnx, tokenizer.json). Empty: $MULMD_MODEL_DIR, else
+# ~/.cache/mulmd/models/smollm2-135m-instruct.
+dir = ""
+# Matrix-multiply threads per inference worker.
+threads = 1
+
+[engine]
+# Inference worker threads, each with its own KV cache.
+workers = 1
+# Requests that may wait for a worker; beyond that a request is refused at once as busy.
+queue_depth = 8
+
+[opener]
+# The opener stops between min_words and max_words, at a clause boundary when it can.
+min_words = 4
+max_words = 8
+# Hard cap on opener tokens.
+max_tokens = 48
+# The most words a request may ask for.
+max_words_limit = 16
+# Longest accepted question, in characters.
+max_query_chars = 2000
+
+[cloud]
+# Continue answers with an OpenAI-compatible model. Off: the device finishes the sentence.
+enabled = false
+# Up to and including the API version.
+base_url = "http://127.0.0.1:8080/v1"
+model = "default"
+# File holding only the API key. Empty: $CREDENTIALS_DIRECTORY/cloud_api_key when present
+# (systemd LoadCredential=cloud_api_key:...). Never put the key in this file.
+api_key_file = ""
+# How a wrong opener is repaired: "natural", "explicit" or "humor".
+recovery = "natural"
+connect_timeout_ms = 3000
+# From the request to the first continuation text.
+first_token_timeout_ms = 10000
+# Longest silence between chunks.
+idle_timeout_ms = 10000
+# The whole continuation, retries included.
+total_timeout_ms = 60000
+# Retries before any continuation text is shown (never after).
+max_retries = 2
+max_tokens = 400
+# Ask for token usage (stream_options.include_usage); turn off for providers that reject it.
+include_usage = true
+
+[cloud.headers]
+# Extra HTTP headers, e.g. "X-Org" = "home"
+
+[log]
+# "text" for journald, or "json".
+format = "text"
+# tracing filter: "info", "mulmd=debug,warn", ...
+level = "info"
+"#;
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn problem(key: &str, message: impl Into<String>) -> Problem {
+    Problem { key: key.into(), message: message.into() }
+}
+
+/// Parses and validates; on failure returns every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let value: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![problem("(file)", format!("not valid TOML: {}", e.message()))])?;
+    let mut problems = Vec::new();
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    // Unknown keys, all of them (serde would stop at the first).
+    for (section, v) in &value {
+        match (defaults.get(section), v) {
+            (None, _) => problems.push(problem(section, format!("unknown section or key; known sections: {}", defaults.keys().cloned().collect::<Vec<_>>().join(", ")))),
+            (Some(toml::Value::Table(known)), toml::Value::Table(given)) => {
+                for key in given.keys() {
+                    if !known.contains_key(key) && !(section == "cloud" && key == "headers") {
+                        problems.push(problem(&format!("{section}.{key}"), format!("unknown key; known keys: {}", known.keys().cloned().collect::<Vec<_>>().join(", "))));
+                    }
+                }
+            }
+            (Some(_), _) => problems.push(problem(section, "must be a table, e.g. [section]")),
+        }
+    }
+    // Type errors, section by section.
+    let mut config = Config::default();
+    macro_rules! section {
+        ($name:literal, $field:ident) => {
+            if let Some(toml::Value::Table(t)) = value.get($name) {
+                let known: toml::Table = match defaults.get($name) {
+                    Some(toml::Value::Table(k)) => t.iter().filter(|(key, _)| k.contains_key(*key) || ($name == "cloud" && *key == "headers")).map(|(a, b)| (a.clone(), b.clone())).collect(),
+                    _ => toml::Table::new(),
+                };
+                match known.try_into() {
+                    Ok(s) => config.$field = s,
+                    Err(e) => problems.push(problem($name, format!("{}", toml::de::Error::message(&e)))),
+                }
+            }
+        };
+    }
+    section!("model", model);
+    section!("engine", engine);
+    section!("opener", opener);
+    section!("cloud", cloud);
+    section!("log", log);
+    problems.extend(validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Reads and checks a file.
+pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![problem("(file)", format!("cannot read {}: {e}", path.display()))])?;
+    parse(&text)
+}
+
+/// The checks that span keys or values; each names its key and the fix.
+pub fn validate(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    if !(1..=64).contains(&c.model.threads) {
+        p.push(problem("model.threads", "must be 1..=64; use the number of fast cores"));
+    }
+    if !(1..=16).contains(&c.engine.workers) {
+        p.push(problem("engine.workers", "must be 1..=16; each worker holds a KV cache and uses model.threads cores"));
+    }
+    if !(1..=1024).contains(&c.engine.queue_depth) {
+        p.push(problem("engine.queue_depth", "must be 1..=1024"));
+    }
+    let o = &c.opener;
+    if o.min_words == 0 || o.min_words > o.max_words {
+        p.push(problem("opener.min_words", format!("must be at least 1 and at most opener.max_words ({})", o.max_words)));
+    }
+    if o.max_words > o.max_words_limit || o.max_words_limit > 64 {
+        p.push(problem("opener.max_words", format!("must not exceed opener.max_words_limit ({}), which is at most 64", o.max_words_limit)));
+    }
+    if !(1..=512).contains(&o.max_tokens) {
+        p.push(problem("opener.max_tokens", "must be 1..=512"));
+    }
+    if o.max_query_chars == 0 {
+        p.push(problem("opener.max_query_chars", "must be positive"));
+    }
+    let cl = &c.cloud;
+    if cl.enabled {
+        if !(cl.base_url.starts_with("http://") || cl.base_url.starts_with("https://")) {
+            p.push(problem("cloud.base_url", format!("{:?} must start with http:// or https://", cl.base_url)));
+        }
+        if cl.model.trim().is_empty() {
+            p.push(problem("cloud.model", "is empty; name the model the endpoint should run"));
+        }
+        if !cl.api_key_file.as_os_str().is_empty() && !cl.api_key_file.is_file() {
+            p.push(problem("cloud.api_key_file", format!("{} does not exist; create it (key only) or leave the key empty", cl.api_key_file.display())));
+        }
+    }
+    for (key, v) in [
+        ("cloud.connect_timeout_ms", cl.connect_timeout_ms),
+        ("cloud.first_token_timeout_ms", cl.first_token_timeout_ms),
+        ("cloud.idle_timeout_ms", cl.idle_timeout_ms),
+        ("cloud.total_timeout_ms", cl.total_timeout_ms),
+    ] {
+        if !(100..=600_000).contains(&v) {
+            p.push(problem(key, "must be between 100 and 600000 milliseconds"));
+        }
+    }
+    if cl.first_token_timeout_ms > cl.total_timeout_ms {
+        p.push(problem("cloud.first_token_timeout_ms", "must not exceed cloud.total_timeout_ms"));
+    }
+    for name in cl.headers.keys() {
+        if name.eq_ignore_ascii_case("authorization") {
+            p.push(problem("cloud.headers", "must not set Authorization: put the key in cloud.api_key_file or a systemd credential"));
+        } else if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            p.push(problem("cloud.headers", format!("{name:?} is not a valid header name")));
+        }
+    }
+    if !matches!(c.log.format.as_str(), "text" | "json") {
+        p.push(problem("log.format", format!("{:?} must be \"text\" or \"json\"", c.log.format)));
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_template_is_exactly_the_defaults() {
+        assert_eq!(parse(TEMPLATE).unwrap(), Config::default());
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let text = r#"
+            colour = "blue"
+            [model]
+            threads = 0
+            typo_key = 1
+            [opener]
+            min_words = 9
+            max_words = 3
+            [cloud]
+            enabled = true
+            base_url = "ftp://x"
+            recovery = "sarcasm"
+            [cloud.headers]
+            Authorization = "Bearer sk-123"
+            [log]
+            format = "xml"
+        "#;
+        let problems = parse(text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in ["colour", "model.typo_key", "cloud"] {
+            assert!(keys.contains(&want), "{want} missing from {problems:?}");
+        }
+        // The cloud section's bad enum stops its own parse; the others are still validated.
+        assert!(problems.iter().any(|p| p.key == "cloud" && p.message.contains("sarcasm")), "{problems:?}");
+        assert!(keys.contains(&"model.threads") && keys.contains(&"opener.min_words") && keys.contains(&"log.format"), "{problems:?}");
+        let fixed = text.replace("\"sarcasm\"", "\"humor\"");
+        let problems = parse(&fixed).unwrap_err();
+        assert!(problems.iter().any(|p| p.key == "cloud.base_url"), "{problems:?}");
+        assert!(problems.iter().any(|p| p.key == "cloud.headers" && p.message.contains("api_key_file")), "{problems:?}");
+        assert!(!problems.iter().any(|p| p.to_string().contains("sk-123")), "a key must never be echoed");
+    }
+
+    #[test]
+    fn broken_toml_is_reported_as_such() {
+        let p = parse("[model\nthreads = ").unwrap_err();
+        assert_eq!(p[0].key, "(file)");
+        assert!(p[0].message.contains("TOML"));
+    }
+}
