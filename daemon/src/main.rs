@@ -49,7 +49,7 @@ enum Command {
 #[derive(Args)]
 struct AskArgs {
     query: String,
-    /// Configuration file ([model], [opener] and [cloud] are used; flags override it).
+    /// Configuration file ([model] and [cloud] are used; flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
     #[arg(long)]
