@@ -18,7 +18,27 @@ pub struct Config {
     pub engine: EngineSection,
     pub opener: OpenerSection,
     pub cloud: CloudSection,
+    pub grpc: GrpcSection,
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSection {
+    /// TCP address; empty disables TCP.
+    pub listen: String,
+    /// Unix socket path; empty disables it.
+    pub unix_socket: PathBuf,
+    /// Octal permission bits of the socket file, e.g. "660".
+    pub unix_socket_mode: String,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub grace_period_ms: u64,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:50051".into(), unix_socket: PathBuf::new(), unix_socket_mode: "660".into(), grace_period_ms: 10000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +194,16 @@ include_usage = true
 [cloud.headers]
 # Extra HTTP headers, e.g. "X-Org" = "home"
 
+[grpc]
+# TCP address of the gRPC API; "" disables TCP. Keep it on loopback unless a firewall guards it.
+listen = "127.0.0.1:50051"
+# Unix socket for local clients, e.g. "/run/mulmd/api.sock"; "" disables it.
+unix_socket = ""
+# Permission bits of the socket file (octal).
+unix_socket_mode = "660"
+# On SIGTERM: stop accepting, then give in-flight answers this long to finish.
+grace_period_ms = 10000
+
 [log]
 # "text" for journald, or "json".
 format = "text"
@@ -237,6 +267,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     section!("engine", engine);
     section!("opener", opener);
     section!("cloud", cloud);
+    section!("grpc", grpc);
     section!("log", log);
     problems.extend(validate(&config));
     if problems.is_empty() {
@@ -308,6 +339,19 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         } else if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             p.push(problem("cloud.headers", format!("{name:?} is not a valid header name")));
         }
+    }
+    let g = &c.grpc;
+    if !g.listen.is_empty() && g.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.push(problem("grpc.listen", format!("{:?} is not an address like 127.0.0.1:50051 (\"\" disables TCP)", g.listen)));
+    }
+    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() {
+        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty; set at least one"));
+    }
+    if u32::from_str_radix(&g.unix_socket_mode, 8).map(|m| m > 0o777).unwrap_or(true) {
+        p.push(problem("grpc.unix_socket_mode", format!("{:?} is not octal permission bits like \"660\"", g.unix_socket_mode)));
+    }
+    if g.grace_period_ms > 600_000 {
+        p.push(problem("grpc.grace_period_ms", "must be at most 600000 (10 minutes)"));
     }
     if !matches!(c.log.format.as_str(), "text" | "json") {
         p.push(problem("log.format", format!("{:?} must be \"text\" or \"json\"", c.log.format)));

@@ -5,5 +5,7 @@ pub mod bench;
 pub mod cloud;
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod paths;
 pub mod pipeline;
+pub mod server;

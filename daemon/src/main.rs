@@ -30,6 +30,12 @@ enum Command {
     /// Answer a question: the opener on the device, then the cloud's continuation (or the
     /// local model finishing the sentence when the cloud is off or fails).
     Ask(AskArgs),
+    /// Run the daemon: load the configuration and the model, serve gRPC until SIGTERM/SIGINT.
+    Serve {
+        /// Configuration file (default /etc/mulmd/mulmd.toml when it exists, else defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print the full default configuration, with comments.
     PrintConfig,
     /// Check a configuration file and list every problem with its key and the fix
@@ -198,6 +204,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe(args),
         Command::Bench(args) => bench(*args),
         Command::Ask(args) => ask(args),
+        Command::Serve { config } => serve(config),
         Command::PrintConfig => {
             print!("{}", mulmd::config::TEMPLATE);
             ExitCode::SUCCESS
@@ -212,6 +219,52 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    use mulmd::server::{self, StartError};
+    let path = path.or_else(|| Some(PathBuf::from(mulmd::config::DEFAULT_PATH)).filter(|p| p.exists()));
+    let config = match &path {
+        Some(p) => match mulmd::config::load(p) {
+            Ok(c) => c,
+            Err(problems) => {
+                report_config_problems(p, &problems);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => mulmd::config::Config::default(),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("mulmd-io").enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mulmd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let prepared = tokio::task::spawn_blocking(move || server::prepare(config))
+            .await
+            .map_err(|e| StartError::Runtime(e.to_string()))??;
+        let listeners = server::bind(&prepared.config).await?;
+        if let Some(l) = &listeners.tcp {
+            eprintln!("mulmd: gRPC listening on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        }
+        if let Some((_, p)) = &listeners.unix {
+            eprintln!("mulmd: gRPC listening on unix:{}", p.display());
+        }
+        server::run(prepared, listeners, server::signals()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (StartError::Model(_) | StartError::Config(_))) => {
+            eprintln!("mulmd: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("mulmd: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

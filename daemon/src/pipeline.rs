@@ -123,6 +123,19 @@ async fn run_local(
     }
 }
 
+/// Only the opener, written on the device, with its words passed to `on_word` as they
+/// complete (returning false cancels). For callers that want no continuation.
+pub async fn opener_only(
+    engine: &Engine,
+    query: &str,
+    options: OpenerOptions,
+    arrived: Instant,
+    cancel: &CancellationToken,
+    on_word: impl FnMut(WordEvent) -> bool,
+) -> Result<Opener, RequestError> {
+    run_local(engine, query, options, arrived, cancel, on_word).await
+}
+
 /// Produces one answer into `tx`. Ends with exactly one `Done` or `Error` (unless the receiver
 /// is gone, which cancels the work). The channel is unbounded so no event is ever dropped or
 /// waited for; an answer has at most a few hundred events.

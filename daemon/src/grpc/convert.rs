@@ -1,0 +1,85 @@
+//! Translations between the pipeline's types and the wire types.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::pb;
+use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
+use crate::pipeline::{Answer, AnswerEvent, Source};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn word(w: &WordEvent) -> pb::Word {
+    pb::Word { index: w.index as u32, text: w.text.clone(), leading: w.leading.clone(), at_ms: ms(w.at) }
+}
+
+pub fn opener_timings(t: &OpenerTimings) -> pb::OpenerTimings {
+    pb::OpenerTimings {
+        queued_ms: ms(t.queued),
+        tokenize_ms: ms(t.tokenize),
+        prefill_ms: ms(t.prefill),
+        ttft_ms: ms(t.ttft),
+        opener_ms: ms(t.opener),
+        total_ms: ms(t.total),
+    }
+}
+
+pub fn stop_reason(s: StopReason) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn final_message(a: &Answer) -> pb::Final {
+    pb::Final {
+        text: a.text.clone(),
+        opener: a.opener.clone(),
+        continuation: a.continuation.clone(),
+        corrected: a.corrected,
+        fallback: a.fallback.as_ref().map(|f| pb::Fallback { reason: f.reason.clone(), message: f.message.clone() }),
+        timings: Some(pb::Timings {
+            ttft_ms: a.timings.ttft_ms,
+            opener_ms: a.timings.opener_ms,
+            cloud_first_token_ms: a.timings.cloud_first_token_ms,
+            total_ms: a.timings.total_ms,
+        }),
+        prompt_tokens: a.prompt_tokens as u32,
+        local_tokens: a.local_tokens as u32,
+        cloud_tokens: a.cloud_tokens,
+    }
+}
+
+/// An event on the wire, or the status that ends the stream.
+pub fn event(ev: AnswerEvent) -> Result<pb::AnswerEvent, Status> {
+    use pb::answer_event::Event;
+    let e = match ev {
+        AnswerEvent::Word(w) => Event::Word(word(&w)),
+        AnswerEvent::OpenerDone { text, stop, timings } => {
+            Event::OpenerDone(pb::OpenerDone { text, stop_reason: stop_reason(stop), timings: Some(opener_timings(&timings)) })
+        }
+        AnswerEvent::Delta { text, source } => Event::Delta(pb::Delta {
+            text,
+            source: match source {
+                Source::Cloud => pb::Source::Cloud,
+                Source::Local => pb::Source::Local,
+            } as i32,
+        }),
+        AnswerEvent::Correction => Event::Correction(pb::Correction {}),
+        AnswerEvent::Done(a) => Event::Final(final_message(&a)),
+        AnswerEvent::Error(e) => return Err(status(&e)),
+    };
+    Ok(pb::AnswerEvent { event: Some(e) })
+}
+
+/// The gRPC status for a request error; the message says what to do.
+pub fn status(e: &RequestError) -> Status {
+    let msg = e.to_string();
+    match e {
+        RequestError::EmptyQuery | RequestError::PromptTooLong { .. } | RequestError::InvalidOptions(_) => Status::invalid_argument(msg),
+        RequestError::Busy { .. } => Status::resource_exhausted(msg),
+        RequestError::Cancelled => Status::cancelled(msg),
+        RequestError::ShuttingDown => Status::unavailable(msg),
+        RequestError::Inference(_) => Status::internal(msg),
+    }
+}
