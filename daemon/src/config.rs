@@ -134,6 +134,29 @@ impl Default for CloudSection {
     }
 }
 
+impl CloudSection {
+    /// The client settings this section describes (the key is loaded separately, from
+    /// `api_key_file` or the systemd credential).
+    pub fn client_config(&self) -> crate::cloud::CloudConfig {
+        use std::time::Duration;
+        let mut cfg = crate::cloud::CloudConfig::new(&self.base_url, &self.model);
+        cfg.connect_timeout = Duration::from_millis(self.connect_timeout_ms);
+        cfg.first_token_timeout = Duration::from_millis(self.first_token_timeout_ms);
+        cfg.idle_timeout = Duration::from_millis(self.idle_timeout_ms);
+        cfg.total_timeout = Duration::from_millis(self.total_timeout_ms);
+        cfg.max_retries = self.max_retries;
+        cfg.max_tokens = self.max_tokens;
+        cfg.include_usage = self.include_usage;
+        cfg.extra_headers = self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        cfg
+    }
+
+    /// `api_key_file` when set, else None (the credential directory is then looked up).
+    pub fn key_file(&self) -> Option<&Path> {
+        (!self.api_key_file.as_os_str().is_empty()).then_some(self.api_key_file.as_path())
+    }
+}
+
 impl Default for LogSection {
     fn default() -> Self {
         Self { format: "text".into(), level: "info".into() }

@@ -299,23 +299,18 @@ fn ask(a: AskArgs) -> ExitCode {
     let url = a.cloud_url.clone().or_else(|| from_file.map(|c| c.base_url.clone()));
     let cloud = match url {
         Some(url) if !a.no_cloud => {
-            let mut cfg = CloudConfig::new(&url, &a.cloud_model);
-            cfg.first_token_timeout = Duration::from_secs_f64(a.first_token_timeout.max(0.1));
-            cfg.total_timeout = Duration::from_secs_f64(a.total_timeout.max(0.1));
-            let mut key_file = a.api_key_file.clone();
-            if let (Some(c), None) = (from_file, &a.cloud_url) {
-                cfg.model = c.model.clone();
-                cfg.connect_timeout = Duration::from_millis(c.connect_timeout_ms);
-                cfg.first_token_timeout = Duration::from_millis(c.first_token_timeout_ms);
-                cfg.idle_timeout = Duration::from_millis(c.idle_timeout_ms);
-                cfg.total_timeout = Duration::from_millis(c.total_timeout_ms);
-                cfg.max_retries = c.max_retries;
-                cfg.max_tokens = c.max_tokens;
-                cfg.include_usage = c.include_usage;
-                cfg.extra_headers = c.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if key_file.is_none() && !c.api_key_file.as_os_str().is_empty() {
-                    key_file = Some(c.api_key_file.clone());
+            // The file's [cloud] section when it supplied the endpoint; the flags otherwise.
+            let (mut cfg, mut key_file) = match (from_file, &a.cloud_url) {
+                (Some(c), None) => (c.client_config(), c.key_file().map(PathBuf::from)),
+                _ => {
+                    let mut cfg = CloudConfig::new(&url, &a.cloud_model);
+                    cfg.first_token_timeout = Duration::from_secs_f64(a.first_token_timeout.max(0.1));
+                    cfg.total_timeout = Duration::from_secs_f64(a.total_timeout.max(0.1));
+                    (cfg, None)
                 }
+            };
+            if a.api_key_file.is_some() {
+                key_file = a.api_key_file.clone();
             }
             match load_api_key(key_file.as_deref()).and_then(|k| {
                 cfg.api_key = k;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::cloud::{load_api_key, CloudClient, CloudConfig};
+use crate::cloud::{load_api_key, CloudClient};
 use crate::config::Config;
 use crate::engine::{CancelToken, Engine, EngineConfig, Job, LoadError, Model, OpenerEvent, OpenerOptions};
 use crate::grpc::{self, AnswerService, Limits};
@@ -60,17 +60,8 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         other => return Err(StartError::Runtime(format!("warm-up failed: {other:?}"))),
     }
     let cloud = if config.cloud.enabled {
-        let c = &config.cloud;
-        let mut cfg = CloudConfig::new(&c.base_url, &c.model);
-        cfg.api_key = load_api_key((!c.api_key_file.as_os_str().is_empty()).then_some(c.api_key_file.as_path())).map_err(StartError::Config)?;
-        cfg.connect_timeout = Duration::from_millis(c.connect_timeout_ms);
-        cfg.first_token_timeout = Duration::from_millis(c.first_token_timeout_ms);
-        cfg.idle_timeout = Duration::from_millis(c.idle_timeout_ms);
-        cfg.total_timeout = Duration::from_millis(c.total_timeout_ms);
-        cfg.max_retries = c.max_retries;
-        cfg.max_tokens = c.max_tokens;
-        cfg.include_usage = c.include_usage;
-        cfg.extra_headers = c.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut cfg = config.cloud.client_config();
+        cfg.api_key = load_api_key(config.cloud.key_file()).map_err(StartError::Config)?;
         Some(Arc::new(CloudClient::new(cfg).map_err(StartError::Runtime)?))
     } else {
         None
