@@ -12,8 +12,34 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::{CloudClient, RecoveryMode, Seam};
 use crate::engine::{CancelToken, Engine, Job, Opener, OpenerEvent, OpenerOptions, OpenerTimings, RequestError, StopReason, WordEvent};
 
+/// Which front end a request came through (a metrics label and a log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    Grpc,
+    Mqtt,
+    Cli,
+}
+
+impl Front {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Mqtt => "mqtt",
+            Self::Cli => "cli",
+        }
+    }
+}
+
+/// A fresh request id for callers that did not bring one: 16 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 #[derive(Debug, Clone)]
 pub struct AnswerRequest {
+    /// Names the request in logs and replies (chosen by the client or [`new_request_id`]).
+    pub id: String,
+    pub front: Front,
     pub query: String,
     pub opener: OpenerOptions,
     pub recovery: RecoveryMode,
@@ -66,7 +92,8 @@ pub struct Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AnswerEvent {
     Word(WordEvent),
-    OpenerDone { text: String, stop: StopReason, timings: OpenerTimings },
+    /// `tokens`: how many the opener generated (for speed figures).
+    OpenerDone { text: String, stop: StopReason, timings: OpenerTimings, tokens: usize },
     Delta { text: String, source: Source },
     Correction,
     Done(Box<Answer>),
@@ -139,7 +166,62 @@ pub async fn opener_only(
 /// Produces one answer into `tx`. Ends with exactly one `Done` or `Error` (unless the receiver
 /// is gone, which cancels the work). The channel is unbounded so no event is ever dropped or
 /// waited for; an answer has at most a few hundred events.
+///
+/// Runs inside a `request` span carrying the id and front end, logs one line with the
+/// timings when the answer is done, and records the metrics of [`crate::observe`].
 pub async fn answer(
+    engine: Arc<Engine>,
+    cloud: Option<Arc<CloudClient>>,
+    req: AnswerRequest,
+    arrived: Instant,
+    tx: mpsc::UnboundedSender<AnswerEvent>,
+    cancel: CancellationToken,
+) {
+    use tracing::Instrument;
+    let span = tracing::info_span!("request", id = %req.id, front = req.front.name());
+    let front = req.front;
+    crate::observe::started(engine.queue_depth());
+    // Watch the terminal event on its way out, for the log line and the metrics.
+    let (inner_tx, mut inner_rx) = mpsc::unbounded_channel();
+    let work = answer_inner(engine, cloud, req, arrived, inner_tx, cancel.clone());
+    let forward = async move {
+        let mut finished = false;
+        while let Some(ev) = inner_rx.recv().await {
+            match &ev {
+                AnswerEvent::Done(a) => {
+                    finished = true;
+                    let t = &a.timings;
+                    tracing::info!(
+                        ttft_ms = t.ttft_ms,
+                        opener_ms = t.opener_ms,
+                        cloud_first_token_ms = t.cloud_first_token_ms,
+                        total_ms = t.total_ms,
+                        corrected = a.corrected,
+                        fallback = a.fallback.as_ref().map(|f| f.reason.as_str()),
+                        "answered"
+                    );
+                    crate::observe::finished(front, Ok(a));
+                }
+                AnswerEvent::Error(e) => {
+                    finished = true;
+                    tracing::info!(code = e.code(), error = %e, "request failed");
+                    crate::observe::finished(front, Err(e));
+                }
+                _ => {}
+            }
+            if tx.send(ev).is_err() {
+                cancel.cancel();
+            }
+        }
+        if !finished {
+            // The caller went away before the end; count it as cancelled.
+            crate::observe::finished(front, Err(&RequestError::Cancelled));
+        }
+    };
+    futures_util::future::join(work, forward).instrument(span).await;
+}
+
+async fn answer_inner(
     engine: Arc<Engine>,
     cloud: Option<Arc<CloudClient>>,
     req: AnswerRequest,
@@ -162,7 +244,7 @@ pub async fn answer(
         Ok(o) => o,
         Err(e) => return send(AnswerEvent::Error(e)),
     };
-    send(AnswerEvent::OpenerDone { text: opener.text.clone(), stop: opener.stop, timings: opener.timings.clone() });
+    send(AnswerEvent::OpenerDone { text: opener.text.clone(), stop: opener.stop, timings: opener.timings.clone(), tokens: opener.generated_tokens });
     let opener_end = Instant::now();
     let mut shown = opener.text.clone();
     let mut continuation = String::new();

@@ -153,7 +153,7 @@ fn engine() -> Option<Arc<Engine>> {
 /// Runs one answer; returns all events, checking the stream's shape on the way.
 async fn ask(engine: &Arc<Engine>, cloud: Option<Arc<CloudClient>>, recovery: RecoveryMode) -> (Vec<AnswerEvent>, Answer) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let req = AnswerRequest { query: SHOES.into(), opener: OpenerOptions::default(), recovery, use_cloud: true };
+    let req = AnswerRequest { id: "t".into(), front: mulmd::pipeline::Front::Cli, query: SHOES.into(), opener: OpenerOptions::default(), recovery, use_cloud: true };
     tokio::spawn(answer(engine.clone(), cloud, req, Instant::now(), tx, CancellationToken::new()));
     let mut events = Vec::new();
     while let Some(ev) = rx.recv().await {

@@ -80,7 +80,7 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
     let engine = Arc::new(Engine::start(model, EngineConfig::default()).unwrap());
     for query in ["How do I remove odor from inside my shoes?", "What is the capital of France?"] {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let req = AnswerRequest { query: query.into(), opener: OpenerOptions::default(), recovery: RecoveryMode::Natural, use_cloud: true };
+        let req = AnswerRequest { id: "t".into(), front: mulmd::pipeline::Front::Cli, query: query.into(), opener: OpenerOptions::default(), recovery: RecoveryMode::Natural, use_cloud: true };
         tokio::spawn(answer(engine.clone(), Some(cloud.clone()), req, Instant::now(), tx, CancellationToken::new()));
         let mut events = Vec::new();
         while let Some(ev) = rx.recv().await {

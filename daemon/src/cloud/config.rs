@@ -66,22 +66,29 @@ pub const CREDENTIAL_NAME: &str = "cloud_api_key";
 
 /// The key from `file`, else from `$CREDENTIALS_DIRECTORY/cloud_api_key`, else none.
 pub fn load_api_key(file: Option<&Path>) -> Result<Option<Secret>, String> {
-    let path: Option<PathBuf> = match file {
-        Some(f) => Some(f.to_path_buf()),
-        None => std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| PathBuf::from(d).join(CREDENTIAL_NAME))
-            .filter(|p| p.is_file()),
-    };
-    let Some(path) = path else { return Ok(None) };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("API key file {}: {e}", path.display()))?;
-    let key = text.trim();
-    if key.is_empty() {
-        return Err(format!("API key file {} is empty; put the key on its first line", path.display()));
-    }
-    if key.contains(char::is_whitespace) {
+    let key = load_secret(file, CREDENTIAL_NAME, "API key file")?;
+    if key.as_ref().is_some_and(|k| k.0.contains(char::is_whitespace)) {
+        let path = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(CREDENTIAL_NAME));
         return Err(format!("API key file {} holds more than one word; it must contain only the key", path.display()));
     }
-    Ok(Some(Secret(key.to_string())))
+    Ok(key)
+}
+
+/// A secret from `file`, else from `$CREDENTIALS_DIRECTORY/<credential>` when that exists,
+/// else none. The line ending is dropped; an empty secret is an error naming the file
+/// (`what` says what the file is for).
+pub fn load_secret(file: Option<&Path>, credential: &str, what: &str) -> Result<Option<Secret>, String> {
+    let path: Option<PathBuf> = match file {
+        Some(f) => Some(f.to_path_buf()),
+        None => std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(credential)).filter(|p| p.is_file()),
+    };
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']).trim();
+    if secret.is_empty() {
+        return Err(format!("{what} {} is empty; put the secret on its first line", path.display()));
+    }
+    Ok(Some(Secret(secret.to_string())))
 }
 
 #[cfg(test)]

@@ -7,6 +7,6 @@ mod prompt;
 mod seam;
 
 pub use client::{install_crypto, CloudClient, CloudError, CloudSummary, Failure};
-pub use config::{load_api_key, CloudConfig, Secret, CREDENTIAL_NAME};
+pub use config::{load_api_key, load_secret, CloudConfig, Secret, CREDENTIAL_NAME};
 pub use prompt::{messages, RecoveryMode, CORRECTION_MARKER};
 pub use seam::{Seam, SeamOutput};

@@ -27,6 +27,8 @@ pub enum LoadError {
 pub enum RequestError {
     #[error("the query is empty; send the user's question as text")]
     EmptyQuery,
+    #[error("the query has {chars} characters, more than the {limit} allowed (opener.max_query_chars); shorten it")]
+    QueryTooLong { chars: usize, limit: usize },
     #[error("the prompt is {tokens} tokens but the model's context holds {limit}; shorten the query")]
     PromptTooLong { tokens: usize, limit: usize },
     #[error("invalid options: {0}")]
@@ -39,4 +41,20 @@ pub enum RequestError {
     ShuttingDown,
     #[error("inference failed: {0}")]
     Inference(String),
+}
+
+impl RequestError {
+    /// A stable name for machines (MQTT error replies, metrics labels, logs).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::EmptyQuery => "empty_query",
+            Self::QueryTooLong { .. } => "query_too_long",
+            Self::PromptTooLong { .. } => "prompt_too_long",
+            Self::InvalidOptions(_) => "invalid_options",
+            Self::Busy { .. } => "busy",
+            Self::Cancelled => "cancelled",
+            Self::ShuttingDown => "shutting_down",
+            Self::Inference(_) => "inference",
+        }
+    }
 }

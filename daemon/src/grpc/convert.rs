@@ -5,11 +5,32 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::pb;
+use crate::cloud::RecoveryMode;
+use crate::limits::RequestOptions;
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
 use crate::pipeline::{Answer, AnswerEvent, Source};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Wire options as every front end's options (unset stays unset).
+pub fn options(o: &pb::Options) -> RequestOptions {
+    RequestOptions {
+        min_words: o.min_words,
+        max_words: o.max_words,
+        recovery: match pb::RecoveryMode::try_from(o.recovery).unwrap_or(pb::RecoveryMode::Unspecified) {
+            pb::RecoveryMode::Unspecified => None,
+            pb::RecoveryMode::Natural => Some(RecoveryMode::Natural),
+            pb::RecoveryMode::Explicit => Some(RecoveryMode::Explicit),
+            pb::RecoveryMode::Humor => Some(RecoveryMode::Humor),
+        },
+        cloud: o.cloud,
+        temperature: o.temperature,
+        top_k: o.top_k,
+        top_p: o.top_p,
+        seed: o.seed,
+    }
 }
 
 pub fn word(w: &WordEvent) -> pb::Word {
@@ -55,7 +76,7 @@ pub fn event(ev: AnswerEvent) -> Result<pb::AnswerEvent, Status> {
     use pb::answer_event::Event;
     let e = match ev {
         AnswerEvent::Word(w) => Event::Word(word(&w)),
-        AnswerEvent::OpenerDone { text, stop, timings } => {
+        AnswerEvent::OpenerDone { text, stop, timings, .. } => {
             Event::OpenerDone(pb::OpenerDone { text, stop_reason: stop_reason(stop), timings: Some(opener_timings(&timings)) })
         }
         AnswerEvent::Delta { text, source } => Event::Delta(pb::Delta {
@@ -76,7 +97,7 @@ pub fn event(ev: AnswerEvent) -> Result<pb::AnswerEvent, Status> {
 pub fn status(e: &RequestError) -> Status {
     let msg = e.to_string();
     match e {
-        RequestError::EmptyQuery | RequestError::PromptTooLong { .. } | RequestError::InvalidOptions(_) => Status::invalid_argument(msg),
+        RequestError::EmptyQuery | RequestError::QueryTooLong { .. } | RequestError::PromptTooLong { .. } | RequestError::InvalidOptions(_) => Status::invalid_argument(msg),
         RequestError::Busy { .. } => Status::resource_exhausted(msg),
         RequestError::Cancelled => Status::cancelled(msg),
         RequestError::ShuttingDown => Status::unavailable(msg),

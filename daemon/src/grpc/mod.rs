@@ -11,7 +11,8 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mulm_v1_descriptor.bin"));
 }
 
-pub use service::{AnswerService, Limits};
+pub use crate::limits::Limits;
+pub use service::AnswerService;
 
 use std::future::Future;
 

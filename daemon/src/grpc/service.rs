@@ -1,4 +1,4 @@
-//! `mulm.v1.Answerer`: request validation within configured bounds, the answer stream, and
+//! `mulm.v1.Answerer`: requests checked against the configured limits, the answer stream, and
 //! cancellation when the client goes away or its deadline passes.
 
 use std::pin::Pin;
@@ -12,18 +12,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::pb;
-use crate::cloud::{CloudClient, RecoveryMode};
-use crate::engine::{Engine, OpenerOptions, Sampling};
-use crate::pipeline::{self, AnswerRequest};
-
-/// What a request may ask for (from the configuration's [opener] section).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub defaults: OpenerOptions,
-    pub max_words_limit: usize,
-    pub max_query_chars: usize,
-    pub recovery: RecoveryMode,
-}
+use crate::cloud::CloudClient;
+use crate::engine::Engine;
+use crate::limits::Limits;
+use crate::pipeline::{self, AnswerRequest, Front};
 
 #[derive(Clone)]
 pub struct AnswerService {
@@ -37,46 +29,18 @@ impl AnswerService {
         Self { engine, cloud, limits }
     }
 
-    /// Checks the query and turns wire options into engine options within the limits.
-    fn request(&self, query: &str, options: Option<&pb::Options>) -> Result<(OpenerOptions, RecoveryMode, bool), Status> {
-        if query.trim().is_empty() {
-            return Err(Status::invalid_argument("the query is empty; send the user's question as text"));
-        }
-        let chars = query.chars().count();
-        if chars > self.limits.max_query_chars {
-            return Err(Status::invalid_argument(format!(
-                "the query has {chars} characters, more than the {} allowed (opener.max_query_chars)",
-                self.limits.max_query_chars
-            )));
-        }
-        let mut o = self.limits.defaults.clone();
-        let Some(opt) = options else { return Ok((o, self.limits.recovery, true)) };
-        if let Some(n) = opt.min_words {
-            o.min_words = n as usize;
-        }
-        if let Some(n) = opt.max_words {
-            o.max_words = n as usize;
-        }
-        if o.max_words > self.limits.max_words_limit {
-            return Err(Status::invalid_argument(format!(
-                "max_words {} is above this server's limit of {} (opener.max_words_limit)",
-                o.max_words, self.limits.max_words_limit
-            )));
-        }
-        o.sampling = Sampling {
-            temperature: opt.temperature.unwrap_or(o.sampling.temperature),
-            top_k: opt.top_k.map(|k| k as usize).unwrap_or(o.sampling.top_k),
-            top_p: opt.top_p.unwrap_or(o.sampling.top_p),
-            seed: opt.seed.or(o.sampling.seed),
-        };
-        o.validate().map_err(|e| convert::status(&e))?;
-        let recovery = match pb::RecoveryMode::try_from(opt.recovery).unwrap_or(pb::RecoveryMode::Unspecified) {
-            pb::RecoveryMode::Unspecified => self.limits.recovery,
-            pb::RecoveryMode::Natural => RecoveryMode::Natural,
-            pb::RecoveryMode::Explicit => RecoveryMode::Explicit,
-            pb::RecoveryMode::Humor => RecoveryMode::Humor,
-        };
-        Ok((o, recovery, opt.cloud.unwrap_or(true)))
+    /// Checks the query and options within the limits, with the request's id: the caller's
+    /// `x-request-id` when it sent a usable one, else a fresh one.
+    fn request<T>(&self, req: &Request<T>, query: &str, options: Option<&pb::Options>) -> Result<AnswerRequest, Status> {
+        let id = req
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(pipeline::new_request_id);
+        let opt = options.map(convert::options).unwrap_or_default();
+        self.limits.request(id, Front::Grpc, query.to_string(), &opt).map_err(|e| convert::status(&e))
     }
 }
 
@@ -106,9 +70,7 @@ impl pb::answerer_server::Answerer for AnswerService {
     async fn answer(&self, req: Request<pb::AnswerRequest>) -> Result<Response<EventStream>, Status> {
         let arrived = Instant::now();
         let deadline = deadline(&req);
-        let body = req.into_inner();
-        let (opener, recovery, use_cloud) = self.request(&body.query, body.options.as_ref())?;
-        let request = AnswerRequest { query: body.query, opener, recovery, use_cloud };
+        let request = self.request(&req, &req.get_ref().query, req.get_ref().options.as_ref())?;
         let cancel = CancellationToken::new();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         tokio::spawn(pipeline::answer(self.engine.clone(), self.cloud.clone(), request, arrived, events_tx, cancel.clone()));
@@ -148,12 +110,11 @@ impl pb::answerer_server::Answerer for AnswerService {
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
         let arrived = Instant::now();
-        let body = req.into_inner();
-        let (options, _, _) = self.request(&body.query, body.options.as_ref())?;
+        let request = self.request(&req, &req.get_ref().query, req.get_ref().options.as_ref())?;
         // Dropping this future (client gone, deadline) drops the guard, which cancels decoding.
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
-        let o = pipeline::opener_only(&self.engine, &body.query, options, arrived, &cancel, |_| true)
+        let o = pipeline::opener_only(&self.engine, &request.query, request.opener, arrived, &cancel, |_| true)
             .await
             .map_err(|e| convert::status(&e))?;
         Ok(Response::new(pb::OpenResponse {
