@@ -19,7 +19,76 @@ pub struct Config {
     pub opener: OpenerSection,
     pub cloud: CloudSection,
     pub grpc: GrpcSection,
+    pub mqtt: MqttSection,
+    pub metrics: MetricsSection,
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSection {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Names this daemon in topics; empty: the host name.
+    pub node_id: String,
+    /// First level of every topic.
+    pub prefix: String,
+    /// Empty: "mulmd-<node_id>".
+    pub client_id: String,
+    pub username: String,
+    /// Empty: $CREDENTIALS_DIRECTORY/mqtt_password when present.
+    pub password_file: PathBuf,
+    pub tls: bool,
+    /// PEM bundle to trust instead of the system's roots (with tls).
+    pub ca_file: PathBuf,
+    pub keep_alive_s: u64,
+    /// Largest MQTT packet accepted from the broker (announced in CONNECT).
+    pub max_packet_bytes: u32,
+    /// Largest request payload answered; larger ones get an error reply.
+    pub max_request_bytes: usize,
+    /// Non-empty: also take requests from `$share/<group>/<prefix>/ask`.
+    pub share_group: String,
+    /// Publish every opener word as it completes (besides the opener, deltas and final).
+    pub stream_words: bool,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Home Assistant MQTT discovery of this daemon's sensors.
+    pub discovery: bool,
+    pub discovery_prefix: String,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            node_id: String::new(),
+            prefix: "mulmd".into(),
+            client_id: String::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            tls: false,
+            ca_file: PathBuf::new(),
+            keep_alive_s: 30,
+            max_packet_bytes: 65536,
+            max_request_bytes: 8192,
+            share_group: String::new(),
+            stream_words: false,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30000,
+            discovery: false,
+            discovery_prefix: "homeassistant".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus endpoint (GET /metrics); empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +296,44 @@ unix_socket_mode = "660"
 # On SIGTERM: stop accepting, then give in-flight answers this long to finish.
 grace_period_ms = 10000
 
+[mqtt]
+# Answer requests from an MQTT broker (MQTT 5; clients may speak 3.1.1 to the broker).
+enabled = false
+host = "127.0.0.1"
+port = 1883
+# Names this daemon in topics; "" uses the host name. Requests go to <prefix>/<node_id>/ask.
+node_id = ""
+prefix = "mulmd"
+# "" uses "mulmd-<node_id>"; must be unique on the broker.
+client_id = ""
+username = ""
+# File holding only the password. Empty: $CREDENTIALS_DIRECTORY/mqtt_password when present.
+password_file = ""
+tls = false
+# PEM file of the CA to trust (with tls = true); "" uses the system's roots.
+ca_file = ""
+keep_alive_s = 30
+# Largest packet the broker may send us (MQTT 5 Maximum Packet Size).
+max_packet_bytes = 65536
+# Larger request payloads are refused with an error reply.
+max_request_bytes = 8192
+# Fleets: when set, also take requests from the shared subscription
+# $share/<share_group>/<prefix>/ask, so several boards split one request stream.
+share_group = ""
+# Also publish each opener word the moment it is complete.
+stream_words = false
+# Reconnect backoff: doubles from min to max after each failed attempt.
+reconnect_min_ms = 500
+reconnect_max_ms = 30000
+# Home Assistant MQTT discovery (a device with latency, speed and cloud-status sensors),
+# republished whenever Home Assistant announces itself on <discovery_prefix>/status.
+discovery = false
+discovery_prefix = "homeassistant"
+
+[metrics]
+# Prometheus endpoint (GET /metrics), e.g. "127.0.0.1:9464"; "" turns it off.
+listen = ""
+
 [log]
 # "text" for journald, or "json".
 format = "text"
@@ -291,6 +398,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     section!("opener", opener);
     section!("cloud", cloud);
     section!("grpc", grpc);
+    section!("mqtt", mqtt);
+    section!("metrics", metrics);
     section!("log", log);
     problems.extend(validate(&config));
     if problems.is_empty() {
@@ -367,14 +476,52 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if !g.listen.is_empty() && g.listen.parse::<std::net::SocketAddr>().is_err() {
         p.push(problem("grpc.listen", format!("{:?} is not an address like 127.0.0.1:50051 (\"\" disables TCP)", g.listen)));
     }
-    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() {
-        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty; set at least one"));
+    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() && !c.mqtt.enabled {
+        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty and MQTT is off; enable at least one front end"));
     }
     if u32::from_str_radix(&g.unix_socket_mode, 8).map(|m| m > 0o777).unwrap_or(true) {
         p.push(problem("grpc.unix_socket_mode", format!("{:?} is not octal permission bits like \"660\"", g.unix_socket_mode)));
     }
     if g.grace_period_ms > 600_000 {
         p.push(problem("grpc.grace_period_ms", "must be at most 600000 (10 minutes)"));
+    }
+    let m = &c.mqtt;
+    if m.enabled {
+        if m.host.trim().is_empty() {
+            p.push(problem("mqtt.host", "is empty; name the broker, e.g. \"127.0.0.1\""));
+        }
+        if m.port == 0 {
+            p.push(problem("mqtt.port", "must be a port number, usually 1883 (8883 with tls)"));
+        }
+        if !m.password_file.as_os_str().is_empty() && !m.password_file.is_file() {
+            p.push(problem("mqtt.password_file", format!("{} does not exist", m.password_file.display())));
+        }
+        if !m.ca_file.as_os_str().is_empty() && !m.ca_file.is_file() {
+            p.push(problem("mqtt.ca_file", format!("{} does not exist", m.ca_file.display())));
+        }
+    }
+    for (key, v) in [("mqtt.node_id", &m.node_id), ("mqtt.prefix", &m.prefix), ("mqtt.share_group", &m.share_group), ("mqtt.discovery_prefix", &m.discovery_prefix)] {
+        if v.contains(['+', '#', '/']) || v.starts_with('$') || v.contains(char::is_whitespace) {
+            p.push(problem(key, format!("{v:?} must be one topic level: no '/', '+', '#', spaces or leading '$'")));
+        }
+    }
+    if m.prefix.is_empty() || m.discovery_prefix.is_empty() {
+        p.push(problem("mqtt.prefix", "and mqtt.discovery_prefix must not be empty"));
+    }
+    if !(5..=3600).contains(&m.keep_alive_s) {
+        p.push(problem("mqtt.keep_alive_s", "must be 5..=3600 seconds"));
+    }
+    if !(1024..=268_435_455).contains(&m.max_packet_bytes) {
+        p.push(problem("mqtt.max_packet_bytes", "must be between 1024 and 268435455 (MQTT's limit)"));
+    }
+    if m.max_request_bytes == 0 || m.max_request_bytes as u64 >= m.max_packet_bytes as u64 {
+        p.push(problem("mqtt.max_request_bytes", format!("must be positive and below mqtt.max_packet_bytes ({})", m.max_packet_bytes)));
+    }
+    if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms || m.reconnect_max_ms > 600_000 {
+        p.push(problem("mqtt.reconnect_min_ms", "must be positive, at most mqtt.reconnect_max_ms, which is at most 600000"));
+    }
+    if !c.metrics.listen.is_empty() && c.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.push(problem("metrics.listen", format!("{:?} is not an address like 127.0.0.1:9464 (\"\" turns metrics off)", c.metrics.listen)));
     }
     if !matches!(c.log.format.as_str(), "text" | "json") {
         p.push(problem("log.format", format!("{:?} must be \"text\" or \"json\"", c.log.format)));

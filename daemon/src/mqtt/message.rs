@@ -1,0 +1,148 @@
+//! Request payloads in, reply payloads out. A request is one JSON object:
+//!
+//! ```json
+//! {"id": "kitchen-42", "query": "How long do I boil an egg?",
+//!  "reply_to": "home/assistant/answers", "stream": true,
+//!  "options": {"max_words": 6, "recovery": "natural", "cloud": true}}
+//! ```
+//!
+//! Every reply is a JSON object with `id`, `node` and `type`: `word` (only with
+//! `mqtt.stream_words`), `opener`, `delta`, `correction`, then exactly one `final` or `error`.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::limits::RequestOptions;
+use crate::pipeline::{AnswerEvent, Source};
+
+/// A request that parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// None when the client sent none (allowed with an MQTT 5 response topic).
+    pub id: Option<String>,
+    pub query: String,
+    pub reply_to: Option<String>,
+    pub options: RequestOptions,
+    /// False: only the final (or error) reply.
+    pub stream: bool,
+}
+
+/// A payload that could not be taken, with whatever route fields could still be read from
+/// it, so the error can go where the answer would have gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Option<String>,
+    pub reply_to: Option<String>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    #[serde(default)]
+    id: Option<Value>,
+    query: String,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    options: Option<RequestOptions>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+const SHAPE: &str = r#"send {"id": "abc", "query": "your question"} with optional "reply_to", "stream" and "options""#;
+
+/// An id usable as a topic level: 1–64 of `A-Z a-z 0-9 _ - . :`, or a non-negative integer.
+fn id_of(v: &Value) -> Result<String, String> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_u64() => n.to_string(),
+        other => return Err(format!("id must be a string or a non-negative integer, not {other}")),
+    };
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')) {
+        return Err(format!("id {s:?} must be 1 to 64 letters, digits or _-.: (it becomes part of the reply topic)"));
+    }
+    Ok(s)
+}
+
+/// Parses one request payload of at most `max_bytes`.
+pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request, Rejected> {
+    let reject = |id, reply_to, message: String| Rejected { id, reply_to, message };
+    if payload.len() > max_bytes {
+        // Too big to read for routing fields either; only an MQTT 5 response topic can help.
+        return Err(reject(None, None, format!("the request is {} bytes, more than the {max_bytes} allowed (mqtt.max_request_bytes)", payload.len())));
+    }
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| reject(None, None, format!("the request is not valid UTF-8 (byte {}); {SHAPE}", e.valid_up_to())))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| reject(None, None, format!("the request is not JSON ({e}); {SHAPE}")))?;
+    let Value::Object(map) = &value else {
+        return Err(reject(None, None, format!("the request must be a JSON object; {SHAPE}")));
+    };
+    // Route fields first, leniently, so even a request with other faults can be answered.
+    let id = map.get("id").and_then(|v| id_of(v).ok());
+    let reply_to = map.get("reply_to").and_then(|v| v.as_str()).map(str::to_string);
+    let wire: Wire = serde_json::from_value(value.clone()).map_err(|e| reject(id.clone(), reply_to.clone(), format!("the request is malformed: {e}; {SHAPE}")))?;
+    let id = match &wire.id {
+        Some(v) => Some(id_of(v).map_err(|m| reject(None, reply_to.clone(), m))?),
+        None => None,
+    };
+    Ok(Request { id, query: wire.query, reply_to: wire.reply_to, options: wire.options.unwrap_or_default(), stream: wire.stream.unwrap_or(true) })
+}
+
+/// The reply for one pipeline event, or None when this request does not get that event.
+/// The bool is true for the terminal reply (sent with QoS 1).
+pub fn reply(id: &str, node: &str, ev: &AnswerEvent, stream: bool, words: bool) -> Option<(Value, bool)> {
+    let mut body = match ev {
+        AnswerEvent::Word(w) if stream && words => json!({"type": "word", "index": w.index, "text": w.text, "leading": w.leading, "at_ms": w.at.as_secs_f64() * 1e3}),
+        AnswerEvent::OpenerDone { text, stop, timings, tokens } if stream => json!({
+            "type": "opener", "text": text, "stop_reason": stop, "tokens": tokens,
+            "ttft_ms": timings.ttft.as_secs_f64() * 1e3, "opener_ms": timings.opener.as_secs_f64() * 1e3,
+        }),
+        AnswerEvent::Delta { text, source } if stream => json!({"type": "delta", "text": text, "source": match source { Source::Cloud => "cloud", Source::Local => "local" }}),
+        AnswerEvent::Correction if stream => json!({"type": "correction"}),
+        AnswerEvent::Done(a) => {
+            let mut v = serde_json::to_value(a.as_ref()).unwrap_or_else(|_| json!({}));
+            v["type"] = "final".into();
+            v
+        }
+        AnswerEvent::Error(e) => return Some((error_body(id, node, e.code(), &e.to_string()), true)),
+        _ => return None,
+    };
+    body["id"] = id.into();
+    body["node"] = node.into();
+    Some((body, matches!(ev, AnswerEvent::Done(_))))
+}
+
+/// An error reply: `code` is stable (`bad_request`, `busy`, `shutting_down`, ...).
+pub fn error_body(id: &str, node: &str, code: &str, message: &str) -> Value {
+    json!({"type": "error", "id": id, "node": node, "code": code, "message": message})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_request_parses() {
+        let r = parse(br#"{"id": 42, "query": "Hi?", "reply_to": "home/a", "stream": false, "options": {"max_words": 5, "recovery": "humor"}}"#, 8192).unwrap();
+        assert_eq!(r.id.as_deref(), Some("42"));
+        assert_eq!(r.reply_to.as_deref(), Some("home/a"));
+        assert!(!r.stream);
+        assert_eq!(r.options.max_words, Some(5));
+    }
+
+    #[test]
+    fn faults_keep_the_route_when_they_can() {
+        let e = parse(br#"{"id": "a1", "reply_to": "home/a", "query": 5}"#, 8192).unwrap_err();
+        assert_eq!((e.id.as_deref(), e.reply_to.as_deref()), (Some("a1"), Some("home/a")));
+        assert!(e.message.contains("malformed"), "{}", e.message);
+        let e = parse(br#"{"id": "a1", "query": "x", "options": {"max_wrods": 3}}"#, 8192).unwrap_err();
+        assert!(e.message.contains("max_wrods") && e.id.is_some(), "{}", e.message);
+        let e = parse(br#"{"id": "a/b", "query": "x"}"#, 8192).unwrap_err();
+        assert!(e.message.contains("reply topic"), "{}", e.message);
+        assert!(parse(b"\xff\xfe", 8192).unwrap_err().message.contains("UTF-8"));
+        assert!(parse(b"{not json", 8192).unwrap_err().message.contains("not JSON"));
+        assert!(parse(b"[1, 2]", 8192).unwrap_err().message.contains("object"));
+        assert!(parse(&[b' '; 100], 10).unwrap_err().message.contains("mqtt.max_request_bytes"));
+    }
+}
