@@ -16,9 +16,10 @@ const EXIT_CONFIG: u8 = 78;
 #[derive(Parser)]
 #[command(name = "mulmd", version, about = "Instant openers from a micro language model, continued by a cloud model")]
 struct Cli {
-    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "mulmd=debug".
-    #[arg(long, global = true, env = "MULMD_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "mulmd=debug". Default: "warn",
+    /// or for `serve` the config's log.level.
+    #[arg(long, global = true, env = "MULMD_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -193,18 +194,16 @@ struct OpenArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `serve` sets up logging itself, once its configuration is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(cli.log.as_deref().unwrap_or("warn"), false);
+    }
     match cli.command {
         Command::Open(args) => open(args),
         Command::Probe(args) => probe(args),
         Command::Bench(args) => bench(*args),
         Command::Ask(args) => ask(args),
-        Command::Serve { config } => serve(config),
+        Command::Serve { config } => serve(config, cli.log),
         Command::PrintConfig => {
             print!("{}", mulmd::config::TEMPLATE);
             ExitCode::SUCCESS
@@ -222,19 +221,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
+/// Logs go to stderr (journald under systemd): text without colours unless on a terminal,
+/// or one JSON object per line.
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("mulmd: log filter {filter:?} is invalid ({e}); using \"warn\"");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
+fn serve(path: Option<PathBuf>, log: Option<String>) -> ExitCode {
     use mulmd::server::{self, StartError};
     let path = path.or_else(|| Some(PathBuf::from(mulmd::config::DEFAULT_PATH)).filter(|p| p.exists()));
     let config = match &path {
         Some(p) => match mulmd::config::load(p) {
             Ok(c) => c,
             Err(problems) => {
+                init_logging("warn", false);
                 report_config_problems(p, &problems);
                 return ExitCode::from(EXIT_CONFIG);
             }
         },
         None => mulmd::config::Config::default(),
     };
+    init_logging(log.as_deref().unwrap_or(&config.log.level), config.log.format == "json");
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("mulmd-io").enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -333,6 +349,8 @@ fn ask(a: AskArgs) -> ExitCode {
         }
     };
     let req = AnswerRequest {
+        id: mulmd::pipeline::new_request_id(),
+        front: mulmd::pipeline::Front::Cli,
         query: a.query.clone(),
         opener: OpenerOptions { min_words: a.min_words, max_words: a.max_words, ..Default::default() },
         recovery: a.recovery.parse().unwrap_or_default(),

@@ -1,7 +1,7 @@
 //! `mulmd serve`: configuration → model (loaded and warmed) → engine → cloud → listeners,
-//! then serving until the shutdown future resolves, then an ordered stop: health
-//! NOT_SERVING, stop accepting, let in-flight answers finish within the grace period, stop
-//! the workers.
+//! then READY to systemd and serving until the shutdown future resolves, then an ordered
+//! stop: STOPPING, health NOT_SERVING, stop accepting (gRPC and MQTT), let in-flight answers
+//! finish within the grace period, MQTT `offline` and disconnect, stop the workers.
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +14,9 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::cloud::{load_api_key, CloudClient};
 use crate::config::Config;
 use crate::engine::{CancelToken, Engine, EngineConfig, Job, LoadError, Model, OpenerEvent, OpenerOptions};
-use crate::grpc::{self, AnswerService, Limits};
+use crate::grpc::{self, AnswerService};
+use crate::limits::Limits;
+use crate::mqtt::MqttFront;
 
 /// Why the daemon could not start: configuration (exit code for "do not restart") or runtime.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +33,10 @@ pub enum StartError {
 pub struct Prepared {
     pub engine: Arc<Engine>,
     pub cloud: Option<Arc<CloudClient>>,
+    pub mqtt: Option<Arc<MqttFront>>,
     pub config: Config,
+    /// How long the warm-up opener took (for the status line).
+    pub warm_up: Duration,
 }
 
 /// Loads the model, starts the workers and runs one warm-up opener (the first generation
@@ -42,6 +47,7 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     let engine = Engine::start(model, EngineConfig { workers: config.engine.workers, queue_depth: config.engine.queue_depth })
         .map_err(|e| StartError::Runtime(e.to_string()))?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let warm_start = Instant::now();
     engine
         .submit(Job {
             query: "Hello!".into(),
@@ -66,7 +72,14 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     } else {
         None
     };
-    Ok(Prepared { engine: Arc::new(engine), cloud, config })
+    let engine = Arc::new(engine);
+    let mqtt = if config.mqtt.enabled {
+        let front = MqttFront::new(&config.mqtt, engine.clone(), cloud.clone(), Limits::from_config(&config)).map_err(StartError::Config)?;
+        Some(Arc::new(front))
+    } else {
+        None
+    };
+    Ok(Prepared { engine, cloud, mqtt, config, warm_up: warm_start.elapsed() })
 }
 
 /// The bound sockets (bound before serving so readiness can be announced truthfully).
@@ -101,23 +114,19 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let Prepared { engine, cloud, config } = prepared;
-    let limits = Limits {
-        defaults: OpenerOptions {
-            min_words: config.opener.min_words,
-            max_words: config.opener.max_words,
-            max_tokens: config.opener.max_tokens,
-            ..Default::default()
-        },
-        max_words_limit: config.opener.max_words_limit,
-        max_query_chars: config.opener.max_query_chars,
-        recovery: config.cloud.recovery,
-    };
-    let service = AnswerService::new(engine.clone(), cloud, limits);
+    let Prepared { engine, cloud, mqtt, config, warm_up } = prepared;
+    if !config.metrics.listen.is_empty() {
+        let addr = config.metrics.listen.parse().map_err(|_| StartError::Config(format!("metrics.listen {:?} is not an address", config.metrics.listen)))?;
+        crate::observe::install(addr).map_err(StartError::Runtime)?;
+    }
+    let service = AnswerService::new(engine.clone(), cloud, Limits::from_config(&config));
+    let grace = Duration::from_millis(config.grpc.grace_period_ms);
     let stop = tokio_util::sync::CancellationToken::new();
     let mut servers = tokio::task::JoinSet::new();
     let mut health_reporters = Vec::new();
+    let mut fronts = Vec::new();
     if let Some(l) = listeners.tcp {
+        fronts.push(format!("gRPC {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
         let (router, health) = grpc::router(service.clone()).await.map_err(StartError::Runtime)?;
         health_reporters.push(health);
         let s = stop.clone();
@@ -125,13 +134,28 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     }
     let mut socket_path = None;
     if let Some((l, path)) = listeners.unix {
+        fronts.push(format!("gRPC unix:{}", path.display()));
         let (router, health) = grpc::router(service.clone()).await.map_err(StartError::Runtime)?;
         health_reporters.push(health);
         let s = stop.clone();
         socket_path = Some(path);
         servers.spawn(async move { grpc::serve_unix(router, l, s.cancelled_owned()).await });
     }
-    tracing::info!("serving");
+    let mqtt_stop = tokio_util::sync::CancellationToken::new();
+    // A JoinSet, so that dropping this future (a crash of the caller) also drops the MQTT
+    // connection, and the broker publishes the Last Will.
+    let mut mqtt_task = tokio::task::JoinSet::new();
+    if let Some(front) = mqtt {
+        fronts.push(format!("MQTT {}", front.topics().request));
+        mqtt_task.spawn(front.run(mqtt_stop.clone(), grace));
+    }
+    let model = &engine.model().manifest;
+    let status = format!("serving {} ({}) on {}; warm-up opener {} ms", model.name, model.precision, fronts.join(", "), warm_up.as_millis());
+    tracing::info!("{status}");
+    crate::systemd::ready(&status);
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    crate::systemd::spawn_watchdog(engine.clone(), watchdog_stop.clone());
+    let _stop_watchdog = watchdog_stop.drop_guard();
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
         Some(r) = servers.join_next() => {
@@ -139,15 +163,24 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
             return Err(StartError::Runtime(match r { Ok(Err(e)) => e, _ => "a gRPC server stopped unexpectedly".into() }));
         }
     }
+    crate::systemd::stopping();
     for h in &health_reporters {
         h.set_not_serving::<grpc::pb::answerer_server::AnswererServer<AnswerService>>().await;
         h.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     }
     stop.cancel();
-    let grace = Duration::from_millis(config.grpc.grace_period_ms);
+    mqtt_stop.cancel();
     if tokio::time::timeout(grace, async { while servers.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests outlived the grace period");
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight gRPC requests outlived the grace period");
         servers.abort_all();
+    }
+    if let Some(result) = mqtt_task.join_next().await {
+        // The MQTT front drains within the same grace period, then says offline.
+        match result {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the MQTT front stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "the MQTT front failed"),
+            Ok(Ok(())) => {}
+        }
     }
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);

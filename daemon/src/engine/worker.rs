@@ -49,7 +49,8 @@ pub struct Engine {
     workers: Vec<JoinHandle<()>>,
     capacity: usize,
     queued: Arc<AtomicUsize>,
-    heartbeat: Arc<AtomicU64>,
+    /// Per worker: 0 while idle, else the time (ms since the epoch) of its last progress.
+    progress: Vec<Arc<AtomicU64>>,
 }
 
 impl Engine {
@@ -59,18 +60,20 @@ impl Engine {
         let capacity = cfg.queue_depth.max(1);
         let (tx, rx) = bounded::<Job>(capacity);
         let queued = Arc::new(AtomicUsize::new(0));
-        let heartbeat = Arc::new(AtomicU64::new(now_ms()));
         let mut workers = Vec::with_capacity(workers_n);
+        let mut progress = Vec::with_capacity(workers_n);
         for i in 0..workers_n {
             let session = Session::new(model.clone()).map_err(|e| RequestError::Inference(format!("{e:#}")))?;
-            let (rx, model, queued, heartbeat) = (rx.clone(), model.clone(), queued.clone(), heartbeat.clone());
+            let heartbeat = Arc::new(AtomicU64::new(0));
+            progress.push(heartbeat.clone());
+            let (rx, model, queued) = (rx.clone(), model.clone(), queued.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("mulmd-infer-{i}"))
                 .spawn(move || worker_loop(model, session, rx, queued, heartbeat))
                 .map_err(|e| RequestError::Inference(format!("cannot start a worker thread: {e}")))?;
             workers.push(handle);
         }
-        Ok(Self { model, tx: Some(tx), workers, capacity, queued, heartbeat })
+        Ok(Self { model, tx: Some(tx), workers, capacity, queued, progress })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -99,10 +102,20 @@ impl Engine {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Milliseconds since the Unix epoch at which a worker last showed progress (between
-    /// requests or tokens). A watchdog compares it with the clock.
-    pub fn last_heartbeat_ms(&self) -> u64 {
-        self.heartbeat.load(Ordering::Relaxed)
+    /// How long the most stuck worker has gone without progress while holding a request
+    /// (zero when every worker is idle or moving). A watchdog stops vouching for the daemon
+    /// when this grows past a token's worst-case time: a hung model then gets restarted.
+    pub fn stalled_for(&self) -> std::time::Duration {
+        let now = now_ms();
+        let worst = self
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .map(|t| now.saturating_sub(t))
+            .max()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(worst)
     }
 
     /// Stops taking requests, lets the workers drain the queue, and waits for them.
@@ -152,6 +165,6 @@ fn worker_loop(model: Arc<Model>, mut session: Session, rx: Receiver<Job>, queue
             Ok(opener) => OpenerEvent::Done(opener),
             Err(e) => OpenerEvent::Error(e),
         });
-        heartbeat.store(now_ms(), Ordering::Relaxed);
+        heartbeat.store(0, Ordering::Relaxed);
     }
 }
