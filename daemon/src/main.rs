@@ -262,13 +262,8 @@ fn serve(path: Option<PathBuf>, log: Option<String>) -> ExitCode {
         let prepared = tokio::task::spawn_blocking(move || server::prepare(config))
             .await
             .map_err(|e| StartError::Runtime(e.to_string()))??;
+        // Where it listens is in the "serving ..." log line (and systemd's STATUS).
         let listeners = server::bind(&prepared.config).await?;
-        if let Some(l) = &listeners.tcp {
-            eprintln!("mulmd: gRPC listening on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
-        }
-        if let Some((_, p)) = &listeners.unix {
-            eprintln!("mulmd: gRPC listening on unix:{}", p.display());
-        }
         server::run(prepared, listeners, server::signals()).await
     });
     match result {

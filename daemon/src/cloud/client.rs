@@ -54,6 +54,18 @@ impl CloudError {
         }
     }
 
+    /// The same error with every occurrence of `secret` in its text replaced.
+    fn without(self, secret: &str) -> Self {
+        let clean = |s: String| if secret.is_empty() { s } else { s.replace(secret, "[redacted]") };
+        match self {
+            Self::Connect(s) => Self::Connect(clean(s)),
+            Self::Http { status, message, retry_after } => Self::Http { status, message: clean(message), retry_after },
+            Self::Stream(s) => Self::Stream(clean(s)),
+            Self::Malformed(s) => Self::Malformed(clean(s)),
+            other => other,
+        }
+    }
+
     fn retryable(&self) -> bool {
         match self {
             Self::Connect(_) | Self::FirstTokenTimeout(_) => true,
@@ -117,6 +129,15 @@ impl CloudClient {
         Ok(Self { http, cfg, last_used: Mutex::new(None) })
     }
 
+    /// Providers sometimes quote the key they were sent in an error body ("invalid key
+    /// sk-…"); that text becomes a log line and a reply, so the key is cut out first.
+    fn scrub(&self, e: CloudError) -> CloudError {
+        match &self.cfg.api_key {
+            Some(k) => e.without(k.expose()),
+            None => e,
+        }
+    }
+
     pub fn config(&self) -> &CloudConfig {
         &self.cfg
     }
@@ -158,7 +179,7 @@ impl CloudClient {
                 forwarded = true;
                 on_delta(t)
             };
-            let result = self.attempt(query, opener, mode, cancel, deadline, started, &mut forward).await;
+            let result = self.attempt(query, opener, mode, cancel, deadline, started, &mut forward).await.map_err(|e| self.scrub(e));
             *self.last_used.lock().unwrap() = Some(Instant::now());
             match result {
                 Ok(mut s) => {

@@ -20,8 +20,10 @@ pub struct State {
     pub cloud_first_token_ms: Option<f64>,
 }
 
-/// (key, name, unit, device_class, state_class) of each sensor.
-const SENSORS: &[(&str, &str, Option<&str>, Option<&str>, Option<&str>)] = &[
+/// One sensor: (key in the state, name, unit, device_class, state_class).
+type Sensor = (&'static str, &'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>);
+
+const SENSORS: &[Sensor] = &[
     ("ttft_ms", "Time to first token", Some("ms"), Some("duration"), Some("measurement")),
     ("opener_ms", "Opener latency", Some("ms"), Some("duration"), Some("measurement")),
     ("tokens_per_s", "Opener speed", Some("tokens/s"), None, Some("measurement")),
