@@ -29,7 +29,7 @@ struct Broker {
 
 impl Broker {
     fn start() -> Option<Self> {
-        let Some(bin) = mosquitto() else { return None };
+        let bin = mosquitto()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
@@ -141,9 +141,12 @@ impl Msg {
     }
 }
 
+/// Publishes (topic, payload, optional MQTT 5 response topic and correlation data).
+type Publisher = Box<dyn Fn(String, Vec<u8>, Option<(String, Bytes)>) + Send + Sync>;
+
 /// A test client that subscribes, waits for the SUBACK, and hands out what arrives.
 struct Client {
-    publish: Box<dyn Fn(String, Vec<u8>, Option<(String, Bytes)>) + Send + Sync>,
+    publish: Publisher,
     rx: mpsc::UnboundedReceiver<Msg>,
 }
 
