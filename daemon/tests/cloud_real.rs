@@ -100,3 +100,77 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
         assert!(a.timings.cloud_first_token_ms.is_some());
     }
 }
+
+/// The whole product path: `mulmd serve` (in-process) with llama.cpp as its cloud, asked once
+/// the way a Home Assistant automation asks (MQTT 3.1.1, no reply route but the id) and once
+/// over gRPC. Both get the device's opener first and a stitched continuation from the server.
+#[tokio::test]
+async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuation() {
+    use mulmd::grpc::pb::answer_event::Event;
+    use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+    let Some(model_dir) = common::fixture("smollm2") else { return };
+    let Some((python, gguf)) = python_and_gguf() else { return };
+    let Some(broker) = common::broker::Broker::start() else { return };
+    let (_server, url) = start_server(&python, &gguf).await;
+    let mut config = mulmd::config::Config::default();
+    config.model.dir = model_dir;
+    config.grpc.listen = "127.0.0.1:0".into();
+    config.cloud.enabled = true;
+    config.cloud.base_url = url;
+    config.cloud.model = "smollm2".into();
+    config.cloud.max_tokens = 48;
+    config.mqtt.enabled = true;
+    config.mqtt.port = broker.port;
+    config.mqtt.node_id = "hall".into();
+    let prepared = tokio::task::spawn_blocking(move || mulmd::server::prepare(config)).await.unwrap().unwrap();
+    let listeners = mulmd::server::bind(&prepared.config).await.unwrap();
+    let addr = format!("http://{}", listeners.tcp.as_ref().unwrap().local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let daemon = tokio::spawn(async move { mulmd::server::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
+
+    let (client, mut ev) = AsyncClient::new(MqttOptions::new("automation", "127.0.0.1", broker.port), 64);
+    client.subscribe("mulmd/hall/answer/#", QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("mulmd/hall/status", QoS::AtLeastOnce).await.unwrap();
+    let mut asked = false;
+    let mut replies: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        assert!(Instant::now() < deadline, "no final reply: {replies:?}");
+        let Ok(Ok(rumqttc::Event::Incoming(Packet::Publish(p)))) = tokio::time::timeout(Duration::from_secs(5), ev.poll()).await else { continue };
+        if p.topic == "mulmd/hall/status" && p.payload.as_ref() == b"online" && !asked {
+            asked = true;
+            let req = serde_json::json!({"id": "hall-1", "query": "How do I remove odor from inside my shoes?"});
+            client.publish("mulmd/hall/ask", QoS::AtLeastOnce, false, req.to_string()).await.unwrap();
+        } else if p.topic == "mulmd/hall/answer/hall-1" {
+            replies.push(serde_json::from_slice(&p.payload).unwrap());
+            if replies.last().unwrap()["type"] == "final" {
+                break;
+            }
+        }
+    }
+    assert_eq!(replies[0]["type"], "opener");
+    let f = replies.last().unwrap();
+    assert!(f["fallback"].is_null(), "the real server should have continued: {f}");
+    assert!(replies.iter().any(|r| r["type"] == "delta" && r["source"] == "cloud"));
+    let (opener, continuation) = (f["opener"].as_str().unwrap(), f["continuation"].as_str().unwrap());
+    assert_eq!(f["text"].as_str().unwrap(), format!("{opener}{continuation}"));
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    assert!(!norm(continuation).starts_with(&norm(opener)), "the opener is repeated: {f}");
+
+    let mut grpc = mulmd::grpc::pb::answerer_client::AnswererClient::connect(addr).await.unwrap();
+    let req = mulmd::grpc::pb::AnswerRequest { query: "What is the capital of France?".into(), options: None };
+    let mut stream = grpc.answer(req).await.unwrap().into_inner();
+    let mut first = None;
+    let mut last = None;
+    while let Some(e) = stream.message().await.unwrap() {
+        first.get_or_insert(e.event.clone());
+        last = e.event;
+    }
+    assert!(matches!(first, Some(Some(Event::Word(_)))), "the opener's first word comes first");
+    let Some(Event::Final(f)) = last else { panic!("no final") };
+    assert!(f.fallback.is_none() && !f.continuation.trim().is_empty(), "{f:?}");
+    assert!(f.timings.unwrap().cloud_first_token_ms.is_some());
+    stop.cancel();
+    daemon.await.unwrap();
+}
