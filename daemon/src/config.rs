@@ -123,6 +123,8 @@ pub struct ModelSection {
 pub struct EngineSection {
     pub workers: usize,
     pub queue_depth: usize,
+    /// "auto" (the fast cores of a big.LITTLE SoC), "off", or a CPU list like "4-7".
+    pub cpu_affinity: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,7 +175,7 @@ impl Default for ModelSection {
 
 impl Default for EngineSection {
     fn default() -> Self {
-        Self { workers: 1, queue_depth: 8 }
+        Self { workers: 1, queue_depth: 8, cpu_affinity: "auto".into() }
     }
 }
 
@@ -239,7 +241,8 @@ pub const TEMPLATE: &str = r#"# mulmd configuration. Every key is optional; thes
 # Model directory (mulm.json, model.onnx, tokenizer.json). Empty: $MULMD_MODEL_DIR, else
 # ~/.cache/mulmd/models/smollm2-135m-instruct.
 dir = ""
-# Matrix-multiply threads per inference worker.
+# Matrix-multiply threads per inference worker; 0 = one per core in engine.cpu_affinity
+# (on an RK3588, the four Cortex-A76 cores).
 threads = 1
 
 [engine]
@@ -247,6 +250,10 @@ threads = 1
 workers = 1
 # Requests that may wait for a worker; beyond that a request is refused at once as busy.
 queue_depth = 8
+# Cores the inference threads may run on: "auto" picks the fast cores of a big.LITTLE SoC
+# (highest cpu_capacity, else highest max frequency) and leaves uniform machines alone;
+# "off"; or a CPU list such as "4-7".
+cpu_affinity = "auto"
 
 [opener]
 # The opener stops between min_words and max_words, at a clause boundary when it can.
@@ -418,8 +425,11 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
 /// The checks that span keys or values; each names its key and the fix.
 pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
-    if !(1..=64).contains(&c.model.threads) {
-        p.push(problem("model.threads", "must be 1..=64; use the number of fast cores"));
+    if c.model.threads > 64 {
+        p.push(problem("model.threads", "must be 0..=64: 0 for one per fast core, else the number of threads"));
+    }
+    if let Err(e) = c.engine.cpu_affinity.parse::<crate::cpus::Affinity>() {
+        p.push(problem("engine.cpu_affinity", e));
     }
     if !(1..=16).contains(&c.engine.workers) {
         p.push(problem("engine.workers", "must be 1..=16; each worker holds a KV cache and uses model.threads cores"));
@@ -544,7 +554,7 @@ mod tests {
         let text = r#"
             colour = "blue"
             [model]
-            threads = 0
+            threads = 999
             typo_key = 1
             [opener]
             min_words = 9
@@ -571,6 +581,16 @@ mod tests {
         assert!(problems.iter().any(|p| p.key == "cloud.base_url"), "{problems:?}");
         assert!(problems.iter().any(|p| p.key == "cloud.headers" && p.message.contains("api_key_file")), "{problems:?}");
         assert!(!problems.iter().any(|p| p.to_string().contains("sk-123")), "a key must never be echoed");
+    }
+
+    #[test]
+    fn the_packaged_config_differs_from_the_defaults_only_where_a_board_needs_it() {
+        let packaged = parse(include_str!("../../packaging/mulmd.toml")).unwrap();
+        let mut expected = Config::default();
+        expected.model.dir = "/var/lib/mulmd/models/default".into();
+        expected.model.threads = 0;
+        expected.grpc.unix_socket = "/run/mulmd/api.sock".into();
+        assert_eq!(packaged, expected);
     }
 
     #[test]

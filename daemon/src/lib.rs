@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cloud;
 pub mod config;
+pub mod cpus;
 pub mod engine;
 pub mod grpc;
 pub mod limits;

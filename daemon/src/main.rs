@@ -45,6 +45,17 @@ enum Command {
         #[arg(default_value = mulmd::config::DEFAULT_PATH)]
         file: PathBuf,
     },
+    /// Ask a running daemon's gRPC health service whether it is serving (exit 0 when it is,
+    /// 1 otherwise): for deploy scripts, monitoring and a quick check after install.
+    Health {
+        /// Address of the daemon's gRPC API (default: grpc.listen of /etc/mulmd/mulmd.toml
+        /// when it exists, else 127.0.0.1:50051).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Seconds to keep trying while the daemon starts.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+    },
     /// The paper's benchmark: a fixed window of back-to-back requests per model, with
     /// throughput, latency, and energy above an idle baseline from a meter.
     Bench(Box<BenchArgs>),
@@ -208,6 +219,7 @@ fn main() -> ExitCode {
             print!("{}", mulmd::config::TEMPLATE);
             ExitCode::SUCCESS
         }
+        Command::Health { addr, wait } => health(addr, wait),
         Command::CheckConfig { file } => match mulmd::config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -219,6 +231,60 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn health(addr: Option<String>, wait: f64) -> ExitCode {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let addr = addr.unwrap_or_else(|| {
+        mulmd::config::load(std::path::Path::new(mulmd::config::DEFAULT_PATH))
+            .ok()
+            .map(|c| c.grpc.listen)
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| "127.0.0.1:50051".into())
+    });
+    let url = if addr.starts_with("http://") { addr.clone() } else { format!("http://{addr}") };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mulmd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let until = Instant::now() + std::time::Duration::from_secs_f64(wait.max(0.0));
+    rt.block_on(async move {
+        loop {
+            let result = async {
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("{addr} is not an address: {e}"))?
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+                let mut client = HealthClient::new(channel);
+                let r = client
+                    .check(HealthCheckRequest { service: "mulm.v1.Answerer".into() })
+                    .await
+                    .map_err(|s| format!("{addr}: {}", s.message()))?;
+                Ok::<_, String>(r.into_inner().status())
+            }
+            .await;
+            match result {
+                Ok(ServingStatus::Serving) => {
+                    println!("{addr}: SERVING");
+                    return ExitCode::SUCCESS;
+                }
+                Ok(other) if Instant::now() >= until => {
+                    println!("{addr}: {}", other.as_str_name());
+                    return ExitCode::FAILURE;
+                }
+                Err(e) if Instant::now() >= until => {
+                    eprintln!("mulmd: {e}; is the service running? (systemctl status mulmd)");
+                    return ExitCode::FAILURE;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
+        }
+    })
 }
 
 /// Logs go to stderr (journald under systemd): text without colours unless on a terminal,

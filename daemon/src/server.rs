@@ -18,6 +18,8 @@ use crate::grpc::{self, AnswerService};
 use crate::limits::Limits;
 use crate::mqtt::MqttFront;
 
+const CPU_SYSFS: &str = "/sys/devices/system/cpu";
+
 /// Why the daemon could not start: configuration (exit code for "do not restart") or runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,9 +45,27 @@ pub struct Prepared {
 /// after load is the slowest), so readiness means ready to answer fast.
 pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     let dir = if config.model.dir.as_os_str().is_empty() { crate::paths::default_model_dir() } else { config.model.dir.clone() };
-    let model = Arc::new(Model::load(&dir, config.model.threads)?);
-    let engine = Engine::start(model, EngineConfig { workers: config.engine.workers, queue_depth: config.engine.queue_depth })
-        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    // Inference threads inherit the affinity of the thread that starts them: pin this one
+    // while the model and workers start, then put it back.
+    let affinity: crate::cpus::Affinity = config.engine.cpu_affinity.parse().map_err(StartError::Config)?;
+    let cores = crate::cpus::resolve(&affinity, std::path::Path::new(CPU_SYSFS));
+    let previous = match &cores {
+        Some(c) => Some(crate::cpus::pin_current_thread(c).map_err(|e| StartError::Config(format!("engine.cpu_affinity {c:?}: {e}")))?),
+        None => None,
+    };
+    let threads = match config.model.threads {
+        0 => cores.as_ref().map(Vec::len).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        n => n,
+    };
+    tracing::info!(cores = ?cores, threads, "inference placement");
+    let started = Model::load(&dir, threads).map_err(StartError::from).and_then(|model| {
+        Engine::start(Arc::new(model), EngineConfig { workers: config.engine.workers, queue_depth: config.engine.queue_depth })
+            .map_err(|e| StartError::Runtime(e.to_string()))
+    });
+    if let Some(p) = previous {
+        let _ = crate::cpus::pin_current_thread(&p);
+    }
+    let engine = started?;
     let (tx, rx) = std::sync::mpsc::channel();
     let warm_start = Instant::now();
     engine

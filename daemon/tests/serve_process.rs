@@ -141,3 +141,44 @@ level = "debug"
     assert_eq!(answered["fields"]["fallback"], "http_error");
     assert!(lines.iter().any(|l| l["fields"]["message"] == "shutting down"));
 }
+
+/// systemd's side of `Type=notify`: a datagram socket in `$NOTIFY_SOCKET` and a watchdog
+/// interval in `$WATCHDOG_USEC`. READY comes with a status line once serving, WATCHDOG pings
+/// follow while idle, and STOPPING on SIGTERM.
+#[test]
+fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let Some(model) = common::fixture("smollm2") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let config = dir.path().join("mulmd.toml");
+    std::fs::write(&config, format!("[model]\ndir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:{}\"\n", model.display(), free_port())).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mulmd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "600000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut recv = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification from mulmd");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.contains("READY=1") && first.contains("STATUS=serving SmolLM2"), "{first}");
+    let pings = (0..3).map(|_| recv()).filter(|m| m.contains("WATCHDOG=1")).count();
+    assert_eq!(pings, 3, "an idle, healthy daemon keeps pinging the watchdog");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    loop {
+        let m = recv();
+        if m.contains("STOPPING=1") {
+            break;
+        }
+        assert!(m.contains("WATCHDOG=1"), "unexpected notification {m}");
+    }
+    assert!(child.wait().unwrap().success());
+}

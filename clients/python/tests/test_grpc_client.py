@@ -22,12 +22,6 @@ SHOES = "How do I remove odor from inside my shoes?"
 OPENER = "Removing odor from inside your shoes is a"
 
 
-def required(what: str, hint: str):
-    """Missing parts fail under CI=true and skip (loudly) elsewhere."""
-    if os.environ.get("CI") in ("true", "1"):
-        pytest.fail(f"{what} is missing; {hint}")
-    pytest.skip(f"{what} is missing; {hint}")
-
 
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
@@ -87,11 +81,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def daemon(tmp_path, fixture_model):
+def daemon(tmp_path, fixture_model, need):
     """`mulmd serve` with the SmolLM2 fixture, TCP + Unix socket, and a stalling cloud."""
     binary = os.environ.get("MULMD_BIN") or shutil.which("mulmd")
     if not binary or not Path(binary).exists():
-        required("the mulmd binary", "build it and set MULMD_BIN (scripts/test does both)")
+        need("the mulmd binary", "build it and set MULMD_BIN (scripts/test does both)")
     cloud = StallingCloud()
     port = free_port()
     sock = tmp_path / "api.sock"
@@ -130,11 +124,8 @@ grace_period_ms = 5000
 
 
 @pytest.fixture
-def fixture_model():
-    p = Path(os.environ.get("MULMD_TEST_MODELS") or Path.home() / ".cache/mulmd/test-models") / "smollm2"
-    if not p.exists():
-        required(f"fixture {p}", "run scripts/prepare-test-models")
-    return p
+def fixture_model(fixture_dir):
+    return fixture_dir("smollm2")
 
 
 def kinds(events):

@@ -75,20 +75,25 @@ pub fn load_api_key(file: Option<&Path>) -> Result<Option<Secret>, String> {
 }
 
 /// A secret from `file`, else from `$CREDENTIALS_DIRECTORY/<credential>` when that exists,
-/// else none. The line ending is dropped; an empty secret is an error naming the file
-/// (`what` says what the file is for).
+/// else none. The line ending is dropped. An empty named file is an error naming the file
+/// (`what` says what it is for); an empty credential is "no secret", because the Debian
+/// package installs empty placeholders so that the unit's `LoadCredential=` always finds
+/// its source.
 pub fn load_secret(file: Option<&Path>, credential: &str, what: &str) -> Result<Option<Secret>, String> {
-    let path: Option<PathBuf> = match file {
-        Some(f) => Some(f.to_path_buf()),
-        None => std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(credential)).filter(|p| p.is_file()),
+    let (path, explicit) = match file {
+        Some(f) => (f.to_path_buf(), true),
+        None => match std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(credential)).filter(|p| p.is_file()) {
+            Some(p) => (p, false),
+            None => return Ok(None),
+        },
     };
-    let Some(path) = path else { return Ok(None) };
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     let secret = text.trim_end_matches(['\n', '\r']).trim();
-    if secret.is_empty() {
-        return Err(format!("{what} {} is empty; put the secret on its first line", path.display()));
+    match (secret.is_empty(), explicit) {
+        (true, true) => Err(format!("{what} {} is empty; put the secret on its first line", path.display())),
+        (true, false) => Ok(None),
+        (false, _) => Ok(Some(Secret(secret.to_string()))),
     }
-    Ok(Some(Secret(secret.to_string())))
 }
 
 #[cfg(test)]

@@ -154,14 +154,11 @@ impl MqttFront {
         }
         let _ = client.publish(self.topics.status.clone(), QoS::AtLeastOnce, true, "offline").await;
         let _ = client.disconnect().await;
-        // Flush the last publishes and the DISCONNECT (which also suppresses the Last Will).
+        // Flush the last publishes and the DISCONNECT, which suppresses the Last Will. The
+        // Outgoing event comes before the bytes are flushed, so keep polling until the broker
+        // closes the connection (its answer to DISCONNECT), or give up after a few seconds.
         let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            match tokio::time::timeout_at(flush_until, events.poll()).await {
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
-                Ok(Ok(_)) => {}
-            }
-        }
+        while let Ok(Ok(_)) = tokio::time::timeout_at(flush_until, events.poll()).await {}
         tracing::info!("MQTT front stopped");
         Ok(())
     }
