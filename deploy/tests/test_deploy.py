@@ -55,6 +55,8 @@ def board(tmp_path, need):
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd).exists():
         need("openssh-server", "scripts/bootstrap-system installs it")
+    if subprocess.run(["dpkg", "-s", "mulmd"], capture_output=True).returncode == 0:
+        pytest.fail("mulmd is installed on this machine; the deploy test would replace and purge it")
     deb = os.environ.get("MULMD_DEB")
     if not deb or not Path(deb).exists():
         need("the mulmd package", "build it with scripts/package amd64 --dev and set MULMD_DEB")
@@ -97,6 +99,9 @@ def board(tmp_path, need):
     yield {"env": env, "deb": deb, "shims": shims, "tmp": tmp_path}
     subprocess.run([shims / "systemctl", "stop"], check=False)
     subprocess.run(["dpkg", "-P", "mulmd"], check=False, capture_output=True)
+    # Purge leaves models by design; this machine was only pretending to be a board.
+    shutil.rmtree("/var/lib/mulmd", ignore_errors=True)
+    shutil.rmtree("/etc/mulmd", ignore_errors=True)
     proc.terminate()
     proc.wait()
 
@@ -144,7 +149,6 @@ def test_install_upgrade_status_logs_remove_and_purge(board, fixture_dir):
     deploy(board, "uninstall", "root@127.0.0.1", "--purge")
     assert not Path("/etc/mulmd/mulmd.toml").exists() and not cred.exists()
     assert Path("/var/lib/mulmd/models/default/mulm.json").exists(), "purge keeps models"
-    shutil.rmtree("/var/lib/mulmd")
 
 
 def test_a_bad_config_is_refused_before_it_replaces_the_old_one(board, fixture_dir):
@@ -154,3 +158,4 @@ def test_a_bad_config_is_refused_before_it_replaces_the_old_one(board, fixture_d
     assert r.returncode != 0
     assert "model.threads" in r.stderr
     assert Path("/etc/mulmd/mulmd.toml").read_text() != cfg.read_text()
+    assert not Path("/etc/mulmd/mulmd.toml.new").exists(), "the refused file is cleaned up"
