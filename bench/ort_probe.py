@@ -13,6 +13,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
 
+def peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork and exec, so a big parent would inflate every probe."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -56,7 +65,7 @@ def main() -> None:
     runs = [run() for _ in range(a.runs)]
     print(json.dumps({"runtime": "onnxruntime", "model": model.manifest["name"], "precision": model.manifest["precision"],
                       "threads": a.threads, "load_ms": load_ms, "warmup": warmup, "runs": runs,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":
