@@ -83,6 +83,11 @@ pub fn check_reply_topic(topic: &str, topics: &Topics) -> Result<(), String> {
     if topics.is_request(topic) {
         return Err(format!("reply_to {topic:?} is a request topic; replies there would be read as requests"));
     }
+    // A request must not be able to make the daemon overwrite its own announcements or
+    // Home Assistant's configuration.
+    if topic == topics.status || topic == topics.state || topic.starts_with(&format!("{}/", topics.discovery_prefix)) {
+        return Err(format!("reply_to {topic:?} is one of mulmd's own or Home Assistant's topics; choose another"));
+    }
     Ok(())
 }
 
@@ -99,7 +104,7 @@ mod tests {
         assert_eq!(t.default_reply("42"), "mulmd/pi5/answer/42");
         assert_eq!(t.discovery("ttft"), "homeassistant/sensor/pi5/ttft/config");
         assert!(check_reply_topic("home/answers", &t).is_ok());
-        for bad in ["", "a/+/b", "a/#", "$SYS/x", "mulmd/pi5/ask", "mulmd/ask"] {
+        for bad in ["", "a/+/b", "a/#", "$SYS/x", "mulmd/pi5/ask", "mulmd/ask", "mulmd/pi5/status", "mulmd/pi5/state", "homeassistant/sensor/x/config"] {
             assert!(check_reply_topic(bad, &t).is_err(), "{bad}");
         }
         let id = default_node_id();
