@@ -168,6 +168,10 @@ struct ProbeArgs {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Start each run from the prefilled chat-template head, as the daemon does (default: a
+    /// cold prompt, fed whole, as the peers in bench/compare_runtimes.py are measured).
+    #[arg(long)]
+    reuse_head: bool,
 }
 
 #[derive(Args)]
@@ -619,7 +623,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
     };
     let mut runs = Vec::new();
     for _ in 0..=args.runs {
-        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens) {
+        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens, args.reuse_head) {
             Ok(r) => runs.push(r),
             Err(e) => {
                 eprintln!("mulmd: {e}");
@@ -633,6 +637,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
         "model": model.manifest.name,
         "precision": model.manifest.precision,
         "threads": args.threads,
+        "reuse_head": args.reuse_head,
         "load_ms": ms(model.load_time),
         "warmup": warmup,
         "runs": runs,

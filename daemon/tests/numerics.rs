@@ -7,16 +7,35 @@ mod common;
 /// that rounding and far below any real wiring error (which moves logits by O(scale)).
 const RELATIVE_TOLERANCE: f32 = 1e-4;
 
-fn check(name: &str) {
+/// How the prompt reaches the model.
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    /// Every prompt token fed in one pass.
+    Cold,
+    /// The daemon's path: the template head from the cache prefilled at load, the rest fed.
+    ReusedHead,
+}
+
+fn check(name: &str, start: Start) {
     let (Some(model), Some(reference)) = (common::load(name), common::reference(name)) else { return };
     let mut session = model.session().unwrap();
+    if start == Start::ReusedHead {
+        assert!(
+            model.prefilled_head_tokens() > 0 && model.prefilled_head_tokens() < reference.prompt_ids.len(),
+            "{name}: the template head ({} tokens) should cover part of the prompt",
+            model.prefilled_head_tokens()
+        );
+    }
     assert_eq!(
         model.prompt_ids(None, "How do I remove odor from inside my shoes?").unwrap(),
         reference.prompt_ids,
         "the engine's tokenizer and chat template must give the ids onnxruntime was fed"
     );
     for (i, step) in reference.steps.iter().enumerate() {
-        let got = session.forward(&step.fed).unwrap();
+        let got = match (i, start) {
+            (0, Start::ReusedHead) => session.forward_prompt(&step.fed).unwrap(),
+            _ => session.forward(&step.fed).unwrap(),
+        };
         assert_eq!(got.len(), step.logits.len());
         let scale = step.logits.iter().fold(1.0f32, |m, l| m.max(l.abs()));
         let err = got.iter().zip(&step.logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -37,15 +56,30 @@ fn mulmd_argmax(v: &[f32]) -> u32 {
 
 #[test]
 fn tiny_float32_matches_onnxruntime() {
-    check("tiny");
+    check("tiny", Start::Cold);
 }
 
 #[test]
 fn tiny_q4_matches_onnxruntime() {
-    check("tiny-q4");
+    check("tiny-q4", Start::Cold);
 }
 
 #[test]
 fn smollm2_matches_onnxruntime() {
-    check("smollm2");
+    check("smollm2", Start::Cold);
+}
+
+#[test]
+fn tiny_float32_from_the_prefilled_head_matches_onnxruntime() {
+    check("tiny", Start::ReusedHead);
+}
+
+#[test]
+fn tiny_q4_from_the_prefilled_head_matches_onnxruntime() {
+    check("tiny-q4", Start::ReusedHead);
+}
+
+#[test]
+fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
+    check("smollm2", Start::ReusedHead);
 }

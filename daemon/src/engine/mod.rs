@@ -6,6 +6,7 @@ mod error;
 mod manifest;
 mod model;
 mod opener;
+mod prefix;
 mod probe;
 mod sampling;
 mod session;

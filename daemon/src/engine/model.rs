@@ -12,6 +12,7 @@ use tract_onnx::tract_core::internal::DimLike;
 
 use super::error::LoadError;
 use super::manifest::Manifest;
+use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
 
 pub type Plan = Arc<TypedRunnableModel>;
@@ -25,6 +26,8 @@ pub struct Model {
     /// Token ids that end generation: the manifest's stop tokens and every special token.
     pub(crate) stop_ids: HashSet<u32>,
     pub(crate) bos_id: Option<u32>,
+    /// The default chat template's head, prefilled at load (see `prefix`).
+    pub(crate) prefix: Prefix,
     pub load_time: Duration,
 }
 
@@ -76,7 +79,7 @@ impl Model {
             })?),
             _ => None,
         };
-        Ok(Self {
+        let mut model = Self {
             dir: dir.to_path_buf(),
             manifest,
             plan,
@@ -84,8 +87,37 @@ impl Model {
             template,
             stop_ids,
             bos_id,
-            load_time: started.elapsed(),
-        })
+            prefix: Prefix::default(),
+            load_time: Duration::ZERO,
+        };
+        model.prefix = model.prefill_head().map_err(|e| LoadError::BadOnnx {
+            path: dir.join("model.onnx"),
+            detail: format!("prefilling the chat template's head: {e}"),
+        })?;
+        model.load_time = started.elapsed();
+        Ok(model)
+    }
+
+    /// Runs the default template's head through the model once, for every session to start
+    /// from. A template whose renderings share no tokens gives an empty prefix.
+    fn prefill_head(&self) -> Result<Prefix, String> {
+        let ids = prefix::head_ids(|q| self.prompt_ids(None, q))?;
+        if ids.is_empty() || ids.len() + 1 >= self.context_length() {
+            return Ok(Prefix::default());
+        }
+        let err = |e: TractError| format!("{e:#}");
+        let a = &self.manifest.architecture;
+        let empty: TValue = Tensor::zero::<f32>(&[1, a.num_kv_heads, 0, a.head_dim]).map_err(err)?.into_tvalue();
+        let past = (0..2 * a.num_layers).map(|_| empty.clone()).collect();
+        let mut state = self.plan.spawn().map_err(err)?;
+        let mut outputs = super::session::feed(&mut state, &mut Vec::new(), &ids, past).map_err(err)?;
+        outputs.remove(0);
+        Ok(Prefix::new(ids, outputs))
+    }
+
+    /// Tokens of the default template's head that every session starts from (0: none).
+    pub fn prefilled_head_tokens(&self) -> usize {
+        self.prefix.len()
     }
 
     /// The prompt text for a single-turn question, as the model's chat template renders it.

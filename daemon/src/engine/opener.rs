@@ -170,7 +170,6 @@ pub fn write_opener(
         return Err(RequestError::PromptTooLong { tokens: prompt.len(), limit });
     }
     let inference = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
-    session.reset().map_err(inference)?;
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut splitter = match opts.continue_from {
         Some(_) => WordSplitter::to_sentence_end(opts.max_words),
@@ -189,7 +188,7 @@ pub fn write_opener(
     };
 
     let t = Instant::now();
-    let out = session.step(&prompt).map_err(inference)?;
+    let out = session.prefill(&prompt).map_err(inference)?;
     timings.prefill = t.elapsed();
     let mut token = sampler.pick(logits(&out).map_err(inference)?);
     timings.ttft = arrived.elapsed();

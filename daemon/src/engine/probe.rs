@@ -13,6 +13,8 @@ use super::session::{logits, Session};
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeRun {
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefilled template head instead of being fed (0: cold).
+    pub reused_tokens: usize,
     /// Template rendering and tokenization.
     pub tokenize_ms: f64,
     /// The prompt's forward pass alone.
@@ -23,8 +25,10 @@ pub struct ProbeRun {
     pub tokens: Vec<u32>,
 }
 
-/// Renders `query` with the chat template, then decodes `n` tokens greedily.
-pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize) -> Result<ProbeRun, String> {
+/// Renders `query` with the chat template, then decodes `n` tokens greedily. `reuse_head`:
+/// start from the model's prefilled template head as the daemon does, instead of feeding the
+/// whole prompt (a cold prompt, as the peers are measured).
+pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize, reuse_head: bool) -> Result<ProbeRun, String> {
     let err = |e: tract_onnx::prelude::TractError| format!("{e:#}");
     let start = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -33,9 +37,14 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize) -
     if prompt.len() + n >= model.context_length() {
         return Err(format!("{} prompt + {n} generated tokens exceed the context", prompt.len()));
     }
-    session.reset().map_err(err)?;
+    let reused_tokens = if reuse_head { model.prefix.reusable(&prompt) } else { 0 };
     let t = Instant::now();
-    let out = session.step(&prompt).map_err(err)?;
+    let out = if reuse_head {
+        session.prefill(&prompt)
+    } else {
+        session.reset().and_then(|_| session.step(&prompt))
+    }
+    .map_err(err)?;
     let prefill_ms = ms(t);
     let mut token = argmax(logits(&out).map_err(err)?);
     let mut token_ms = vec![ms(start)];
@@ -46,5 +55,5 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize) -
         token_ms.push(ms(start));
         tokens.push(token);
     }
-    Ok(ProbeRun { prompt_tokens: prompt.len(), tokenize_ms, prefill_ms, token_ms, tokens })
+    Ok(ProbeRun { prompt_tokens: prompt.len(), reused_tokens, tokenize_ms, prefill_ms, token_ms, tokens })
 }

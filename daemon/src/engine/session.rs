@@ -48,20 +48,47 @@ impl Session {
         logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
     }
 
+    /// Starts over with `prompt` as the daemon does (reusing the prefilled template head,
+    /// see [`Session::prefill`]) and returns a copy of the last position's logits.
+    pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, String> {
+        let out = self.prefill(prompt).map_err(|e| format!("{e:#}"))?;
+        logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
+    }
+
     /// Feeds `ids` after everything fed so far; returns the logits for the last of them
     /// (read them with [`logits`]).
     pub(crate) fn step(&mut self, ids: &[u32]) -> TractResult<TValue> {
-        self.ids.clear();
-        self.ids.extend(ids.iter().map(|&i| i as i64));
-        let input = Tensor::from_shape(&[1, ids.len()], &self.ids)?.into_tvalue();
-        let mut inputs: TVec<TValue> = tvec!(input);
-        inputs.extend(self.past.drain(..));
-        let mut outputs = self.state.run(inputs)?;
+        let past = std::mem::take(&mut self.past);
+        let mut outputs = feed(&mut self.state, &mut self.ids, ids, past)?;
         let logits = outputs.remove(0);
         self.past = outputs;
         self.len += ids.len();
         Ok(logits)
     }
+
+    /// Starts over with `prompt`: the part the model's prefilled template head covers comes
+    /// from its shared cache, the rest is fed. Returns the last prompt token's logits.
+    pub(crate) fn prefill(&mut self, prompt: &[u32]) -> TractResult<TValue> {
+        let reused = self.model.prefix.reusable(prompt);
+        if reused == 0 {
+            self.reset()?;
+        } else {
+            self.past = self.model.prefix.kv(reused)?;
+            self.len = reused;
+        }
+        self.step(&prompt[reused..])
+    }
+}
+
+/// One forward pass of `ids` (through `scratch`, reused to spare an allocation) after the
+/// cache `past`; returns the logits followed by the new cache.
+pub(crate) fn feed(state: &mut TypedSimpleState, scratch: &mut Vec<i64>, ids: &[u32], past: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    scratch.clear();
+    scratch.extend(ids.iter().map(|&i| i as i64));
+    let input = Tensor::from_shape(&[1, ids.len()], scratch)?.into_tvalue();
+    let mut inputs: TVec<TValue> = tvec!(input);
+    inputs.extend(past);
+    state.run(inputs)
 }
 
 /// The logits a `Session::step` returned, as a flat slice over the vocabulary.
