@@ -135,6 +135,13 @@ def cmd_verify(args) -> None:
         sys.exit(1)
 
 
+def cmd_to_gguf(args) -> None:
+    from . import gguf_writer
+
+    gguf_writer.write(Path(args.dir), Path(args.out), args.type)
+    print(f"wrote {args.out} ({args.type})")
+
+
 def cmd_logits(args) -> None:
     """Reference logits for the engine's tests: onnxruntime's output for a question (rendered
     with the model's chat template by Jinja2) and its greedy continuation, with the token ids
@@ -225,6 +232,12 @@ def main(argv=None) -> int:
     v.add_argument("--llama-cpp", metavar="GGUF", help="also compare tokenizer and greedy tokens with llama.cpp on this GGUF")
     v.add_argument("--greedy-steps", type=int, default=16)
     v.set_defaults(func=cmd_verify)
+
+    gg = sub.add_parser("to-gguf", help="write a model directory as a llama.cpp GGUF (the same weights, for comparisons)")
+    gg.add_argument("dir")
+    gg.add_argument("--out", required=True)
+    gg.add_argument("--type", choices=["F32", "Q8_0", "Q4_0"], default="F32", help="tensor type of the matrices (norms stay F32)")
+    gg.set_defaults(func=cmd_to_gguf)
 
     lg = sub.add_parser("logits", help="dump onnxruntime's logits for a prompt (test fixtures)")
     lg.add_argument("dir")

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mulm_export import cli, quant, sources
-from mulm_export.arch import SHAPES
+from mulm_export import cli, gguf_source, onnx_weights, quant, sources
+from mulm_export.arch import SHAPES, Arch
+from mulm_export.runner import OrtModel
 from mulm_export.modeldir import sha256_file
 
 
@@ -147,3 +148,44 @@ def test_verify_catches_a_miswired_graph(tmp_path, monkeypatch, capsys):
         cli.main(["verify", str(tmp_path / "bad")])
     assert e.value.code == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+def _llama_cpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    from mulm_export.llamacpp import _last_logits
+
+    llama = Llama(model_path=str(gguf), n_ctx=128, n_threads=1, verbose=False)
+    llama.eval(ids)
+    return _last_logits(llama)
+
+
+def test_a_gguf_of_the_tiny_model_gives_llama_cpp_onnxruntimes_logits(tmp_path, fixture_dir):
+    """The GGUF bench/compare_runtimes.py hands llama.cpp must be the same model: names, the
+    rotary row permutation and the tokenizer metadata all right, or the logits drift."""
+    tiny = fixture_dir("tiny")
+    gguf = tmp_path / "tiny.gguf"
+    assert cli.main(["to-gguf", str(tiny), "--out", str(gguf)]) == 0
+    _, weights, tokenizer = gguf_source.read(str(gguf))
+    arch = Arch.from_json(json.loads((tiny / "mulm.json").read_text())["architecture"])
+    ours = onnx_weights.read(tiny / "model.onnx", arch)
+    for name, w in ours.items():
+        np.testing.assert_array_equal(weights[name], w, err_msg=name)
+    assert tokenizer["tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+    ids = [1, 882, 198, 40, 1055, 260, 3152, 30, 2, 198, 1, 520, 9531, 198]
+    expected = OrtModel(tiny).step(ids)
+    got = _llama_cpp_logits(gguf, ids)
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert np.abs(got - expected).max() <= 1e-3 * scale
+    assert int(got.argmax()) == int(expected.argmax())
+
+
+def test_a_quantized_gguf_is_written_and_loads(tmp_path, fixture_dir):
+    gguf = tmp_path / "tiny-q8.gguf"
+    assert cli.main(["to-gguf", str(fixture_dir("tiny")), "--out", str(gguf), "--type", "Q8_0"]) == 0
+    ids = [1, 882, 198, 40, 1055]
+    expected = OrtModel(fixture_dir("tiny")).step(ids)
+    got = _llama_cpp_logits(gguf, ids)
+    # 8-bit weights move the logits a little, not the way a wrong layout would.
+    assert np.corrcoef(got, expected)[0, 1] > 0.99
