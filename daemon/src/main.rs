@@ -641,16 +641,18 @@ fn probe(args: ProbeArgs) -> ExitCode {
         "load_ms": ms(model.load_time),
         "warmup": warmup,
         "runs": runs,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": status_mb("VmHWM:"),
+        "rss_mb": status_mb("VmRSS:"),
     });
     println!("{report}");
     ExitCode::SUCCESS
 }
 
-/// The process's peak resident set (VmHWM) in MB, where /proc provides it.
-fn peak_rss_mb() -> Option<f64> {
+/// A memory figure of this process from /proc/self/status in MB (VmHWM: the peak resident
+/// set; VmRSS: the current one), where /proc provides it.
+fn status_mb(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

@@ -78,3 +78,33 @@ fn the_printed_config_checks_clean_and_a_bad_one_lists_every_problem() {
         assert!(err.contains(key), "{key} not reported: {err}");
     }
 }
+
+/// `mulmd probe` is what bench/compare_runtimes.py reads: one timestamp per token, and with
+/// `--reuse-head` the daemon's start from the prefilled template head, which must pick the
+/// tokens a cold prompt picks.
+#[test]
+fn probe_reports_per_token_times_cold_and_from_the_prefilled_head() {
+    let Some(dir) = common::fixture("smollm2") else { return };
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = mulmd()
+            .args(["probe", "--tokens", "8", "--runs", "1", "--model"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("probe prints one JSON object")
+    };
+    let (cold, warm) = (run(&[]), run(&["--reuse-head"]));
+    for v in [&cold, &warm] {
+        let r = &v["runs"][0];
+        assert_eq!(r["token_ms"].as_array().unwrap().len(), 8);
+        assert!(r["prefill_ms"].as_f64().unwrap() > 0.0);
+        assert!(v["peak_rss_mb"].as_f64().unwrap() >= v["rss_mb"].as_f64().unwrap());
+    }
+    assert_eq!(cold["runs"][0]["reused_tokens"], 0);
+    // SmolLM2's default system prompt and the user marker: 24 of the 40 prompt tokens.
+    assert_eq!(warm["runs"][0]["reused_tokens"], 24);
+    assert_eq!(warm["runs"][0]["prompt_tokens"], 40);
+    assert_eq!(cold["runs"][0]["tokens"], warm["runs"][0]["tokens"]);
+}

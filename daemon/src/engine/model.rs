@@ -94,6 +94,7 @@ impl Model {
             path: dir.join("model.onnx"),
             detail: format!("prefilling the chat template's head: {e}"),
         })?;
+        release_freed_memory();
         model.load_time = started.elapsed();
         Ok(model)
     }
@@ -212,6 +213,20 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
         options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
     }
     optimized.into_runnable_with_options(&options).map_err(bad)
+}
+
+/// Hands the heap that loading freed back to the kernel.
+///
+/// Loading holds the file, its decoded protobuf and tract's tensors at once, then frees all but
+/// the packed weights; glibc keeps those freed pages mapped, so a loaded mulm-28m f32 sat at
+/// 222 MB resident with 134 MB in use (SmolLM2 f32: 958 vs 548 MB). A daemon lives with its
+/// steady state for days, on boards with a few GB shared with the rest of the home.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live data.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Gives every matrix product that reads a shared constant a constant node of its own (the

@@ -3,8 +3,8 @@
 //!
 //! A causal model's KV cache for a prefix depends on the prefix alone, so a prompt that starts
 //! with the head's tokens can start from the head's cache and feed only the rest: for SmolLM2
-//! that is 31 of a typical prompt's 40 tokens. A prompt that shares only part of the head (a
-//! custom system prompt keeps `<|im_start|>system\n`) reuses that part. Reuse changes the
+//! that is 24 of the 40 tokens of a typical question. A prompt that shares only part of the
+//! head (a custom system prompt keeps `<|im_start|>system\n`) reuses that part. Reuse changes the
 //! logits only by float rounding (the same products, blocked differently), which the
 //! tract-vs-onnxruntime tests bound.
 
