@@ -736,6 +736,7 @@ fn opener_json(model: &Model, o: &Opener) -> serde_json::Value {
         "queued_ms": ms(t.queued),
         "total_ms": ms(t.total),
         "prompt_tokens": o.prompt_tokens,
+        "reused_tokens": o.reused_tokens,
         "generated_tokens": o.generated_tokens,
         "model": model.manifest.name,
         "precision": model.manifest.precision,
@@ -752,10 +753,12 @@ fn print_timings(model: &Model, o: &Opener) {
         ms(model.load_time)
     );
     eprintln!(
-        "tokenize {:.2} ms · prefill {:.2} ms ({} prompt tokens) · time to first token {:.2} ms",
+        "tokenize {:.2} ms · prefill {:.2} ms ({} prompt tokens, {} from the prefilled template head) · \
+         time to first token {:.2} ms",
         ms(t.tokenize),
         ms(t.prefill),
         o.prompt_tokens,
+        o.reused_tokens,
         ms(t.ttft)
     );
     let words: Vec<String> = o.words.iter().map(|w| format!("{} {:.1}", w.text, ms(w.at))).collect();

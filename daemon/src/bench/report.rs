@@ -150,7 +150,8 @@ pub fn throughput(runs: &[RunRecord], window_s: f64) -> Throughput {
     let decoded: usize = ok.iter().map(|r| r.generated_tokens.saturating_sub(1)).sum();
     let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
     Throughput {
-        prompt_tok_s: rate(ok.iter().map(|r| r.prompt_tokens).sum::<usize>() as f64, prefill_s),
+        // Tokens the prefill actually fed: the reused template head costs it nothing.
+        prompt_tok_s: rate(ok.iter().map(|r| r.prompt_tokens - r.reused_tokens).sum::<usize>() as f64, prefill_s),
         generation_tok_s: rate(decoded as f64, decode_s),
         end_to_end_tok_s: rate(ok.iter().map(|r| r.generated_tokens).sum::<usize>() as f64, window_s),
     }
@@ -256,5 +257,26 @@ mod tests {
         assert_eq!((d.p50, d.p95, d.min, d.max), (51.0, 95.0, 1.0, 100.0));
         assert_eq!(histogram(&[5.0, 12.0, 19.0, 35.0]), vec![(10.0, 1), (20.0, 2), (40.0, 1)]);
         assert!(distribution(vec![]).is_none());
+    }
+
+    #[test]
+    fn prompt_rate_counts_only_the_tokens_the_prefill_fed() {
+        let run = RunRecord {
+            start_s: 0.0,
+            end_s: 1.0,
+            ok: true,
+            error: None,
+            prompt_tokens: 40,
+            reused_tokens: 24,
+            generated_tokens: 11,
+            prefill_ms: 20.0,
+            ttft_ms: 25.0,
+            words4_ms: None,
+            opener_ms: 100.0,
+            total_ms: 125.0,
+        };
+        let t = throughput(&[run], 1.0);
+        assert_eq!(t.prompt_tok_s, 800.0, "16 fed tokens in 20 ms, not 40");
+        assert_eq!(t.generation_tok_s, 100.0);
     }
 }

@@ -109,6 +109,9 @@ pub struct Opener {
     pub stop: StopReason,
     pub timings: OpenerTimings,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the template head prefilled at load rather than fed; the
+    /// prefill time covers only the other `prompt_tokens - reused_tokens`.
+    pub reused_tokens: usize,
     pub generated_tokens: usize,
 }
 
@@ -160,7 +163,7 @@ pub fn write_opener(
         if super::words::ends_sentence(prefix) || prefix.trim().is_empty() {
             timings.total = arrived.elapsed();
             let stop = if prefix.trim().is_empty() { StopReason::EndOfText } else { StopReason::SentenceEnd };
-            return Ok(Opener { text: String::new(), words: Vec::new(), stop, timings, prompt_tokens: 0, generated_tokens: 0 });
+            return Ok(Opener { text: String::new(), words: Vec::new(), stop, timings, prompt_tokens: 0, reused_tokens: 0, generated_tokens: 0 });
         }
         prompt.extend(model.encode_text(prefix).map_err(RequestError::Inference)?);
     }
@@ -187,6 +190,7 @@ pub fn write_opener(
         words.push(ev);
     };
 
+    let reused_tokens = model.prefix.reusable(&prompt);
     let t = Instant::now();
     let out = session.prefill(&prompt).map_err(inference)?;
     timings.prefill = t.elapsed();
@@ -228,5 +232,5 @@ pub fn write_opener(
     }
     timings.opener = words.last().map(|w| w.at).unwrap_or_else(|| arrived.elapsed());
     timings.total = arrived.elapsed();
-    Ok(Opener { text, words, stop, timings, prompt_tokens: prompt.len(), generated_tokens: generated.len() })
+    Ok(Opener { text, words, stop, timings, prompt_tokens: prompt.len(), reused_tokens, generated_tokens: generated.len() })
 }
