@@ -172,6 +172,10 @@ struct ProbeArgs {
     /// cold prompt, fed whole, as the peers in bench/compare_runtimes.py are measured).
     #[arg(long)]
     reuse_head: bool,
+    /// Time every op (by tract's op name) in the prompt pass and the decode steps: added to
+    /// each run's JSON, and the last run printed as a table on stderr.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -623,7 +627,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
     };
     let mut runs = Vec::new();
     for _ in 0..=args.runs {
-        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens, args.reuse_head) {
+        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens, args.reuse_head, args.profile) {
             Ok(r) => runs.push(r),
             Err(e) => {
                 eprintln!("mulmd: {e}");
@@ -632,6 +636,9 @@ fn probe(args: ProbeArgs) -> ExitCode {
         }
     }
     let warmup = runs.remove(0);
+    if let Some(p) = runs.last().and_then(|r| r.profile.as_ref()) {
+        print_profile(p);
+    }
     let report = serde_json::json!({
         "runtime": "mulmd",
         "model": model.manifest.name,
@@ -646,6 +653,18 @@ fn probe(args: ProbeArgs) -> ExitCode {
     });
     println!("{report}");
     ExitCode::SUCCESS
+}
+
+/// The per-op table of `mulmd probe --profile`: the prompt pass, and decode per step.
+fn print_profile(p: &mulmd::engine::RunProfile) {
+    let steps = p.decode.passes.max(1) as f64;
+    eprintln!("{:<28} {:>12} {:>16} {:>12} {:>7}", "op", "prompt ms", "decode ms/step", "calls/step", "decode");
+    for (op, t) in p.decode.ranked() {
+        let prompt = p.prefill.ops.get(op).map_or(0.0, |x| x.ms);
+        let share = 100.0 * t.ms / p.decode.total_ms().max(f64::MIN_POSITIVE);
+        eprintln!("{op:<28} {prompt:>12.3} {:>16.3} {:>12.1} {share:>6.1}%", t.ms / steps, t.calls as f64 / steps);
+    }
+    eprintln!("{:<28} {:>12.3} {:>16.3}", "all ops", p.prefill.total_ms(), p.decode.total_ms() / steps);
 }
 
 /// A memory figure of this process from /proc/self/status in MB (VmHWM: the peak resident

@@ -108,3 +108,26 @@ fn probe_reports_per_token_times_cold_and_from_the_prefilled_head() {
     assert_eq!(warm["runs"][0]["prompt_tokens"], 40);
     assert_eq!(cold["runs"][0]["tokens"], warm["runs"][0]["tokens"]);
 }
+
+/// `--profile` accounts for each pass by op: one prompt pass, one per further token, with the
+/// matrix products in both (what bench/RESULTS.md's limits are read from).
+#[test]
+fn probe_profile_times_every_pass_by_op() {
+    let Some(dir) = common::fixture("tiny") else { return };
+    let out = mulmd()
+        .args(["probe", "--tokens", "6", "--runs", "1", "--profile", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &v["runs"][0]["profile"];
+    assert_eq!(p["prefill"]["passes"], 1);
+    assert_eq!(p["decode"]["passes"], 5);
+    for pass in ["prefill", "decode"] {
+        let matmul = &p[pass]["ops"]["OptMatMul"];
+        assert!(matmul["ms"].as_f64().unwrap() > 0.0 && matmul["calls"].as_u64().unwrap() > 0, "{pass}: {p}");
+    }
+    let table = String::from_utf8_lossy(&out.stderr);
+    assert!(table.contains("OptMatMul") && table.contains("all ops"), "{table}");
+}

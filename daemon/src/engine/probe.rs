@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::model::Model;
+use super::profile::OpProfile;
 use super::sampling::argmax;
 use super::session::{logits, Session};
 
@@ -23,12 +24,29 @@ pub struct ProbeRun {
     /// was chosen; the first entry is the time to first token.
     pub token_ms: Vec<f64>,
     pub tokens: Vec<u32>,
+    /// Per-op time of this run's prompt pass and decode steps (with `profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<RunProfile>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunProfile {
+    pub prefill: OpProfile,
+    pub decode: OpProfile,
 }
 
 /// Renders `query` with the chat template, then decodes `n` tokens greedily. `reuse_head`:
 /// start from the model's prefilled template head as the daemon does, instead of feeding the
 /// whole prompt (a cold prompt, as the peers are measured).
-pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize, reuse_head: bool) -> Result<ProbeRun, String> {
+/// `profile`: time every op of every pass (a few percent slower; see [`OpProfile`]).
+pub fn probe(
+    model: &Arc<Model>,
+    session: &mut Session,
+    query: &str,
+    n: usize,
+    reuse_head: bool,
+    profile: bool,
+) -> Result<ProbeRun, String> {
     let err = |e: tract_onnx::prelude::TractError| format!("{e:#}");
     let start = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -38,6 +56,7 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize, r
         return Err(format!("{} prompt + {n} generated tokens exceed the context", prompt.len()));
     }
     let reused_tokens = if reuse_head { model.prefix.reusable(&prompt) } else { 0 };
+    session.profile = profile.then(OpProfile::default);
     let t = Instant::now();
     let out = if reuse_head {
         session.prefill(&prompt)
@@ -46,6 +65,7 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize, r
     }
     .map_err(err)?;
     let prefill_ms = ms(t);
+    let prefill_profile = session.profile.as_mut().map(std::mem::take);
     let mut token = argmax(logits(&out).map_err(err)?);
     let mut token_ms = vec![ms(start)];
     let mut tokens = vec![token];
@@ -55,5 +75,6 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, n: usize, r
         token_ms.push(ms(start));
         tokens.push(token);
     }
-    Ok(ProbeRun { prompt_tokens: prompt.len(), reused_tokens, tokenize_ms, prefill_ms, token_ms, tokens })
+    let profile = prefill_profile.zip(session.profile.take()).map(|(prefill, decode)| RunProfile { prefill, decode });
+    Ok(ProbeRun { prompt_tokens: prompt.len(), reused_tokens, tokenize_ms, prefill_ms, token_ms, tokens, profile })
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 
 use super::model::Model;
+use super::profile::OpProfile;
 
 /// Feeds tokens through the model, keeping the KV cache between calls.
 pub struct Session {
@@ -13,12 +14,14 @@ pub struct Session {
     past: TVec<TValue>,
     len: usize,
     ids: Vec<i64>,
+    /// When set, every forward pass times its ops into it (`mulmd probe --profile`).
+    pub(crate) profile: Option<OpProfile>,
 }
 
 impl Session {
     pub(crate) fn new(model: Arc<Model>) -> TractResult<Self> {
         let state = model.plan.spawn()?;
-        let mut s = Self { model, state, past: tvec!(), len: 0, ids: Vec::new() };
+        let mut s = Self { model, state, past: tvec!(), len: 0, ids: Vec::new(), profile: None };
         s.reset()?;
         Ok(s)
     }
@@ -59,7 +62,7 @@ impl Session {
     /// (read them with [`logits`]).
     pub(crate) fn step(&mut self, ids: &[u32]) -> TractResult<TValue> {
         let past = std::mem::take(&mut self.past);
-        let mut outputs = feed(&mut self.state, &mut self.ids, ids, past)?;
+        let mut outputs = feed(&mut self.state, &mut self.ids, ids, past, self.profile.as_mut())?;
         let logits = outputs.remove(0);
         self.past = outputs;
         self.len += ids.len();
@@ -81,14 +84,28 @@ impl Session {
 }
 
 /// One forward pass of `ids` (through `scratch`, reused to spare an allocation) after the
-/// cache `past`; returns the logits followed by the new cache.
-pub(crate) fn feed(state: &mut TypedSimpleState, scratch: &mut Vec<i64>, ids: &[u32], past: TVec<TValue>) -> TractResult<TVec<TValue>> {
+/// cache `past`; returns the logits followed by the new cache. With `profile`, each op's
+/// evaluation is timed into it.
+pub(crate) fn feed(
+    state: &mut TypedSimpleState,
+    scratch: &mut Vec<i64>,
+    ids: &[u32],
+    past: TVec<TValue>,
+    profile: Option<&mut OpProfile>,
+) -> TractResult<TVec<TValue>> {
     scratch.clear();
     scratch.extend(ids.iter().map(|&i| i as i64));
     let input = Tensor::from_shape(&[1, ids.len()], scratch)?.into_tvalue();
     let mut inputs: TVec<TValue> = tvec!(input);
     inputs.extend(past);
-    state.run(inputs)
+    let Some(profile) = profile else { return state.run(inputs) };
+    profile.passes += 1;
+    state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+        let t = std::time::Instant::now();
+        let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+        profile.add(&node.op.name(), t.elapsed());
+        out
+    })
 }
 
 /// The logits a `Session::step` returned, as a flat slice over the vocabulary.
