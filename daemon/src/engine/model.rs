@@ -107,9 +107,7 @@ impl Model {
             return Ok(Prefix::default());
         }
         let err = |e: TractError| format!("{e:#}");
-        let a = &self.manifest.architecture;
-        let empty: TValue = Tensor::zero::<f32>(&[1, a.num_kv_heads, 0, a.head_dim]).map_err(err)?.into_tvalue();
-        let past = (0..2 * a.num_layers).map(|_| empty.clone()).collect();
+        let past = super::session::empty_cache(self).map_err(err)?;
         let mut state = self.plan.spawn().map_err(err)?;
         let mut outputs = super::session::feed(&mut state, &mut Vec::new(), &ids, past, None).map_err(err)?;
         outputs.remove(0);

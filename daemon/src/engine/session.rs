@@ -28,9 +28,7 @@ impl Session {
 
     /// Forgets every token fed so far.
     pub(crate) fn reset(&mut self) -> TractResult<()> {
-        let a = &self.model.manifest.architecture;
-        let empty: TValue = Tensor::zero::<f32>(&[1, a.num_kv_heads, 0, a.head_dim])?.into_tvalue();
-        self.past = (0..2 * a.num_layers).map(|_| empty.clone()).collect();
+        self.past = empty_cache(&self.model)?;
         self.len = 0;
         Ok(())
     }
@@ -81,6 +79,13 @@ impl Session {
         }
         self.step(&prompt[reused..])
     }
+}
+
+/// A KV cache holding no tokens: `[1, kv_heads, 0, head_dim]` per layer and kind.
+pub(crate) fn empty_cache(model: &Model) -> TractResult<TVec<TValue>> {
+    let a = &model.manifest.architecture;
+    let empty: TValue = Tensor::zero::<f32>(&[1, a.num_kv_heads, 0, a.head_dim])?.into_tvalue();
+    Ok((0..2 * a.num_layers).map(|_| empty.clone()).collect())
 }
 
 /// One forward pass of `ids` (through `scratch`, reused to spare an allocation) after the
