@@ -77,20 +77,24 @@ def main() -> None:
     proc = subprocess.Popen([a.mulmd, "serve", "--config", str(config)], stdout=log, stderr=log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            grpc.channel_ready_future(ch).result(timeout=120)
+            try:
+                grpc.channel_ready_future(ch).result(timeout=120)
+            except grpc.FutureTimeoutError:
+                log.flush()
+                raise SystemExit(f"mulmd serve did not come up in 120 s; its log:\n{(tmp / 'serve.log').read_text()}")
             stub = mulm_pb2_grpc.AnswererStub(ch)
             rows = []
             for i in range(a.warmup + a.requests):
                 req = mulm_pb2.AnswerRequest(query=QUESTIONS[i % len(QUESTIONS)], options=mulm_pb2.Options(cloud=False))
                 t0 = time.perf_counter()
-                first = None
+                first = ttft = None
                 for ev in stub.Answer(req, timeout=60):
                     kind = ev.WhichOneof("event")
                     if kind == "word" and first is None:
                         first = ((time.perf_counter() - t0) * 1e3, ev.word.at_ms)
                     elif kind == "opener_done":
                         ttft = ev.opener_done.timings.ttft_ms
-                if first and i >= a.warmup:
+                if first and ttft is not None and i >= a.warmup:
                     rows.append((first[0], first[1], ttft))
     finally:
         proc.terminate()
