@@ -627,7 +627,8 @@ fn probe(args: ProbeArgs) -> ExitCode {
     };
     let mut runs = Vec::new();
     for _ in 0..=args.runs {
-        match mulmd::engine::probe(&model, &mut session, &args.query, args.tokens, args.reuse_head, args.profile) {
+        let opts = mulmd::engine::ProbeOptions { tokens: args.tokens, reuse_head: args.reuse_head, profile: args.profile };
+        match mulmd::engine::probe(&model, &mut session, &args.query, opts) {
             Ok(r) => runs.push(r),
             Err(e) => {
                 eprintln!("mulmd: {e}");

@@ -19,7 +19,7 @@ pub use error::{LoadError, RequestError};
 pub use manifest::Manifest;
 pub use model::Model;
 pub use opener::{write_opener, CancelToken, Opener, OpenerEvent, OpenerOptions, OpenerTimings, WordEvent};
-pub use probe::{probe, ProbeRun, RunProfile};
+pub use probe::{probe, ProbeOptions, ProbeRun, RunProfile};
 pub use profile::{OpProfile, OpTime};
 pub use sampling::Sampling;
 pub use session::Session;

@@ -35,18 +35,21 @@ pub struct RunProfile {
     pub decode: OpProfile,
 }
 
-/// Renders `query` with the chat template, then decodes `n` tokens greedily. `reuse_head`:
-/// start from the model's prefilled template head as the daemon does, instead of feeding the
-/// whole prompt (a cold prompt, as the peers are measured).
-/// `profile`: time every op of every pass (a few percent slower; see [`OpProfile`]).
-pub fn probe(
-    model: &Arc<Model>,
-    session: &mut Session,
-    query: &str,
-    n: usize,
-    reuse_head: bool,
-    profile: bool,
-) -> Result<ProbeRun, String> {
+/// How a probe run goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProbeOptions {
+    /// Greedy tokens to decode (end-of-text ignored).
+    pub tokens: usize,
+    /// Start from the model's prefilled template head as the daemon does, instead of feeding
+    /// the whole prompt (a cold prompt, as the peers are measured).
+    pub reuse_head: bool,
+    /// Time every op of every pass (see [`OpProfile`]).
+    pub profile: bool,
+}
+
+/// Renders `query` with the chat template, then decodes `opts.tokens` tokens greedily.
+pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, opts: ProbeOptions) -> Result<ProbeRun, String> {
+    let ProbeOptions { tokens: n, reuse_head, profile } = opts;
     let err = |e: tract_onnx::prelude::TractError| format!("{e:#}");
     let start = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
