@@ -77,11 +77,13 @@ def main() -> None:
     proc = subprocess.Popen([a.mulmd, "serve", "--config", str(config)], stdout=log, stderr=log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            try:
-                grpc.channel_ready_future(ch).result(timeout=120)
-            except grpc.FutureTimeoutError:
-                log.flush()
-                raise SystemExit(f"mulmd serve did not come up in 120 s; its log:\n{(tmp / 'serve.log').read_text()}")
+            ready = grpc.channel_ready_future(ch)
+            deadline = time.monotonic() + 120
+            while not ready.done():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise SystemExit(f"mulmd serve did not come up; its log:\n{(tmp / 'serve.log').read_text()}")
+                time.sleep(0.1)
             stub = mulm_pb2_grpc.AnswererStub(ch)
             rows = []
             for i in range(a.warmup + a.requests):

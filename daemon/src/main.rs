@@ -660,7 +660,11 @@ fn probe(args: ProbeArgs) -> ExitCode {
 fn print_profile(p: &mulmd::engine::RunProfile) {
     let steps = p.decode.passes.max(1) as f64;
     eprintln!("{:<28} {:>12} {:>16} {:>12} {:>7}", "op", "prompt ms", "decode ms/step", "calls/step", "decode");
-    for (op, t) in p.decode.ranked() {
+    let none = mulmd::engine::OpTime::default();
+    let decoded = p.decode.ranked();
+    // Ops the decode steps never ran (if any) follow, so the prompt column still adds up.
+    let prompt_only = p.prefill.ranked().into_iter().filter(|(op, _)| !p.decode.ops.contains_key(*op)).map(|(op, _)| (op, &none));
+    for (op, t) in decoded.into_iter().chain(prompt_only) {
         let prompt = p.prefill.ops.get(op).map_or(0.0, |x| x.ms);
         let share = 100.0 * t.ms / p.decode.total_ms().max(f64::MIN_POSITIVE);
         eprintln!("{op:<28} {prompt:>12.3} {:>16.3} {:>12.1} {share:>6.1}%", t.ms / steps, t.calls as f64 / steps);

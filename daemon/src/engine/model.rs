@@ -90,23 +90,27 @@ impl Model {
             prefix: Prefix::default(),
             load_time: Duration::ZERO,
         };
-        model.prefix = model.prefill_head().map_err(|e| LoadError::BadOnnx {
-            path: dir.join("model.onnx"),
-            detail: format!("prefilling the chat template's head: {e}"),
-        })?;
+        model.prefix = model.prefill_head(&manifest_path, &dir.join("model.onnx"))?;
         release_freed_memory();
         model.load_time = started.elapsed();
         Ok(model)
     }
 
     /// Runs the default template's head through the model once, for every session to start
-    /// from. A template whose renderings share no tokens gives an empty prefix.
-    fn prefill_head(&self) -> Result<Prefix, String> {
-        let ids = prefix::head_ids(|q| self.prompt_ids(None, q))?;
+    /// from. A template whose renderings share no tokens gives an empty prefix. A template
+    /// that cannot render a plain question is the manifest's fault, a failing pass the graph's.
+    fn prefill_head(&self, manifest_path: &Path, onnx_path: &Path) -> Result<Prefix, LoadError> {
+        let ids = prefix::head_ids(|q| self.prompt_ids(None, q)).map_err(|detail| LoadError::BadTemplate {
+            path: manifest_path.to_path_buf(),
+            detail: format!("rendering a single question: {detail}"),
+        })?;
         if ids.is_empty() || ids.len() + 1 >= self.context_length() {
             return Ok(Prefix::default());
         }
-        let err = |e: TractError| format!("{e:#}");
+        let err = |e: TractError| LoadError::BadOnnx {
+            path: onnx_path.to_path_buf(),
+            detail: format!("running the chat template's head through the model: {e:#}"),
+        };
         let past = super::session::empty_cache(self).map_err(err)?;
         let mut state = self.plan.spawn().map_err(err)?;
         let mut outputs = super::session::feed(&mut state, &mut Vec::new(), &ids, past, None).map_err(err)?;

@@ -190,9 +190,8 @@ pub fn write_opener(
         words.push(ev);
     };
 
-    let reused_tokens = model.prefix.reusable(&prompt);
     let t = Instant::now();
-    let out = session.prefill(&prompt).map_err(inference)?;
+    let (out, reused_tokens) = session.prefill(&prompt).map_err(inference)?;
     timings.prefill = t.elapsed();
     let mut token = sampler.pick(logits(&out).map_err(inference)?);
     timings.ttft = arrived.elapsed();

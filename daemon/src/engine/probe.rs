@@ -58,13 +58,12 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, opts: Probe
     if prompt.len() + n >= model.context_length() {
         return Err(format!("{} prompt + {n} generated tokens exceed the context", prompt.len()));
     }
-    let reused_tokens = if reuse_head { model.prefix.reusable(&prompt) } else { 0 };
     session.profile = profile.then(OpProfile::default);
     let t = Instant::now();
-    let out = if reuse_head {
+    let (out, reused_tokens) = if reuse_head {
         session.prefill(&prompt)
     } else {
-        session.reset().and_then(|_| session.step(&prompt))
+        session.reset().and_then(|_| session.step(&prompt)).map(|out| (out, 0))
     }
     .map_err(err)?;
     let prefill_ms = ms(t);

@@ -52,7 +52,7 @@ impl Session {
     /// Starts over with `prompt` as the daemon does (reusing the prefilled template head,
     /// see [`Session::prefill`]) and returns a copy of the last position's logits.
     pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, String> {
-        let out = self.prefill(prompt).map_err(|e| format!("{e:#}"))?;
+        let (out, _) = self.prefill(prompt).map_err(|e| format!("{e:#}"))?;
         logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
     }
 
@@ -68,8 +68,9 @@ impl Session {
     }
 
     /// Starts over with `prompt`: the part the model's prefilled template head covers comes
-    /// from its shared cache, the rest is fed. Returns the last prompt token's logits.
-    pub(crate) fn prefill(&mut self, prompt: &[u32]) -> TractResult<TValue> {
+    /// from its shared cache, the rest is fed. Returns the last prompt token's logits and how
+    /// many prompt tokens came from the cache.
+    pub(crate) fn prefill(&mut self, prompt: &[u32]) -> TractResult<(TValue, usize)> {
         let reused = self.model.prefix.reusable(prompt);
         if reused == 0 {
             self.reset()?;
@@ -77,7 +78,7 @@ impl Session {
             self.past = self.model.prefix.kv(reused)?;
             self.len = reused;
         }
-        self.step(&prompt[reused..])
+        Ok((self.step(&prompt[reused..])?, reused))
     }
 }
 
