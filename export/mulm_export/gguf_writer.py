@@ -57,11 +57,30 @@ def write(directory: Path, dst: Path, qtype: str = "F32") -> None:
         raise ValueError(f"GGUF type {qtype!r} is not one of {', '.join(QTYPES)}")
     manifest = json.loads((directory / "mulm.json").read_text())
     arch = Arch.from_json(manifest["architecture"])
-    weights = onnx_weights.read(directory / "model.onnx", arch)
-    weights.pop("__head__", None)  # a q4 head is the embedding table requantized; the table serves
     tok = json.loads((directory / "tokenizer.json").read_text())
 
-    w = GGUFWriter(str(dst), arch="llama")
+    # Everything that can be wrong with the directory is found before a byte is written.
+    ids = tok["model"]["vocab"]
+    vocab = sorted(ids.items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError(f"{directory / 'tokenizer.json'}: token ids are not 0..n-1")
+    if len(vocab) > arch.vocab_size:
+        raise ValueError(f"{directory / 'tokenizer.json'} has {len(vocab)} tokens, the model's vocabulary "
+                         f"{arch.vocab_size}: the tokenizer belongs to another model")
+    st = manifest["special_tokens"]
+    for name in [st["eos"]] + ([st["bos"]] if st.get("bos") else []):
+        if name not in ids:
+            raise ValueError(f"{directory / 'mulm.json'} names {name!r} as a special token; tokenizer.json lacks it")
+    special = {t["id"] for t in tok["added_tokens"] if t.get("special")}
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), arch.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    weights = onnx_weights.read(directory / "model.onnx", arch)
+    # A q4 head is the embedding table requantized; llama.cpp's tied head reads the table.
+    weights.pop("__head__", None)
+
+    # Written beside the destination and renamed into place: a failure leaves no half file.
+    part = dst.with_name(dst.name + ".part")
+    w = GGUFWriter(str(part), arch="llama")
     w.add_name(manifest["name"])
     w.add_context_length(arch.context_length)
     w.add_embedding_length(arch.hidden_size)
@@ -74,39 +93,36 @@ def write(directory: Path, dst: Path, qtype: str = "F32") -> None:
     w.add_layer_norm_rms_eps(arch.rms_norm_eps)
     w.add_vocab_size(arch.vocab_size)
     w.add_file_type(_FILE_TYPE[qtype])
-
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    if [i for _, i in vocab] != list(range(len(vocab))):
-        raise ValueError(f"{directory / 'tokenizer.json'}: token ids are not 0..n-1")
-    special = {t["id"] for t in tok["added_tokens"] if t.get("special")}
-    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), arch.vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types([_TOKEN_CONTROL if i in special or i >= len(vocab) else _TOKEN_NORMAL for i in range(len(tokens))])
     w.add_token_merges(merges)
-    ids = tok["model"]["vocab"]
-    st = manifest["special_tokens"]
     w.add_eos_token_id(ids[st["eos"]])
     if st.get("bos"):
         w.add_bos_token_id(ids[st["bos"]])
     w.add_add_bos_token(bool(st.get("add_bos")))
     w.add_chat_template(manifest["chat_template"])
 
-    for hf, value in weights.items():
-        value = np.ascontiguousarray(value, dtype=np.float32)
-        if hf.endswith("q_proj.weight"):
-            value = _permute(value, arch.num_heads)
-        elif hf.endswith("k_proj.weight"):
-            value = _permute(value, arch.num_kv_heads)
-        # Norm weights (1-D) stay F32, as llama.cpp's own converter keeps them.
-        if qtype == "F32" or value.ndim == 1:
-            w.add_tensor(_gguf_name(hf), value, raw_dtype=GGMLQuantizationType.F32)
-        else:
-            q = GGMLQuantizationType[qtype]
-            w.add_tensor(_gguf_name(hf), quantize(value, q), raw_dtype=q)  # shape read from the block bytes
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        for hf, value in weights.items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if hf.endswith("q_proj.weight"):
+                value = _permute(value, arch.num_heads)
+            elif hf.endswith("k_proj.weight"):
+                value = _permute(value, arch.num_kv_heads)
+            # Norm weights (1-D) stay F32, as llama.cpp's own converter keeps them.
+            if qtype == "F32" or value.ndim == 1:
+                w.add_tensor(_gguf_name(hf), value, raw_dtype=GGMLQuantizationType.F32)
+            else:
+                q = GGMLQuantizationType[qtype]
+                w.add_tensor(_gguf_name(hf), quantize(value, q), raw_dtype=q)  # shape read from the block bytes
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException:
+        w.close()
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dst)
