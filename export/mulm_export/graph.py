@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .arch import Arch
-from .quant import BLOCK, quantize_q4
+from .quant import ACCURACY_LEVEL, BLOCK, quantize_q4
 
 OPSET = 17
 PRECISIONS = ("float32", "q4")
@@ -80,7 +80,7 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
             codes, scales = quantize_q4(w)
             return b.op(
                 "MatMulNBits", [x, b.const(wname + ".q4", codes), b.const(wname + ".scales", scales)],
-                hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK,
+                hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
             )
         return b.op("MatMul", [x, b.const(wname + ".T", np.ascontiguousarray(w.T))], hint)
 
@@ -177,7 +177,7 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
         codes, scales = quantize_q4(head)
         b.nodes.append(helper.make_node(
             "MatMulNBits", [last, b.const("head.q4", codes), b.const("head.scales", scales)], ["logits"],
-            name="logits", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=4, block_size=BLOCK,
+            name="logits", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
         ))
     else:
         # Gemm with transB reads the [vocab, hidden] table in place: a tied head costs no copy.

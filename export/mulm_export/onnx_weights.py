@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from .arch import Arch, weight_names
-from .quant import dequantize_q4
+from .quant import ACCURACY_LEVEL, dequantize_q4
 
 
 def read(path, arch: Arch) -> dict:
@@ -32,3 +32,16 @@ def read(path, arch: Arch) -> dict:
         weights["__head__"] = dequantize_q4(numpy_helper.to_array(inits["head.q4"]),
                                             numpy_helper.to_array(inits["head.scales"]))
     return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+
+
+def int8_products(path) -> frozenset[str]:
+    """Names of the weights (as `read` keys them) whose products quantize their input to int8:
+    MatMulNBits at accuracy_level 4, the contract in quant.py."""
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for node in model.graph.node:
+        level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        if node.op_type == "MatMulNBits" and level == ACCURACY_LEVEL:
+            weight = node.input[1].removesuffix(".q4")
+            names.add("__head__" if weight == "head" else weight)
+    return frozenset(names)

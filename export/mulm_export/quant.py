@@ -3,8 +3,14 @@
 A weight W of shape [N, K] (N outputs, K inputs) is cut into blocks of 32 consecutive inputs
 per output. Each block stores one float scale and 32 unsigned 4-bit codes; a code q stands for
 (q - 8) * scale. Two codes share a byte, the even index in the low nibble. With block 32 and
-K a multiple of 32, tract maps this straight onto its Q4_0 kernels, and onnxruntime runs it with
-its own MatMulNBits kernel, so one file serves both.
+K a multiple of 32 this is exactly GGML's Q4_0, so one file serves mulmd and onnxruntime.
+
+Activations are quantized too (MatMulNBits `accuracy_level = 4`): each row of the input is cut
+into the same blocks of 32 and rounded to int8 with one scale per block (max|x| / 127), and the
+products are integer dot products, as llama.cpp computes Q4_0 × Q8_0. onnxruntime does this
+when the attribute asks for it; mulmd always does (daemon/src/engine/w4a8). It is several
+times faster than widening 4-bit weights to float on a CPU, and its error (a few tenths of a
+percent of the output scale) is small next to the 4-bit weights' own.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 32
+# MatMulNBits' "int8 compute" level: activations quantized per block, as described above.
+ACCURACY_LEVEL = 4
 
 
 def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,3 +56,16 @@ def dequantize_q4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def roundtrip_q4(w: np.ndarray) -> np.ndarray:
     """The weight as a 4-bit model will see it."""
     return dequantize_q4(*quantize_q4(w))
+
+
+def int8_activation(x: np.ndarray) -> np.ndarray:
+    """What an int8-compute product sees of an activation: each row cut into blocks of 32,
+    quantized with scale max|x| / 127 and rounded half to even, then scaled back. Computed in
+    float32 with the operations and order onnxruntime uses, so codes on a rounding edge land
+    on the same side."""
+    x32 = np.asarray(x, dtype=np.float32)
+    blocks = x32.reshape(*x32.shape[:-1], x32.shape[-1] // BLOCK, BLOCK)
+    scale = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.rint(blocks * inverse)
+    return (q.astype(np.float64) * scale).reshape(x.shape)

@@ -9,18 +9,27 @@ from __future__ import annotations
 import numpy as np
 
 from .arch import Arch
+from .quant import int8_activation
 
 
 class Reference:
-    def __init__(self, arch: Arch, weights: dict) -> None:
+    def __init__(self, arch: Arch, weights: dict, int8_products: frozenset[str] = frozenset()) -> None:
+        """`int8_products` names the weights whose products see their input quantized to int8
+        (4-bit files, see quant.py); the rest see it exactly."""
         self.arch = arch
         self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+        self.int8 = int8_products
         self.k_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
         self.v_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         var = (x * x).mean(axis=-1, keepdims=True)
         return x / np.sqrt(var + self.arch.rms_norm_eps) * self.w[name]
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        if name in self.int8:
+            x = int8_activation(x)
+        return x @ self.w[name].T
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         # x: [heads, seq, head_dim]; dimension i pairs with i + head_dim/2.
@@ -42,9 +51,9 @@ class Reference:
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
             xn = self._norm(x, p + "input_layernorm.weight")
-            q = (xn @ self.w[p + "self_attn.q_proj.weight"].T).reshape(len(ids), a.num_heads, a.head_dim).transpose(1, 0, 2)
-            k = (xn @ self.w[p + "self_attn.k_proj.weight"].T).reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
-            v = (xn @ self.w[p + "self_attn.v_proj.weight"].T).reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
+            q = self._linear(xn, p + "self_attn.q_proj.weight").reshape(len(ids), a.num_heads, a.head_dim).transpose(1, 0, 2)
+            k = self._linear(xn, p + "self_attn.k_proj.weight").reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
+            v = self._linear(xn, p + "self_attn.v_proj.weight").reshape(len(ids), a.num_kv_heads, a.head_dim).transpose(1, 0, 2)
             q, k = self._rope(q, pos), self._rope(k, pos)
             self.k_cache[i] = np.concatenate([self.k_cache[i], k], axis=1)
             self.v_cache[i] = np.concatenate([self.v_cache[i], v], axis=1)
@@ -60,13 +69,12 @@ class Reference:
                 probs /= probs.sum(axis=-1, keepdims=True)
                 out[head] = probs @ vh
             attn = out.transpose(1, 0, 2).reshape(len(ids), a.hidden_size)
-            x = x + attn @ self.w[p + "self_attn.o_proj.weight"].T
+            x = x + self._linear(attn, p + "self_attn.o_proj.weight")
             xn = self._norm(x, p + "post_attention_layernorm.weight")
-            gate = xn @ self.w[p + "mlp.gate_proj.weight"].T
-            up = xn @ self.w[p + "mlp.up_proj.weight"].T
-            x = x + (gate / (1.0 + np.exp(-gate)) * up) @ self.w[p + "mlp.down_proj.weight"].T
+            gate = self._linear(xn, p + "mlp.gate_proj.weight")
+            up = self._linear(xn, p + "mlp.up_proj.weight")
+            x = x + self._linear(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj.weight")
         last = self._norm(x[-1], "model.norm.weight")
-        head = self.w.get("__head__")
-        if head is None:
-            head = self.w["model.embed_tokens.weight" if a.tied_embeddings else "lm_head.weight"]
-        return head @ last
+        if "__head__" in self.w:
+            return self._linear(last, "__head__")
+        return self._linear(last, "model.embed_tokens.weight" if a.tied_embeddings else "lm_head.weight")

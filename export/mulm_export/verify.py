@@ -28,7 +28,8 @@ def against_reference(directory: Path, steps: int) -> dict:
     """Feeds the same tokens to onnxruntime and the reference: a prompt, then `steps` greedy
     decode steps chosen by the reference. Returns the worst error and its bound."""
     ort_model = OrtModel(directory)
-    ref = Reference(ort_model.arch, onnx_weights.read(Path(directory) / "model.onnx", ort_model.arch))
+    onnx_path = Path(directory) / "model.onnx"
+    ref = Reference(ort_model.arch, onnx_weights.read(onnx_path, ort_model.arch), onnx_weights.int8_products(onnx_path))
     ids = prompt_ids(directory, VERIFY_PROMPT)
     worst, worst_rel, scale = 0.0, 0.0, 0.0
     feed = ids

@@ -12,6 +12,7 @@ mod probe;
 mod sampling;
 mod session;
 mod template;
+mod w4a8;
 mod words;
 mod worker;
 

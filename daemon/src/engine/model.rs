@@ -14,6 +14,7 @@ use super::error::LoadError;
 use super::manifest::Manifest;
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
+use super::w4a8;
 
 pub type Plan = Arc<TypedRunnableModel>;
 
@@ -209,6 +210,9 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
         transform.transform(&mut typed).map_err(bad)?;
     }
     give_matmuls_own_constants(&mut typed).map_err(bad)?;
+    // 4-bit products run on the engine's integer kernels (see `w4a8`), not tract's float ones.
+    let replaced = w4a8::use_w4a8_products(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "4-bit matrix products on W4A8 kernels");
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {

@@ -1,0 +1,164 @@
+//! aarch64 kernels for the W4A8 contract: NEON everywhere, and `sdot` where the core has the
+//! dot-product extension (Cortex-A76/A55 in the RK3588 and most boards since), chosen at run
+//! time. Same tiling as the x86 kernels: R weight rows × T activation rows per tile.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::{QuantizedRows, Weights, BLOCK};
+
+/// Whether this core has the dot-product instructions.
+pub fn has_dotprod() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `out = a · Wᵀ` (see `Weights::matmul_quantized`); `a.k == w.k`, `out.len() == a.m · w.n`.
+pub fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+    if has_dotprod() {
+        // SAFETY: the core has the dot-product extension (checked above); NEON is baseline.
+        unsafe { dotprod::matmul(w, a, out) }
+    } else {
+        // SAFETY: NEON is part of the aarch64 baseline.
+        unsafe { neon::matmul(w, a, out) }
+    }
+}
+
+/// 16 code bytes to the block's 32 weights (code − 8), inputs 0..16 then 16..32.
+#[inline(always)]
+unsafe fn signed_weights(codes: *const u8) -> [int8x16_t; 2] {
+    let packed = vld1q_u8(codes);
+    let eight = vdupq_n_s8(8);
+    [
+        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f))), eight),
+        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)), eight),
+    ]
+}
+
+macro_rules! kernels {
+    ($features:literal, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+            let mut r = 0;
+            while a.m - r >= 4 {
+                tiles::<2, 4>(w, a, r, out);
+                r += 4;
+            }
+            while r < a.m {
+                tiles::<4, 1>(w, a, r, out);
+                r += 1;
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &mut [f32]) {
+            let mut j = 0;
+            while w.n - j >= R {
+                tile::<R, T>(w, a, j, r0, out);
+                j += R;
+            }
+            while j < w.n {
+                tile::<1, T>(w, a, j, r0, out);
+                j += 1;
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &mut [f32]) {
+            let blocks = w.k / BLOCK;
+            let mut codes = [std::ptr::null::<u8>(); R];
+            let mut w_scales = [std::ptr::null::<f32>(); R];
+            for i in 0..R {
+                codes[i] = w.row_codes(j0 + i).as_ptr();
+                w_scales[i] = w.row_scales(j0 + i).as_ptr();
+            }
+            let mut x_values = [std::ptr::null::<i8>(); T];
+            let mut x_scales = [std::ptr::null::<f32>(); T];
+            for t in 0..T {
+                let (values, scales) = a.row(r0 + t);
+                x_values[t] = values.as_ptr();
+                x_scales[t] = scales.as_ptr();
+            }
+            let mut acc = [[vdupq_n_f32(0.0); T]; R];
+            for b in 0..blocks {
+                let mut x = [[vdupq_n_s8(0); 2]; T];
+                for t in 0..T {
+                    let p = x_values[t].add(b * BLOCK);
+                    x[t] = [vld1q_s8(p), vld1q_s8(p.add(BLOCK / 2))];
+                }
+                for i in 0..R {
+                    let weight = signed_weights(codes[i].add(b * BLOCK / 2));
+                    let ws = *w_scales[i].add(b);
+                    for t in 0..T {
+                        let dot = vcvtq_f32_s32($dot(weight, x[t]));
+                        acc[i][t] = vfmaq_n_f32(acc[i][t], dot, ws * *x_scales[t].add(b));
+                    }
+                }
+            }
+            for i in 0..R {
+                for t in 0..T {
+                    out[(r0 + t) * w.n + j0 + i] = vaddvq_f32(acc[i][t]);
+                }
+            }
+        }
+    };
+}
+
+/// Plain NEON: widening multiplies to i16 (|w| ≤ 8, |q| ≤ 127: a pair's sum fits), then
+/// pairwise widening adds to four i32 lanes.
+pub(super) mod neon {
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn dot(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
+        let lo = vmlal_high_s8(vmull_s8(vget_low_s8(w[0]), vget_low_s8(x[0])), w[0], x[0]);
+        let hi = vmlal_high_s8(vmull_s8(vget_low_s8(w[1]), vget_low_s8(x[1])), w[1], x[1]);
+        vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
+    }
+
+    kernels!("neon", dot);
+}
+
+/// `sdot`: four byte products summed into each i32 lane in one instruction. Its intrinsic is
+/// not stable in Rust yet, so it is written as the instruction.
+pub(super) mod dotprod {
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn dot(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
+        let mut acc = vdupq_n_s32(0);
+        asm!(
+            "sdot {acc:v}.4s, {w0:v}.16b, {x0:v}.16b",
+            "sdot {acc:v}.4s, {w1:v}.16b, {x1:v}.16b",
+            acc = inout(vreg) acc,
+            w0 = in(vreg) w[0], x0 = in(vreg) x[0], w1 = in(vreg) w[1], x1 = in(vreg) x[1],
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    kernels!("neon,dotprod", dot);
+}
+
+/// See `portable::quantize`; the same arithmetic, 32 floats at a time.
+pub fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    for ((block, q), scale) in a.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).zip(scales) {
+        // SAFETY: NEON is part of the aarch64 baseline; the block holds 32 floats and q 32 bytes.
+        unsafe {
+            let p = block.as_ptr();
+            let x = [vld1q_f32(p), vld1q_f32(p.add(4)), vld1q_f32(p.add(8)), vld1q_f32(p.add(12)),
+                     vld1q_f32(p.add(16)), vld1q_f32(p.add(20)), vld1q_f32(p.add(24)), vld1q_f32(p.add(28))];
+            let mut m = vabsq_f32(x[0]);
+            for v in &x[1..] {
+                m = vmaxnmq_f32(m, vabsq_f32(*v));
+            }
+            *scale = vmaxnmvq_f32(m) / 127.0;
+            let inverse = if *scale != 0.0 { 1.0 / *scale } else { 0.0 };
+            // fcvtns: round to nearest, ties to even, saturating; then narrow with saturation.
+            let i = x.map(|v| vcvtnq_s32_f32(vmulq_n_f32(v, inverse)));
+            let h = [vqmovn_high_s32(vqmovn_s32(i[0]), i[1]), vqmovn_high_s32(vqmovn_s32(i[2]), i[3]),
+                     vqmovn_high_s32(vqmovn_s32(i[4]), i[5]), vqmovn_high_s32(vqmovn_s32(i[6]), i[7])];
+            vst1q_s8(q.as_mut_ptr(), vqmovn_high_s16(vqmovn_s16(h[0]), h[1]));
+            vst1q_s8(q.as_mut_ptr().add(16), vqmovn_high_s16(vqmovn_s16(h[2]), h[3]));
+        }
+    }
+}

@@ -1,0 +1,139 @@
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// A random Q4_0 weight in GGML block bytes, and the float weight it stands for.
+fn random_weight(rng: &mut ChaCha8Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {
+    let mut bytes = Vec::new();
+    let mut dense = vec![0f64; n * k];
+    for j in 0..n {
+        for b in 0..k / BLOCK {
+            let scale = f16::from_f32(rng.random_range(0.001f32..0.1));
+            bytes.extend_from_slice(&scale.to_bits().to_le_bytes());
+            for i in 0..BLOCK / 2 {
+                let (lo, hi) = (rng.random_range(0u8..16), rng.random_range(0u8..16));
+                bytes.push(lo | (hi << 4));
+                dense[j * k + b * BLOCK + i] = (lo as f64 - 8.0) * scale.to_f64();
+                dense[j * k + b * BLOCK + i + BLOCK / 2] = (hi as f64 - 8.0) * scale.to_f64();
+            }
+        }
+    }
+    (bytes, dense)
+}
+
+fn random_activation(rng: &mut ChaCha8Rng, m: usize, k: usize) -> Vec<f32> {
+    let mut a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
+    // Blocks of very different magnitude, an all-zero block, and values on rounding edges.
+    a[..BLOCK].iter_mut().for_each(|x| *x *= 40.0);
+    a[BLOCK..2 * BLOCK].iter_mut().for_each(|x| *x = 0.0);
+    if a.len() >= 3 * BLOCK {
+        let block = &mut a[2 * BLOCK..3 * BLOCK];
+        block[0] = 127.0;
+        block[1] = 2.5;
+        block[2] = -3.5;
+        block[3] = 0.5;
+    }
+    a
+}
+
+/// The contract computed the slow way: dequantized weight against dequantized activation.
+fn contract(dense: &[f64], a: &QuantizedRows, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; a.m * n];
+    for r in 0..a.m {
+        let (q, scales) = a.row(r);
+        for j in 0..n {
+            out[r * n + j] = (0..a.k).map(|i| dense[j * a.k + i] * q[i] as f64 * scales[i / BLOCK] as f64).sum();
+        }
+    }
+    out
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((*g as f64 - w).abs() <= 1e-5 * scale, "{what}: element {i} is {g}, the contract gives {w}");
+    }
+}
+
+#[test]
+fn quantized_activations_follow_the_contract() {
+    let mut a = vec![0.0f32; 3 * BLOCK];
+    a[BLOCK..2 * BLOCK].iter_mut().enumerate().for_each(|(i, x)| *x = i as f32 - 16.0);
+    // Largest magnitude 127: scale 1, so rounding shows directly; ties go to even.
+    a[2 * BLOCK..2 * BLOCK + 6].copy_from_slice(&[-127.0, 2.5, 3.5, -2.5, 0.5, 1.49]);
+    let rows = QuantizedRows::new(&a, 1, 3 * BLOCK);
+    let (q, scales) = rows.row(0);
+    assert_eq!(scales, &[0.0, 16.0 / 127.0, 1.0]);
+    assert!(q[..BLOCK].iter().all(|&v| v == 0), "an all-zero block quantizes to zeros");
+    assert_eq!((q[BLOCK], q[BLOCK + 16]), (-127, 0), "the largest magnitude maps to ±127");
+    assert_eq!(&q[2 * BLOCK..2 * BLOCK + 6], &[-127, 2, 4, -2, 0, 1]);
+}
+
+#[test]
+fn products_match_the_contract_for_every_tile_shape() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
+    // rows outside full tiles.
+    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128)] {
+        let (bytes, dense) = random_weight(&mut rng, n, k);
+        let w = Weights::from_q4_0_blocks(&bytes, n, k).unwrap();
+        let a = random_activation(&mut rng, m, k);
+        let want = contract(&dense, &QuantizedRows::new(&a, m, k), n);
+        let mut got = vec![f32::NAN; m * n];
+        w.matmul(&a, m, &mut got);
+        assert_close(&got, &want, &format!("dispatched kernel, {m}×{k} · {n}×{k}"));
+        for (name, kernel) in kernels() {
+            let mut out = vec![f32::NAN; m * n];
+            // SAFETY: kernels() lists only what this CPU runs.
+            unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), &mut out) };
+            assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
+        }
+    }
+}
+
+type Kernel = unsafe fn(&Weights, &QuantizedRows, &mut [f32]);
+
+/// Every kernel this CPU can run. On CI's x86 machines that must include both vector ones.
+fn kernels() -> Vec<(&'static str, Kernel)> {
+    let mut kernels: Vec<(&'static str, Kernel)> = vec![("portable", |w, a, out| portable::matmul(w, a, out))];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ci = std::env::var("CI").as_deref() == Ok("true");
+        assert!(x86::available() || !ci, "CI machines must run the AVX2 kernel");
+        if x86::available() {
+            kernels.push(("avx2", x86::avx2::matmul));
+        }
+        if x86::available() && x86::has_vnni() {
+            kernels.push(("avx-vnni", x86::vnni::matmul));
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        kernels.push(("neon", arm::neon::matmul));
+        if arm::has_dotprod() {
+            kernels.push(("dotprod", arm::dotprod::matmul));
+        }
+    }
+    kernels
+}
+
+#[test]
+fn vector_quantization_is_bit_identical_to_the_portable_one() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let a = random_activation(&mut rng, 3, 4 * BLOCK);
+    let (mut want, mut want_scales) = (vec![0i8; a.len()], vec![0f32; a.len() / BLOCK]);
+    portable::quantize(&a, &mut want, &mut want_scales);
+    // QuantizedRows::new takes the vector path where there is one.
+    let rows = QuantizedRows::new(&a, 3, 4 * BLOCK);
+    assert_eq!(rows.scales, want_scales);
+    assert_eq!(rows.values, want);
+}
+
+#[test]
+fn weights_of_the_wrong_size_are_refused() {
+    let err = Weights::from_q4_0_blocks(&[0u8; 17], 1, 32).unwrap_err();
+    assert!(err.contains("18 bytes, found 17"), "{err}");
+    let err = Weights::from_q4_0_blocks(&[0u8; 18], 1, 30).unwrap_err();
+    assert!(err.contains("multiples of 32"), "{err}");
+}

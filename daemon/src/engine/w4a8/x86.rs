@@ -1,0 +1,186 @@
+//! x86-64 kernels for the W4A8 contract, chosen at run time: AVX-VNNI where the CPU has it
+//! (Zen 4, Alder Lake and later), else AVX2 + FMA. Tiles of R weight rows × T activation rows
+//! keep R·T accumulators in flight, because one accumulator per output would wait on the FMA
+//! latency at every block.
+
+use std::arch::x86_64::*;
+
+use super::{QuantizedRows, Weights, BLOCK};
+
+/// Whether this CPU runs these kernels (checked once; the answer is cached by std).
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Whether this CPU also has AVX-VNNI.
+pub fn has_vnni() -> bool {
+    is_x86_feature_detected!("avxvnni")
+}
+
+/// See `portable::quantize`; the same arithmetic, 32 floats at a time.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for ((block, q), scale) in a.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).zip(scales) {
+        let p = block.as_ptr();
+        let x = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(x[0], abs_mask), _mm256_and_ps(x[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(x[2], abs_mask), _mm256_and_ps(x[3], abs_mask)),
+        );
+        let amax = horizontal_max(m);
+        *scale = amax / 127.0;
+        let inverse = _mm256_set1_ps(if *scale != 0.0 { 1.0 / *scale } else { 0.0 });
+        // cvtps rounds half to even under the default MXCSR, as onnxruntime's kernel does.
+        let i = x.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse)));
+        // Packing interleaves 128-bit lanes; the permute puts the 32 bytes back in order.
+        let words = [_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3])];
+        let bytes = _mm256_packs_epi16(words[0], words[1]);
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+    }
+}
+
+/// `out = a · Wᵀ` (see `Weights::matmul_quantized`).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`available`]); `a.k == w.k`, `out.len() == a.m · w.n`.
+pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+    if has_vnni() {
+        vnni::matmul(w, a, out)
+    } else {
+        avx2::matmul(w, a, out)
+    }
+}
+
+/// The tiled product, for one way of computing a block's integer dot. Decode (one activation
+/// row): 4 weight rows share each activation block. Prompts: 4 activation rows share each
+/// unpacked weight block, 2 weight rows at a time. `$unpack` turns 16 code bytes into the
+/// weight operand, `$dot(acc, weight, activation)` adds the block's products to 8 i32 lanes.
+macro_rules! kernels {
+    ($features:literal, $unpack:ident, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+            let mut r = 0;
+            while a.m - r >= 4 {
+                tiles::<2, 4>(w, a, r, out);
+                r += 4;
+            }
+            while r < a.m {
+                tiles::<4, 1>(w, a, r, out);
+                r += 1;
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &mut [f32]) {
+            let mut j = 0;
+            while w.n - j >= R {
+                tile::<R, T>(w, a, j, r0, out);
+                j += R;
+            }
+            while j < w.n {
+                tile::<1, T>(w, a, j, r0, out);
+                j += 1;
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &mut [f32]) {
+            let blocks = w.k / BLOCK;
+            let half = BLOCK / 2;
+            let mut codes = [std::ptr::null::<u8>(); R];
+            let mut w_scales = [std::ptr::null::<f32>(); R];
+            for i in 0..R {
+                codes[i] = w.row_codes(j0 + i).as_ptr();
+                w_scales[i] = w.row_scales(j0 + i).as_ptr();
+            }
+            let mut x_values = [std::ptr::null::<i8>(); T];
+            let mut x_scales = [std::ptr::null::<f32>(); T];
+            for t in 0..T {
+                let (values, scales) = a.row(r0 + t);
+                x_values[t] = values.as_ptr();
+                x_scales[t] = scales.as_ptr();
+            }
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for b in 0..blocks {
+                let mut x = [_mm256_setzero_si256(); T];
+                for t in 0..T {
+                    x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
+                }
+                for i in 0..R {
+                    let weight = $unpack(_mm_loadu_si128(codes[i].add(b * half) as *const __m128i));
+                    let ws = *w_scales[i].add(b);
+                    for t in 0..T {
+                        let dot = _mm256_cvtepi32_ps($dot(weight, x[t]));
+                        acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * *x_scales[t].add(b)), acc[i][t]);
+                    }
+                }
+            }
+            for i in 0..R {
+                for t in 0..T {
+                    out[(r0 + t) * w.n + j0 + i] = super::horizontal_sum(acc[i][t]);
+                }
+            }
+        }
+    };
+}
+
+/// Low nibbles are inputs 0..16 and high nibbles 16..32: one shift and one mask give all 32
+/// codes in order.
+#[inline(always)]
+unsafe fn codes_in_order(packed: __m128i) -> __m256i {
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), _mm256_set1_epi8(0x0f))
+}
+
+/// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, so the weight (code − 8) goes in as
+/// its magnitude and its sign moves onto the activation; |w| ≤ 8 and |q| ≤ 127 keep each pair's
+/// sum within i16, and `vpmaddwd` against ones widens to i32.
+pub(super) mod avx2 {
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn signed_weight(packed: __m128i) -> __m256i {
+        _mm256_sub_epi8(codes_in_order(packed), _mm256_set1_epi8(8))
+    }
+
+    #[inline(always)]
+    unsafe fn dot(weight: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(weight, weight), _mm256_sign_epi8(x, weight));
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    kernels!("avx2,fma", signed_weight, dot);
+}
+
+/// AVX-VNNI: `vpdpbusd` multiplies the unsigned codes by the signed activation and sums four
+/// products per i32 lane in one instruction; the code's offset of 8 comes off afterwards as
+/// 8 · (the lane's sum of activations), the same `vpdpbusd` against eights.
+pub(super) mod vnni {
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn dot(codes: __m256i, x: __m256i) -> __m256i {
+        let zero = _mm256_setzero_si256();
+        _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, _mm256_set1_epi8(8), x))
+    }
+
+    kernels!("avx2,fma,avxvnni", codes_in_order, dot);
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn horizontal_sum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn horizontal_max(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
