@@ -32,13 +32,32 @@ pub const BLOCK: usize = 32;
 pub struct Weights {
     pub n: usize,
     pub k: usize,
-    /// `n × k/32` blocks of 16 bytes, row-major. In each block, byte `j` holds code `j` in its
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    layout: Layout,
+    /// 16 bytes per block of 32 codes. Within a row's block, byte `j` holds code `j` in its
     /// low nibble and code `j + 16` in its high nibble (GGML's order: one shift splits a block
-    /// into its two halves).
+    /// into its two halves). How blocks are ordered is the layout's.
     codes: Vec<u8>,
-    /// One scale per block, row-major `[n, k/32]`.
+    /// One scale per block, ordered like the codes.
     scales: Vec<f32>,
 }
+
+/// How a weight's blocks are ordered in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row by row, `[n, k/32]` blocks: what every kernel reads.
+    Rows,
+    /// Eight rows side by side, `[n/8, k/32]` groups, for kernels whose vector lanes are
+    /// output rows (x86 with AVX-VNNI): within a group's block, four 32-byte chunks, chunk `c`
+    /// holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales `[n/8, k/32, 8]`.
+    /// A lane then sums its own row, so no horizontal sums, and eight rows share each
+    /// broadcast of four activation bytes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    Rows8,
+}
+
+/// Rows side by side in [`Layout::Rows8`].
+pub const GROUP: usize = 8;
 
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
 pub struct QuantizedRows {
@@ -47,6 +66,9 @@ pub struct QuantizedRows {
     values: Vec<i8>,
     /// `[m, k/32]`.
     scales: Vec<f32>,
+    /// Sum of each block's values, `[m, k/32]`: what the code offset of 8 costs a block.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    sums: Vec<i32>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -56,9 +78,23 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
-    /// Builds weights from Q4_0 blocks as GGML and tract store them: per block a little-endian
-    /// float16 scale then 16 bytes of codes.
+    /// Builds weights from Q4_0 blocks as GGML and tract store them, per block a little-endian
+    /// float16 scale then 16 bytes of codes, in the layout this CPU's kernels read fastest.
     pub fn from_q4_0_blocks(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
+        Self::with_layout(bytes, n, k, Self::preferred_layout(n))
+    }
+
+    fn preferred_layout(n: usize) -> Layout {
+        #[cfg(target_arch = "x86_64")]
+        if n % GROUP == 0 && x86::available() && x86::has_vnni() {
+            return Layout::Rows8;
+        }
+        let _ = n;
+        Layout::Rows
+    }
+
+    /// [`Weights::from_q4_0_blocks`] in a given layout.
+    pub fn with_layout(bytes: &[u8], n: usize, k: usize, layout: Layout) -> Result<Self, String> {
         const BLOCK_BYTES: usize = 2 + BLOCK / 2;
         if k % BLOCK != 0 || n == 0 {
             return Err(format!("a Q4_0 weight needs inputs in multiples of {BLOCK} and at least one output, got {n} × {k}"));
@@ -73,7 +109,33 @@ impl Weights {
             scales.push(f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32());
             codes.extend_from_slice(&block[2..]);
         }
-        Ok(Self { n, k, codes, scales })
+        let weights = Self { n, k, layout: Layout::Rows, codes, scales };
+        match layout {
+            Layout::Rows => Ok(weights),
+            Layout::Rows8 if n % GROUP != 0 => Err(format!("{n} rows do not make groups of {GROUP}")),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Rows8 if x86::available() && x86::has_vnni() => Ok(weights.side_by_side()),
+            Layout::Rows8 => Err("no kernel on this CPU reads rows side by side (it needs AVX-VNNI)".into()),
+        }
+    }
+
+    /// Reorders row-major blocks into [`Layout::Rows8`].
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    fn side_by_side(self) -> Self {
+        let blocks = self.k / BLOCK;
+        let mut codes = Vec::with_capacity(self.codes.len());
+        let mut scales = Vec::with_capacity(self.scales.len());
+        for group in (0..self.n).step_by(GROUP) {
+            for b in 0..blocks {
+                for chunk in 0..BLOCK / 2 / 4 {
+                    for row in group..group + GROUP {
+                        codes.extend_from_slice(&self.row_codes(row)[b * BLOCK / 2 + chunk * 4..][..4]);
+                    }
+                }
+                scales.extend((group..group + GROUP).map(|row| self.row_scales(row)[b]));
+            }
+        }
+        Self { layout: Layout::Rows8, codes, scales, ..self }
     }
 
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
@@ -89,8 +151,14 @@ impl Weights {
         assert_eq!(out.len(), a.m * self.n, "output must hold m × n values");
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
-            // SAFETY: available() checked that this CPU has AVX2 and FMA.
-            unsafe { x86::matmul(self, a, out) };
+            // SAFETY: available() checked that this CPU has AVX2 and FMA; with_layout made
+            // Rows8 only where it also has AVX-VNNI.
+            unsafe {
+                match self.layout {
+                    Layout::Rows => x86::matmul(self, a, out),
+                    Layout::Rows8 => x86::rows8::matmul(self, a, out),
+                }
+            }
             return;
         }
         #[cfg(target_arch = "aarch64")]
@@ -99,11 +167,13 @@ impl Weights {
         portable::matmul(self, a, out);
     }
 
+    /// Row `row`'s codes, in [`Layout::Rows`].
     fn row_codes(&self, row: usize) -> &[u8] {
         let len = self.k / 2;
         &self.codes[row * len..][..len]
     }
 
+    /// Row `row`'s scales, in [`Layout::Rows`].
     fn row_scales(&self, row: usize) -> &[f32] {
         let len = self.k / BLOCK;
         &self.scales[row * len..][..len]
@@ -116,22 +186,33 @@ impl QuantizedRows {
         assert!(k % BLOCK == 0 && a.len() == m * k, "activation must be m × k with k a multiple of {BLOCK}");
         let mut values = vec![0i8; a.len()];
         let mut scales = vec![0f32; a.len() / BLOCK];
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: available() checked that this CPU has AVX2 and FMA.
-            unsafe { x86::quantize(a, &mut values, &mut scales) };
-            return Self { m, k, values, scales };
-        }
-        #[cfg(target_arch = "aarch64")]
-        arm::quantize(a, &mut values, &mut scales);
-        #[cfg(not(target_arch = "aarch64"))]
-        portable::quantize(a, &mut values, &mut scales);
-        Self { m, k, values, scales }
+        quantize(a, &mut values, &mut scales);
+        let sums = values.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+        Self { m, k, values, scales, sums }
     }
 
     fn row(&self, r: usize) -> (&[i8], &[f32]) {
         (&self.values[r * self.k..][..self.k], &self.scales[r * (self.k / BLOCK)..][..self.k / BLOCK])
     }
+
+    /// Row `r`'s block sums.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    fn row_sums(&self, r: usize) -> &[i32] {
+        &self.sums[r * (self.k / BLOCK)..][..self.k / BLOCK]
+    }
+}
+
+/// The contract's activation quantization on this CPU's vector unit.
+fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: available() checked that this CPU has AVX2 and FMA.
+        return unsafe { x86::quantize(a, values, scales) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    return arm::quantize(a, values, scales);
+    #[allow(unreachable_code)]
+    portable::quantize(a, values, scales)
 }
 
 #[cfg(test)]

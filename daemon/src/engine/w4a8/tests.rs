@@ -75,9 +75,9 @@ fn products_match_the_contract_for_every_tile_shape() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
     // rows outside full tiles.
-    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128)] {
+    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32)] {
         let (bytes, dense) = random_weight(&mut rng, n, k);
-        let w = Weights::from_q4_0_blocks(&bytes, n, k).unwrap();
+        let w = Weights::with_layout(&bytes, n, k, Layout::Rows).unwrap();
         let a = random_activation(&mut rng, m, k);
         let want = contract(&dense, &QuantizedRows::new(&a, m, k), n);
         let mut got = vec![f32::NAN; m * n];
@@ -89,7 +89,24 @@ fn products_match_the_contract_for_every_tile_shape() {
             unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), &mut out) };
             assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
         }
+        match Weights::with_layout(&bytes, n, k, Layout::Rows8) {
+            Ok(side_by_side) => {
+                let mut out = vec![f32::NAN; m * n];
+                side_by_side.matmul(&a, m, &mut out);
+                assert_close(&out, &want, &format!("rows-side-by-side kernel, {m}×{k} · {n}×{k}"));
+            }
+            Err(e) => assert!(!(rows8_runs_here() && n % GROUP == 0), "{e}"),
+        }
+        let expected = if rows8_runs_here() && n % GROUP == 0 { Layout::Rows8 } else { Layout::Rows };
+        assert_eq!(Weights::from_q4_0_blocks(&bytes, n, k).unwrap().layout, expected, "the layout this CPU reads fastest");
     }
+}
+
+fn rows8_runs_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::available() && x86::has_vnni();
+    #[allow(unreachable_code)]
+    false
 }
 
 type Kernel = unsafe fn(&Weights, &QuantizedRows, &mut [f32]);
