@@ -5,7 +5,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::{QuantizedRows, Weights, BLOCK};
+use super::{OutputShare, QuantizedRows, Weights, BLOCK};
 
 /// Whether this core has the dot-product instructions.
 pub fn has_dotprod() -> bool {
@@ -13,7 +13,7 @@ pub fn has_dotprod() -> bool {
 }
 
 /// `out = a · Wᵀ` (see `Weights::matmul_quantized`); `a.k == w.k`, `out.len() == a.m · w.n`.
-pub fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     if has_dotprod() {
         // SAFETY: the core has the dot-product extension (checked above); NEON is baseline.
         unsafe { dotprod::matmul(w, a, out) }
@@ -37,33 +37,33 @@ unsafe fn signed_weights(codes: *const u8) -> [int8x16_t; 2] {
 macro_rules! kernels {
     ($features:literal, $dot:ident) => {
         #[target_feature(enable = $features)]
-        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
             let mut r = 0;
             while a.m - r >= 4 {
-                tiles::<2, 4>(w, a, r, out);
+                tiles::<2, 4>(w, a, r, &out);
                 r += 4;
             }
             while r < a.m {
-                tiles::<4, 1>(w, a, r, out);
+                tiles::<4, 1>(w, a, r, &out);
                 r += 1;
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &mut [f32]) {
-            let mut j = 0;
-            while w.n - j >= R {
+        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+            let (mut j, end) = (out.cols().start, out.cols().end);
+            while end - j >= R {
                 tile::<R, T>(w, a, j, r0, out);
                 j += R;
             }
-            while j < w.n {
+            while j < end {
                 tile::<1, T>(w, a, j, r0, out);
                 j += 1;
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &mut [f32]) {
+        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
             let blocks = w.k / BLOCK;
             let mut codes = [std::ptr::null::<u8>(); R];
             let mut w_scales = [std::ptr::null::<f32>(); R];
@@ -96,7 +96,7 @@ macro_rules! kernels {
             }
             for i in 0..R {
                 for t in 0..T {
-                    out[(r0 + t) * w.n + j0 + i] = vaddvq_f32(acc[i][t]);
+                    out.set(r0 + t, j0 + i, vaddvq_f32(acc[i][t]));
                 }
             }
         }

@@ -23,6 +23,10 @@ mod x86;
 
 pub use op::use_w4a8_products;
 
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::f16;
 
 /// Inputs per quantization block, for weights and activations alike.
@@ -58,6 +62,60 @@ pub enum Layout {
 
 /// Rows side by side in [`Layout::Rows8`].
 pub const GROUP: usize = 8;
+
+/// Multiply-adds (m · n · k) below which a product stays on one thread: handing work to the
+/// pool and joining costs microseconds, a 128 × 512 decode product takes about as long.
+const PARALLEL_PRODUCT: usize = 1 << 20;
+
+/// A kernel's share of an `[m, n]` row-major output: the columns (weight rows) `cols` of every
+/// row. Shares of one output cover disjoint columns, so threads holding them never write the
+/// same element.
+pub struct OutputShare<'a> {
+    ptr: *mut f32,
+    n: usize,
+    rows: usize,
+    cols: Range<usize>,
+    _output: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a share writes only its own columns (checked in `at`), disjoint from its siblings'.
+unsafe impl Send for OutputShare<'_> {}
+
+impl<'a> OutputShare<'a> {
+    fn whole(out: &'a mut [f32], n: usize) -> Self {
+        Self { ptr: out.as_mut_ptr(), n, rows: out.len() / n, cols: 0..n, _output: PhantomData }
+    }
+
+    /// Up to `parts` shares of whole columns, each a multiple of `align` wide but the last.
+    fn split(out: &'a mut [f32], n: usize, parts: usize, align: usize) -> Vec<Self> {
+        let width = n.div_ceil(parts.max(1)).div_ceil(align) * align;
+        let whole = Self::whole(out, n);
+        (0..n)
+            .step_by(width)
+            .map(|start| Self { cols: start..(start + width).min(n), ..whole.same_output() })
+            .collect()
+    }
+
+    fn same_output(&self) -> Self {
+        Self { ptr: self.ptr, n: self.n, rows: self.rows, cols: self.cols.clone(), _output: PhantomData }
+    }
+
+    pub fn cols(&self) -> Range<usize> {
+        self.cols.clone()
+    }
+
+    /// Where `len` outputs of row `r` from column `j` go; they must lie in this share.
+    fn at(&self, r: usize, j: usize, len: usize) -> *mut f32 {
+        assert!(r < self.rows && self.cols.start <= j && j + len <= self.cols.end, "write outside the share");
+        // SAFETY: in bounds of the output: r < rows, j + len <= n.
+        unsafe { self.ptr.add(r * self.n + j) }
+    }
+
+    fn set(&self, r: usize, j: usize, value: f32) {
+        // SAFETY: `at` checked the element is this share's; no other share writes it.
+        unsafe { *self.at(r, j, 1) = value }
+    }
+}
 
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
 pub struct QuantizedRows {
@@ -141,14 +199,32 @@ impl Weights {
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
     /// (row-major) and `out` of `m` rows of `n`.
     pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]) {
-        let rows = QuantizedRows::new(a, m, self.k);
-        self.matmul_quantized(&rows, out);
+        self.matmul_quantized(&QuantizedRows::new(a, m, self.k), out);
     }
 
-    /// [`Weights::matmul`] on an activation already quantized.
+    /// [`Weights::matmul`] on an activation already quantized. Large products are split by
+    /// output rows over the thread pool tract runs the plan with (`--threads`).
     pub fn matmul_quantized(&self, a: &QuantizedRows, out: &mut [f32]) {
         assert_eq!(a.k, self.k, "activation width must match the weight's inputs");
         assert_eq!(out.len(), a.m * self.n, "output must hold m × n values");
+        let pool = match tract_linalg::multithread::current_tract_executor() {
+            Executor::MultiThread(pool) if a.m * self.n * self.k >= PARALLEL_PRODUCT => pool,
+            _ => return self.run_kernel(a, OutputShare::whole(out, self.n)),
+        };
+        let mut shares = OutputShare::split(out, self.n, pool.current_num_threads(), GROUP).into_iter();
+        let own = shares.next().expect("an output has at least one share");
+        // The calling thread computes a share itself instead of sleeping until the pool is
+        // done: every wake-up saved is tens of microseconds on a busy or virtual machine.
+        pool.in_place_scope(|scope| {
+            for share in shares {
+                scope.spawn(move |_| self.run_kernel(a, share));
+            }
+            self.run_kernel(a, own);
+        });
+    }
+
+    /// This CPU's kernel for this layout, on one share of the output.
+    fn run_kernel(&self, a: &QuantizedRows, out: OutputShare) {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // SAFETY: available() checked that this CPU has AVX2 and FMA; with_layout made

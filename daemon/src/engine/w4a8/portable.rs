@@ -1,7 +1,7 @@
 //! The W4A8 contract in plain Rust: the reference the vector kernels are tested against, and
 //! what runs where no vector kernel exists (LLVM vectorizes the integer dot on its own).
 
-use super::{QuantizedRows, Weights, BLOCK};
+use super::{OutputShare, QuantizedRows, Weights, BLOCK};
 
 /// Quantizes blocks of 32 floats to int8 with one scale each (see the module contract).
 pub fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
@@ -19,9 +19,9 @@ pub fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
     }
 }
 
-pub fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     let mut unpacked = [0i8; BLOCK];
-    for j in 0..w.n {
+    for j in out.cols() {
         let (codes, w_scales) = (w.row_codes(j), w.row_scales(j));
         for r in 0..a.m {
             let (q, a_scales) = a.row(r);
@@ -31,7 +31,7 @@ pub fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
                 let dot: i32 = unpacked.iter().zip(&q[b * BLOCK..][..BLOCK]).map(|(&w, &x)| w as i32 * x as i32).sum();
                 acc += dot as f32 * (w_scales[b] * a_scales[b]);
             }
-            out[r * w.n + j] = acc;
+            out.set(r, j, acc);
         }
     }
 }

@@ -86,7 +86,7 @@ fn products_match_the_contract_for_every_tile_shape() {
         for (name, kernel) in kernels() {
             let mut out = vec![f32::NAN; m * n];
             // SAFETY: kernels() lists only what this CPU runs.
-            unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), &mut out) };
+            unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
             assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
         }
         match Weights::with_layout(&bytes, n, k, Layout::Rows8) {
@@ -109,7 +109,7 @@ fn rows8_runs_here() -> bool {
     false
 }
 
-type Kernel = unsafe fn(&Weights, &QuantizedRows, &mut [f32]);
+type Kernel = unsafe fn(&Weights, &QuantizedRows, OutputShare);
 
 /// Every kernel this CPU can run. On CI's x86 machines that must include both vector ones.
 fn kernels() -> Vec<(&'static str, Kernel)> {
@@ -153,4 +153,39 @@ fn weights_of_the_wrong_size_are_refused() {
     assert!(err.contains("18 bytes, found 17"), "{err}");
     let err = Weights::from_q4_0_blocks(&[0u8; 18], 1, 30).unwrap_err();
     assert!(err.contains("multiples of 32"), "{err}");
+}
+
+#[test]
+fn shares_cover_every_column_once_in_aligned_widths() {
+    for (n, parts) in [(64, 2), (12288, 2), (1032, 3), (24, 4), (8, 3), (7, 2)] {
+        let mut out = vec![0f32; 2 * n];
+        let shares = OutputShare::split(&mut out, n, parts, GROUP);
+        assert!(shares.len() <= parts);
+        let mut next = 0;
+        for share in &shares {
+            assert_eq!(share.cols().start, next, "n = {n}: shares must tile the columns in order");
+            assert!(share.cols().start % GROUP == 0, "n = {n}: a share must start on a group of rows");
+            next = share.cols().end;
+        }
+        assert_eq!(next, n);
+    }
+}
+
+#[test]
+fn products_split_over_threads_equal_the_single_threaded_ones() {
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // Large enough to be split: m · n · k ≥ PARALLEL_PRODUCT.
+    let (n, k) = (1032, 1024);
+    let (bytes, _) = random_weight(&mut rng, n, k);
+    let w = Weights::from_q4_0_blocks(&bytes, n, k).unwrap();
+    for m in [1, 5] {
+        assert!(m * n * k >= PARALLEL_PRODUCT);
+        let a = random_activation(&mut rng, m, k);
+        let mut single = vec![f32::NAN; m * n];
+        w.matmul(&a, m, &mut single);
+        let mut split = vec![f32::NAN; m * n];
+        multithread_tract_scope(Executor::multithread(3), || w.matmul(&a, m, &mut split));
+        assert_eq!(single, split, "m = {m}");
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{QuantizedRows, Weights, BLOCK};
+use super::{OutputShare, QuantizedRows, Weights, BLOCK};
 
 /// Whether this CPU runs these kernels (checked once; the answer is cached by std).
 pub fn available() -> bool {
@@ -48,7 +48,7 @@ pub unsafe fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA ([`available`]); `a.k == w.k`, `out.len() == a.m · w.n`.
-pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     if has_vnni() {
         vnni::matmul(w, a, out)
     } else {
@@ -63,33 +63,33 @@ pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
 macro_rules! kernels {
     ($features:literal, $unpack:ident, $dot:ident) => {
         #[target_feature(enable = $features)]
-        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+        pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
             let mut r = 0;
             while a.m - r >= 4 {
-                tiles::<2, 4>(w, a, r, out);
+                tiles::<2, 4>(w, a, r, &out);
                 r += 4;
             }
             while r < a.m {
-                tiles::<4, 1>(w, a, r, out);
+                tiles::<4, 1>(w, a, r, &out);
                 r += 1;
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &mut [f32]) {
-            let mut j = 0;
-            while w.n - j >= R {
+        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+            let (mut j, end) = (out.cols().start, out.cols().end);
+            while end - j >= R {
                 tile::<R, T>(w, a, j, r0, out);
                 j += R;
             }
-            while j < w.n {
+            while j < end {
                 tile::<1, T>(w, a, j, r0, out);
                 j += 1;
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &mut [f32]) {
+        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
             let blocks = w.k / BLOCK;
             let half = BLOCK / 2;
             let mut codes = [std::ptr::null::<u8>(); R];
@@ -122,7 +122,7 @@ macro_rules! kernels {
             }
             for i in 0..R {
                 for t in 0..T {
-                    out[(r0 + t) * w.n + j0 + i] = super::horizontal_sum(acc[i][t]);
+                    out.set(r0 + t, j0 + i, super::horizontal_sum(acc[i][t]));
                 }
             }
         }
@@ -199,22 +199,22 @@ pub(super) mod rows8 {
     /// # Safety
     /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`, `out.len() == a.m · w.n`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: &mut [f32]) {
+    pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
         debug_assert_eq!(w.layout, super::super::Layout::Rows8);
         let mut r = 0;
         while a.m - r >= 4 {
-            groups::<4>(w, a, r, out);
+            groups::<4>(w, a, r, &out);
             r += 4;
         }
         while r < a.m {
-            groups::<1>(w, a, r, out);
+            groups::<1>(w, a, r, &out);
             r += 1;
         }
     }
 
     /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &mut [f32]) {
+    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
         const CHUNKS: usize = BLOCK / 2 / 4;
         let blocks = w.k / BLOCK;
         let low_nibbles = _mm256_set1_epi8(0x0f);
@@ -227,7 +227,7 @@ pub(super) mod rows8 {
             x_scales[t] = scales.as_ptr();
             x_sums[t] = a.row_sums(r0 + t).as_ptr();
         }
-        for g in 0..w.n / GROUP {
+        for g in out.cols().start / GROUP..out.cols().end / GROUP {
             let codes = w.codes.as_ptr().add(g * blocks * GROUP * BLOCK / 2);
             let scales = w.scales.as_ptr().add(g * blocks * GROUP);
             let mut acc = [_mm256_setzero_ps(); T];
@@ -256,7 +256,7 @@ pub(super) mod rows8 {
                 }
             }
             for t in 0..T {
-                _mm256_storeu_ps(out.as_mut_ptr().add((r0 + t) * w.n + g * GROUP), acc[t]);
+                _mm256_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
             }
         }
     }
