@@ -163,7 +163,7 @@ fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 4096];
         let n = sock.recv(&mut buf).expect("a notification from mulmd");
         String::from_utf8_lossy(&buf[..n]).into_owned()

@@ -1,6 +1,7 @@
-//! aarch64 kernels for the W4A8 contract: NEON everywhere, and `sdot` where the core has the
-//! dot-product extension (Cortex-A76/A55 in the RK3588 and most boards since), chosen at run
-//! time. Same tiling as the x86 kernels: R weight rows × T activation rows per tile.
+//! aarch64 kernels for the W4A8 contract, chosen at run time: `sdot` on rows side by side
+//! where the core has the dot-product extension (Cortex-A76/A55 in the RK3588 and most boards
+//! since), else NEON widening multiplies row by row. Their speed on a board is not measured
+//! yet; qemu checks what they compute.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -137,6 +138,97 @@ pub(super) mod dotprod {
     }
 
     kernels!("neon,dotprod", dot);
+}
+
+/// `sdot` by element on [`Layout::Rows4`](super::Layout::Rows4): each i32 lane is one of 4
+/// output rows. A block is 8 `sdot`, each multiplying 4 codes of every row by the same 4
+/// activation bytes (an element of the activation register, no broadcast needed); the codes
+/// stay unsigned (0..16) and their offset of 8 comes off once per block for all 4 rows as
+/// 8 · (the block's activation sum).
+pub(super) mod rows4 {
+    use super::*;
+
+    const GROUP: usize = 4;
+
+    /// `out = a · Wᵀ` for `w` in `Layout::Rows4`.
+    ///
+    /// # Safety
+    /// The core must have the dot-product extension; `a.k == w.k`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
+        let mut r = 0;
+        while a.m - r >= 4 {
+            groups::<4>(w, a, r, &out);
+            r += 4;
+        }
+        while r < a.m {
+            groups::<1>(w, a, r, &out);
+            r += 1;
+        }
+    }
+
+    /// Σ over one block of 4 rows' codes (4 registers of low nibbles, 4 of high) times the
+    /// block's activation (`x[0]` inputs 0..16, `x[1]` 16..32), added to `acc`.
+    #[inline(always)]
+    unsafe fn block_dot(mut acc: int32x4_t, low: &[int8x16_t; 4], high: &[int8x16_t; 4], x: [int8x16_t; 2]) -> int32x4_t {
+        asm!(
+            "sdot {acc:v}.4s, {l0:v}.16b, {xa:v}.4b[0]",
+            "sdot {acc:v}.4s, {l1:v}.16b, {xa:v}.4b[1]",
+            "sdot {acc:v}.4s, {l2:v}.16b, {xa:v}.4b[2]",
+            "sdot {acc:v}.4s, {l3:v}.16b, {xa:v}.4b[3]",
+            "sdot {acc:v}.4s, {h0:v}.16b, {xb:v}.4b[0]",
+            "sdot {acc:v}.4s, {h1:v}.16b, {xb:v}.4b[1]",
+            "sdot {acc:v}.4s, {h2:v}.16b, {xb:v}.4b[2]",
+            "sdot {acc:v}.4s, {h3:v}.16b, {xb:v}.4b[3]",
+            acc = inout(vreg) acc,
+            l0 = in(vreg) low[0], l1 = in(vreg) low[1], l2 = in(vreg) low[2], l3 = in(vreg) low[3],
+            h0 = in(vreg) high[0], h1 = in(vreg) high[1], h2 = in(vreg) high[2], h3 = in(vreg) high[3],
+            xa = in(vreg) x[0], xb = in(vreg) x[1],
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    /// Every group of 4 weight rows against activation rows `r0..r0 + T`.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+        const CHUNKS: usize = BLOCK / 2 / 4;
+        let blocks = w.k / BLOCK;
+        let mut x_values = [std::ptr::null::<i8>(); T];
+        let mut x_scales = [std::ptr::null::<f32>(); T];
+        let mut x_sums = [std::ptr::null::<i32>(); T];
+        for t in 0..T {
+            let (values, scales) = a.row(r0 + t);
+            x_values[t] = values.as_ptr();
+            x_scales[t] = scales.as_ptr();
+            x_sums[t] = a.row_sums(r0 + t).as_ptr();
+        }
+        for g in out.cols().start / GROUP..out.cols().end / GROUP {
+            let codes = w.codes.as_ptr().add(g * blocks * GROUP * BLOCK / 2);
+            let scales = w.scales.as_ptr().add(g * blocks * GROUP);
+            let mut acc = [vdupq_n_f32(0.0); T];
+            for b in 0..blocks {
+                let block = codes.add(b * GROUP * BLOCK / 2);
+                let mut low = [vdupq_n_s8(0); CHUNKS];
+                let mut high = [vdupq_n_s8(0); CHUNKS];
+                for c in 0..CHUNKS {
+                    let bytes = vld1q_u8(block.add(c * 16));
+                    low[c] = vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f)));
+                    high[c] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+                }
+                let w_scales = vld1q_f32(scales.add(b * GROUP));
+                for t in 0..T {
+                    let x = x_values[t].add(b * BLOCK);
+                    let start = vdupq_n_s32(-8 * *x_sums[t].add(b));
+                    let dot = block_dot(start, &low, &high, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
+                    acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(dot), vmulq_n_f32(w_scales, *x_scales[t].add(b)));
+                }
+            }
+            for t in 0..T {
+                vst1q_f32(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+            }
+        }
+    }
 }
 
 /// See `portable::quantize`; the same arithmetic, 32 floats at a time.

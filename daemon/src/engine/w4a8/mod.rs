@@ -36,7 +36,6 @@ pub const BLOCK: usize = 32;
 pub struct Weights {
     pub n: usize,
     pub k: usize,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
     layout: Layout,
     /// 16 bytes per block of 32 codes. Within a row's block, byte `j` holds code `j` in its
     /// low nibble and code `j + 16` in its high nibble (GGML's order: one shift splits a block
@@ -51,17 +50,44 @@ pub struct Weights {
 pub enum Layout {
     /// Row by row, `[n, k/32]` blocks: what every kernel reads.
     Rows,
-    /// Eight rows side by side, `[n/8, k/32]` groups, for kernels whose vector lanes are
-    /// output rows (x86 with AVX-VNNI): within a group's block, four 32-byte chunks, chunk `c`
-    /// holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales `[n/8, k/32, 8]`.
-    /// A lane then sums its own row, so no horizontal sums, and eight rows share each
-    /// broadcast of four activation bytes.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
+    /// Eight rows side by side, for kernels whose 8 vector lanes are output rows (x86 with
+    /// AVX-VNNI): `[n/8, k/32]` groups of blocks; within a group's block four chunks, chunk
+    /// `c` holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales `[n/8, k/32, 8]`.
+    /// A lane then sums its own row, so no horizontal sums, and the rows share each broadcast
+    /// of four activation bytes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Rows8,
+    /// The same with four rows, for 4-lane kernels (aarch64 with the dot-product extension).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Rows4,
 }
 
-/// Rows side by side in [`Layout::Rows8`].
-pub const GROUP: usize = 8;
+impl Layout {
+    /// Rows side by side.
+    pub fn group(self) -> usize {
+        match self {
+            Layout::Rows => 1,
+            Layout::Rows8 => 8,
+            Layout::Rows4 => 4,
+        }
+    }
+
+    /// Whether this CPU has a kernel for the layout.
+    fn runs_here(self) -> bool {
+        match self {
+            Layout::Rows => true,
+            #[cfg(target_arch = "x86_64")]
+            Layout::Rows8 => x86::available() && x86::has_vnni(),
+            #[cfg(target_arch = "aarch64")]
+            Layout::Rows4 => arm::has_dotprod(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// Output columns in a thread's share are a multiple of this: every layout's group divides it.
+const SHARE_ALIGN: usize = 8;
 
 /// Multiply-adds (m · n · k) below which a product stays on one thread: handing work to the
 /// pool and joining costs microseconds, a 128 × 512 decode product takes about as long.
@@ -125,7 +151,6 @@ pub struct QuantizedRows {
     /// `[m, k/32]`.
     scales: Vec<f32>,
     /// Sum of each block's values, `[m, k/32]`: what the code offset of 8 costs a block.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
     sums: Vec<i32>,
 }
 
@@ -143,12 +168,10 @@ impl Weights {
     }
 
     fn preferred_layout(n: usize) -> Layout {
-        #[cfg(target_arch = "x86_64")]
-        if n % GROUP == 0 && x86::available() && x86::has_vnni() {
-            return Layout::Rows8;
-        }
-        let _ = n;
-        Layout::Rows
+        [Layout::Rows8, Layout::Rows4]
+            .into_iter()
+            .find(|l| l.runs_here() && n % l.group() == 0)
+            .unwrap_or(Layout::Rows)
     }
 
     /// [`Weights::from_q4_0_blocks`] in a given layout.
@@ -168,32 +191,32 @@ impl Weights {
             codes.extend_from_slice(&block[2..]);
         }
         let weights = Self { n, k, layout: Layout::Rows, codes, scales };
-        match layout {
-            Layout::Rows => Ok(weights),
-            Layout::Rows8 if n % GROUP != 0 => Err(format!("{n} rows do not make groups of {GROUP}")),
-            #[cfg(target_arch = "x86_64")]
-            Layout::Rows8 if x86::available() && x86::has_vnni() => Ok(weights.side_by_side()),
-            Layout::Rows8 => Err("no kernel on this CPU reads rows side by side (it needs AVX-VNNI)".into()),
+        if !layout.runs_here() {
+            return Err(format!("no kernel on this CPU reads the {layout:?} layout"));
         }
+        if n % layout.group() != 0 {
+            return Err(format!("{n} rows do not make groups of {} for the {layout:?} layout", layout.group()));
+        }
+        Ok(if layout == Layout::Rows { weights } else { weights.side_by_side(layout) })
     }
 
-    /// Reorders row-major blocks into [`Layout::Rows8`].
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
-    fn side_by_side(self) -> Self {
+    /// Reorders row-major blocks into a layout of rows side by side.
+    fn side_by_side(self, layout: Layout) -> Self {
+        let group_rows = layout.group();
         let blocks = self.k / BLOCK;
         let mut codes = Vec::with_capacity(self.codes.len());
         let mut scales = Vec::with_capacity(self.scales.len());
-        for group in (0..self.n).step_by(GROUP) {
+        for group in (0..self.n).step_by(group_rows) {
             for b in 0..blocks {
                 for chunk in 0..BLOCK / 2 / 4 {
-                    for row in group..group + GROUP {
+                    for row in group..group + group_rows {
                         codes.extend_from_slice(&self.row_codes(row)[b * BLOCK / 2 + chunk * 4..][..4]);
                     }
                 }
-                scales.extend((group..group + GROUP).map(|row| self.row_scales(row)[b]));
+                scales.extend((group..group + group_rows).map(|row| self.row_scales(row)[b]));
             }
         }
-        Self { layout: Layout::Rows8, codes, scales, ..self }
+        Self { layout, codes, scales, ..self }
     }
 
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
@@ -211,7 +234,7 @@ impl Weights {
             Executor::MultiThread(pool) if a.m * self.n * self.k >= PARALLEL_PRODUCT => pool,
             _ => return self.run_kernel(a, OutputShare::whole(out, self.n)),
         };
-        let mut shares = OutputShare::split(out, self.n, pool.current_num_threads(), GROUP).into_iter();
+        let mut shares = OutputShare::split(out, self.n, pool.current_num_threads(), SHARE_ALIGN).into_iter();
         let own = shares.next().expect("an output has at least one share");
         // The calling thread computes a share itself instead of sleeping until the pool is
         // done: every wake-up saved is tens of microseconds on a busy or virtual machine.
@@ -231,14 +254,18 @@ impl Weights {
             // Rows8 only where it also has AVX-VNNI.
             unsafe {
                 match self.layout {
-                    Layout::Rows => x86::matmul(self, a, out),
                     Layout::Rows8 => x86::rows8::matmul(self, a, out),
+                    _ => x86::matmul(self, a, out),
                 }
             }
             return;
         }
         #[cfg(target_arch = "aarch64")]
-        return arm::matmul(self, a, out);
+        return match self.layout {
+            // SAFETY: with_layout made Rows4 only where the core has the dot-product extension.
+            Layout::Rows4 => unsafe { arm::rows4::matmul(self, a, out) },
+            _ => arm::matmul(self, a, out),
+        };
         #[allow(unreachable_code)]
         portable::matmul(self, a, out);
     }
@@ -272,7 +299,6 @@ impl QuantizedRows {
     }
 
     /// Row `r`'s block sums.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 has a Rows8 kernel
     fn row_sums(&self, r: usize) -> &[i32] {
         &self.sums[r * (self.k / BLOCK)..][..self.k / BLOCK]
     }

@@ -75,7 +75,7 @@ fn products_match_the_contract_for_every_tile_shape() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
     // rows outside full tiles.
-    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32)] {
+    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64)] {
         let (bytes, dense) = random_weight(&mut rng, n, k);
         let w = Weights::with_layout(&bytes, n, k, Layout::Rows).unwrap();
         let a = random_activation(&mut rng, m, k);
@@ -89,24 +89,34 @@ fn products_match_the_contract_for_every_tile_shape() {
             unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
             assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
         }
-        match Weights::with_layout(&bytes, n, k, Layout::Rows8) {
-            Ok(side_by_side) => {
-                let mut out = vec![f32::NAN; m * n];
-                side_by_side.matmul(&a, m, &mut out);
-                assert_close(&out, &want, &format!("rows-side-by-side kernel, {m}×{k} · {n}×{k}"));
+        for layout in [Layout::Rows8, Layout::Rows4] {
+            match Weights::with_layout(&bytes, n, k, layout) {
+                Ok(side_by_side) => {
+                    let mut out = vec![f32::NAN; m * n];
+                    side_by_side.matmul(&a, m, &mut out);
+                    assert_close(&out, &want, &format!("{layout:?} kernel, {m}×{k} · {n}×{k}"));
+                }
+                Err(e) => assert!(!(layout_expected(layout) && n % layout.group() == 0), "{e}"),
             }
-            Err(e) => assert!(!(rows8_runs_here() && n % GROUP == 0), "{e}"),
         }
-        let expected = if rows8_runs_here() && n % GROUP == 0 { Layout::Rows8 } else { Layout::Rows };
-        assert_eq!(Weights::from_q4_0_blocks(&bytes, n, k).unwrap().layout, expected, "the layout this CPU reads fastest");
+        let fastest = [Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l) && n % l.group() == 0);
+        assert_eq!(
+            Weights::from_q4_0_blocks(&bytes, n, k).unwrap().layout,
+            fastest.unwrap_or(Layout::Rows),
+            "the layout this CPU reads fastest"
+        );
     }
 }
 
-fn rows8_runs_here() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return x86::available() && x86::has_vnni();
-    #[allow(unreachable_code)]
-    false
+/// Whether this machine must run `layout`'s kernel (asked independently of `runs_here`).
+fn layout_expected(layout: Layout) -> bool {
+    match layout {
+        #[cfg(target_arch = "x86_64")]
+        Layout::Rows8 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni"),
+        #[cfg(target_arch = "aarch64")]
+        Layout::Rows4 => std::arch::is_aarch64_feature_detected!("dotprod"),
+        _ => false,
+    }
 }
 
 type Kernel = unsafe fn(&Weights, &QuantizedRows, OutputShare);
@@ -159,12 +169,12 @@ fn weights_of_the_wrong_size_are_refused() {
 fn shares_cover_every_column_once_in_aligned_widths() {
     for (n, parts) in [(64, 2), (12288, 2), (1032, 3), (24, 4), (8, 3), (7, 2)] {
         let mut out = vec![0f32; 2 * n];
-        let shares = OutputShare::split(&mut out, n, parts, GROUP);
+        let shares = OutputShare::split(&mut out, n, parts, SHARE_ALIGN);
         assert!(shares.len() <= parts);
         let mut next = 0;
         for share in &shares {
             assert_eq!(share.cols().start, next, "n = {n}: shares must tile the columns in order");
-            assert!(share.cols().start % GROUP == 0, "n = {n}: a share must start on a group of rows");
+            assert!(share.cols().start % SHARE_ALIGN == 0, "n = {n}: a share must start on a group of rows");
             next = share.cols().end;
         }
         assert_eq!(next, n);

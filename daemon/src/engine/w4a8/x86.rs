@@ -192,7 +192,6 @@ unsafe fn horizontal_max(v: __m256) -> f32 {
 /// block for all 8 rows: 8 · (the block's activation sum).
 pub(super) mod rows8 {
     use super::*;
-    use crate::engine::w4a8::GROUP;
 
     /// `out = a · Wᵀ` for `w` in `Layout::Rows8`.
     ///
@@ -211,6 +210,8 @@ pub(super) mod rows8 {
             r += 1;
         }
     }
+
+    const GROUP: usize = 8;
 
     /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
