@@ -6,7 +6,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::{OutputShare, QuantizedRows, Weights, BLOCK};
+use super::{run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
 
 /// Whether this core has the dot-product instructions.
 pub fn has_dotprod() -> bool {
@@ -35,52 +35,23 @@ unsafe fn signed_weights(codes: *const u8) -> [int8x16_t; 2] {
     ]
 }
 
-macro_rules! kernels {
+/// A row-by-row kernel for one way of computing a block's integer dot: `$dot(weight,
+/// activation)` gives the block's products summed into 4 i32 lanes.
+macro_rules! row_kernel {
     ($features:literal, $dot:ident) => {
-        #[target_feature(enable = $features)]
+        /// # Safety
+        /// The core must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-            let mut r = 0;
-            while a.m - r >= 4 {
-                tiles::<2, 4>(w, a, r, &out);
-                r += 4;
-            }
-            while r < a.m {
-                tiles::<4, 1>(w, a, r, &out);
-                r += 1;
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-            let (mut j, end) = (out.cols().start, out.cols().end);
-            while end - j >= R {
-                tile::<R, T>(w, a, j, r0, out);
-                j += R;
-            }
-            while j < end {
-                tile::<1, T>(w, a, j, r0, out);
-                j += 1;
-            }
+            RowTiles { wide: tile::<2, 4>, wide_single: tile::<1, 4>, narrow: tile::<4, 1>, narrow_single: tile::<1, 1> }
+                .run(w, a, &out)
         }
 
         #[target_feature(enable = $features)]
         unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
-            let blocks = w.k / BLOCK;
-            let mut codes = [std::ptr::null::<u8>(); R];
-            let mut w_scales = [std::ptr::null::<f32>(); R];
-            for i in 0..R {
-                codes[i] = w.row_codes(j0 + i).as_ptr();
-                w_scales[i] = w.row_scales(j0 + i).as_ptr();
-            }
-            let mut x_values = [std::ptr::null::<i8>(); T];
-            let mut x_scales = [std::ptr::null::<f32>(); T];
-            for t in 0..T {
-                let (values, scales) = a.row(r0 + t);
-                x_values[t] = values.as_ptr();
-                x_scales[t] = scales.as_ptr();
-            }
+            let (codes, w_scales) = w.tile_rows::<R>(j0);
+            let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
             let mut acc = [[vdupq_n_f32(0.0); T]; R];
-            for b in 0..blocks {
+            for b in 0..w.k / BLOCK {
                 let mut x = [[vdupq_n_s8(0); 2]; T];
                 for t in 0..T {
                     let p = x_values[t].add(b * BLOCK);
@@ -116,7 +87,7 @@ pub(super) mod neon {
         vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
     }
 
-    kernels!("neon", dot);
+    row_kernel!("neon", dot);
 }
 
 /// `sdot`: four byte products summed into each i32 lane in one instruction. Its intrinsic is
@@ -137,7 +108,7 @@ pub(super) mod dotprod {
         acc
     }
 
-    kernels!("neon,dotprod", dot);
+    row_kernel!("neon,dotprod", dot);
 }
 
 /// `sdot` by element on [`Layout::Rows4`](super::Layout::Rows4): each i32 lane is one of 4
@@ -154,17 +125,8 @@ pub(super) mod rows4 {
     ///
     /// # Safety
     /// The core must have the dot-product extension; `a.k == w.k`.
-    #[target_feature(enable = "neon,dotprod")]
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        let mut r = 0;
-        while a.m - r >= 4 {
-            groups::<4>(w, a, r, &out);
-            r += 4;
-        }
-        while r < a.m {
-            groups::<1>(w, a, r, &out);
-            r += 1;
-        }
+        run_group_tiles(w, a, &out, groups::<4>, groups::<1>)
     }
 
     /// Σ over one block of 4 rows' codes (4 registers of low nibbles, 4 of high) times the
@@ -194,18 +156,9 @@ pub(super) mod rows4 {
     unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
         const CHUNKS: usize = BLOCK / 2 / 4;
         let blocks = w.k / BLOCK;
-        let mut x_values = [std::ptr::null::<i8>(); T];
-        let mut x_scales = [std::ptr::null::<f32>(); T];
-        let mut x_sums = [std::ptr::null::<i32>(); T];
-        for t in 0..T {
-            let (values, scales) = a.row(r0 + t);
-            x_values[t] = values.as_ptr();
-            x_scales[t] = scales.as_ptr();
-            x_sums[t] = a.row_sums(r0 + t).as_ptr();
-        }
+        let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
         for g in out.cols().start / GROUP..out.cols().end / GROUP {
-            let codes = w.codes.as_ptr().add(g * blocks * GROUP * BLOCK / 2);
-            let scales = w.scales.as_ptr().add(g * blocks * GROUP);
+            let (codes, scales) = w.group(g);
             let mut acc = [vdupq_n_f32(0.0); T];
             for b in 0..blocks {
                 let block = codes.add(b * GROUP * BLOCK / 2);

@@ -317,5 +317,98 @@ fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
     portable::quantize(a, values, scales)
 }
 
+/// Weight rows `j0..j0 + R` against activation rows `r0..r0 + T`, for a row-by-row kernel
+/// (arguments: weights, activation, j0, r0, output).
+type RowTile = unsafe fn(&Weights, &QuantizedRows, usize, usize, &OutputShare);
+
+/// A row-by-row kernel's four tile shapes. Prompts: 4 activation rows share each unpacked
+/// weight block, 2 weight rows at a time (`wide`, then `wide_single` for a last odd row).
+/// Decode and a prompt's last rows: 4 weight rows share each activation block (`narrow`,
+/// then `narrow_single`). Several accumulators stay in flight either way: one per output
+/// would wait on the FMA latency at every block.
+struct RowTiles {
+    wide: RowTile,
+    wide_single: RowTile,
+    narrow: RowTile,
+    narrow_single: RowTile,
+}
+
+impl RowTiles {
+    const WIDE: (usize, usize) = (2, 4);
+    const NARROW: (usize, usize) = (4, 1);
+
+    /// Covers the share with tiles.
+    ///
+    /// # Safety
+    /// The CPU must have the tiles' instruction-set extensions.
+    unsafe fn run(&self, w: &Weights, a: &QuantizedRows, out: &OutputShare) {
+        let cols = out.cols();
+        let mut r = 0;
+        while r < a.m {
+            let ((weight_rows, act_rows), full, single) = if a.m - r >= Self::WIDE.1 {
+                (Self::WIDE, self.wide, self.wide_single)
+            } else {
+                (Self::NARROW, self.narrow, self.narrow_single)
+            };
+            let mut j = cols.start;
+            while cols.end - j >= weight_rows {
+                full(w, a, j, r, out);
+                j += weight_rows;
+            }
+            while j < cols.end {
+                single(w, a, j, r, out);
+                j += 1;
+            }
+            r += act_rows;
+        }
+    }
+}
+
+/// Every group of a side-by-side layout's rows against activation rows `r0..r0 + T`
+/// (arguments: weights, activation, r0, output).
+type GroupTile = unsafe fn(&Weights, &QuantizedRows, usize, &OutputShare);
+
+/// Runs a side-by-side kernel over the activation: 4 rows at a time, then one.
+///
+/// # Safety
+/// The CPU must have the tiles' instruction-set extensions.
+unsafe fn run_group_tiles(w: &Weights, a: &QuantizedRows, out: &OutputShare, four: GroupTile, one: GroupTile) {
+    let mut r = 0;
+    while a.m - r >= 4 {
+        four(w, a, r, out);
+        r += 4;
+    }
+    while r < a.m {
+        one(w, a, r, out);
+        r += 1;
+    }
+}
+
+impl Weights {
+    /// Codes and scales of rows `j0..j0 + R` in [`Layout::Rows`], for a tile.
+    fn tile_rows<const R: usize>(&self, j0: usize) -> ([*const u8; R], [*const f32; R]) {
+        (std::array::from_fn(|i| self.row_codes(j0 + i).as_ptr()), std::array::from_fn(|i| self.row_scales(j0 + i).as_ptr()))
+    }
+
+    /// Codes and scales of group `g` of a side-by-side layout.
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+    fn group(&self, g: usize) -> (*const u8, *const f32) {
+        let (rows, blocks) = (self.layout.group(), self.k / BLOCK);
+        (self.codes[g * blocks * rows * BLOCK / 2..].as_ptr(), self.scales[g * blocks * rows..].as_ptr())
+    }
+}
+
+impl QuantizedRows {
+    /// Values, scales and block sums of rows `r0..r0 + T`, for a tile.
+    #[allow(clippy::type_complexity)]
+    fn tile_rows<const T: usize>(&self, r0: usize) -> ([*const i8; T], [*const f32; T], [*const i32; T]) {
+        (
+            std::array::from_fn(|t| self.row(r0 + t).0.as_ptr()),
+            std::array::from_fn(|t| self.row(r0 + t).1.as_ptr()),
+            std::array::from_fn(|t| self.row_sums(r0 + t).as_ptr()),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{OutputShare, QuantizedRows, Weights, BLOCK};
+use super::{run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
 
 /// Whether this CPU runs these kernels (checked once; the answer is cached by std).
 pub fn available() -> bool {
@@ -56,63 +56,30 @@ pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     }
 }
 
-/// The tiled product, for one way of computing a block's integer dot. Decode (one activation
-/// row): 4 weight rows share each activation block. Prompts: 4 activation rows share each
-/// unpacked weight block, 2 weight rows at a time. `$unpack` turns 16 code bytes into the
-/// weight operand, `$dot(acc, weight, activation)` adds the block's products to 8 i32 lanes.
-macro_rules! kernels {
+/// A row-by-row kernel for one way of computing a block's integer dot: `$unpack` turns 16
+/// code bytes into the weight operand, `$dot(weight, activation)` gives the block's products
+/// summed into 8 i32 lanes.
+macro_rules! row_kernel {
     ($features:literal, $unpack:ident, $dot:ident) => {
-        #[target_feature(enable = $features)]
+        /// # Safety
+        /// The CPU must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-            let mut r = 0;
-            while a.m - r >= 4 {
-                tiles::<2, 4>(w, a, r, &out);
-                r += 4;
-            }
-            while r < a.m {
-                tiles::<4, 1>(w, a, r, &out);
-                r += 1;
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn tiles<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-            let (mut j, end) = (out.cols().start, out.cols().end);
-            while end - j >= R {
-                tile::<R, T>(w, a, j, r0, out);
-                j += R;
-            }
-            while j < end {
-                tile::<1, T>(w, a, j, r0, out);
-                j += 1;
-            }
+            RowTiles { wide: tile::<2, 4>, wide_single: tile::<1, 4>, narrow: tile::<4, 1>, narrow_single: tile::<1, 1> }
+                .run(w, a, &out)
         }
 
         #[target_feature(enable = $features)]
         unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
-            let blocks = w.k / BLOCK;
-            let half = BLOCK / 2;
-            let mut codes = [std::ptr::null::<u8>(); R];
-            let mut w_scales = [std::ptr::null::<f32>(); R];
-            for i in 0..R {
-                codes[i] = w.row_codes(j0 + i).as_ptr();
-                w_scales[i] = w.row_scales(j0 + i).as_ptr();
-            }
-            let mut x_values = [std::ptr::null::<i8>(); T];
-            let mut x_scales = [std::ptr::null::<f32>(); T];
-            for t in 0..T {
-                let (values, scales) = a.row(r0 + t);
-                x_values[t] = values.as_ptr();
-                x_scales[t] = scales.as_ptr();
-            }
+            let (codes, w_scales) = w.tile_rows::<R>(j0);
+            let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
             let mut acc = [[_mm256_setzero_ps(); T]; R];
-            for b in 0..blocks {
+            for b in 0..w.k / BLOCK {
                 let mut x = [_mm256_setzero_si256(); T];
                 for t in 0..T {
                     x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
                 }
                 for i in 0..R {
-                    let weight = $unpack(_mm_loadu_si128(codes[i].add(b * half) as *const __m128i));
+                    let weight = $unpack(_mm_loadu_si128(codes[i].add(b * BLOCK / 2) as *const __m128i));
                     let ws = *w_scales[i].add(b);
                     for t in 0..T {
                         let dot = _mm256_cvtepi32_ps($dot(weight, x[t]));
@@ -153,7 +120,7 @@ pub(super) mod avx2 {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    kernels!("avx2,fma", signed_weight, dot);
+    row_kernel!("avx2,fma", signed_weight, dot);
 }
 
 /// AVX-VNNI: `vpdpbusd` multiplies the unsigned codes by the signed activation and sums four
@@ -168,7 +135,7 @@ pub(super) mod vnni {
         _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, _mm256_set1_epi8(8), x))
     }
 
-    kernels!("avx2,fma,avxvnni", codes_in_order, dot);
+    row_kernel!("avx2,fma,avxvnni", codes_in_order, dot);
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -196,19 +163,10 @@ pub(super) mod rows8 {
     /// `out = a · Wᵀ` for `w` in `Layout::Rows8`.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`, `out.len() == a.m · w.n`.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
+    /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
         debug_assert_eq!(w.layout, super::super::Layout::Rows8);
-        let mut r = 0;
-        while a.m - r >= 4 {
-            groups::<4>(w, a, r, &out);
-            r += 4;
-        }
-        while r < a.m {
-            groups::<1>(w, a, r, &out);
-            r += 1;
-        }
+        run_group_tiles(w, a, &out, groups::<4>, groups::<1>)
     }
 
     const GROUP: usize = 8;
@@ -219,18 +177,9 @@ pub(super) mod rows8 {
         const CHUNKS: usize = BLOCK / 2 / 4;
         let blocks = w.k / BLOCK;
         let low_nibbles = _mm256_set1_epi8(0x0f);
-        let mut x_values = [std::ptr::null::<i8>(); T];
-        let mut x_scales = [std::ptr::null::<f32>(); T];
-        let mut x_sums = [std::ptr::null::<i32>(); T];
-        for t in 0..T {
-            let (values, scales) = a.row(r0 + t);
-            x_values[t] = values.as_ptr();
-            x_scales[t] = scales.as_ptr();
-            x_sums[t] = a.row_sums(r0 + t).as_ptr();
-        }
+        let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
         for g in out.cols().start / GROUP..out.cols().end / GROUP {
-            let codes = w.codes.as_ptr().add(g * blocks * GROUP * BLOCK / 2);
-            let scales = w.scales.as_ptr().add(g * blocks * GROUP);
+            let (codes, scales) = w.group(g);
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..blocks {
                 let block = codes.add(b * GROUP * BLOCK / 2);
