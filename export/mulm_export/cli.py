@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
     def precision(sp):
         sp.add_argument("--precision", choices=["float32", "q4"], default="float32",
-                        help="weight precision: float32, or q4 (4-bit blocks of 32, MatMulNBits)")
+                        help="weight precision: float32, or q4 (4-bit blocks of 32 against int8 activations: MatMulNBits, accuracy_level 4)")
 
     g = sub.add_parser("generate", help="a model of a named shape with seeded random weights")
     g.add_argument("--shape", required=True, choices=["mulm-28m", "tiny"])
