@@ -7,7 +7,12 @@
 //! the same blocks of 32 and quantized symmetrically: `sa = max|x| / 127`,
 //! `q = round_half_even(x · (1 / sa))` (0 when the block is all zeros). Then
 //! `y = Σ_blocks sw · sa · Σ_i (code_i − 8) · q_i`, the inner sum exact in integers. Only the
-//! order of the float additions over blocks is the kernel's.
+//! order of the float additions over blocks is the kernel's. (mulm-export writes blocks of 32.
+//! A file with wider blocks, which tract-onnx splits into blocks of 32, still gets activation
+//! blocks of 32 here, where onnxruntime would use its block size: close, not identical.)
+//!
+//! Layout and threads: weights are reordered at load for the CPU's kernel (see [`Layout`]);
+//! large products are split by output rows over the `--threads` pool.
 //!
 //! Why: tract 0.23.9 dequantizes Q4_0 to float inside its matmul, and on x86 it has only a
 //! one-column kernel for it, so 4-bit decode and prompts ran slower than float32 (the profile
