@@ -1,7 +1,6 @@
-//! x86-64 kernels for the W4A8 contract, chosen at run time: AVX-VNNI where the CPU has it
-//! (Zen 4, Alder Lake and later), else AVX2 + FMA. Tiles of R weight rows × T activation rows
-//! keep R·T accumulators in flight, because one accumulator per output would wait on the FMA
-//! latency at every block.
+//! x86-64 kernels for the W4A8 contract, chosen at run time. With AVX-VNNI (Zen 4, Alder Lake
+//! and later), weights whose rows make groups of 8 sit side by side and run on [`rows8`];
+//! otherwise row by row, with `vpdpbusd` where there is AVX-VNNI and AVX2 + FMA elsewhere.
 
 use std::arch::x86_64::*;
 
