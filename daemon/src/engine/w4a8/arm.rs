@@ -126,7 +126,7 @@ pub(super) mod rows4 {
     /// # Safety
     /// The core must have the dot-product extension; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        run_group_tiles(w, a, &out, groups::<4>, groups::<1>)
+        run_group_tiles(w, a, &out, 4, groups::<4>, groups::<1>)
     }
 
     /// Σ over one block of 4 rows' codes (4 registers of low nibbles, 4 of high) times the

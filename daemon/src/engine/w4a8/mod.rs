@@ -373,15 +373,15 @@ impl RowTiles {
 /// (arguments: weights, activation, r0, output).
 type GroupTile = unsafe fn(&Weights, &QuantizedRows, usize, &OutputShare);
 
-/// Runs a side-by-side kernel over the activation: 4 rows at a time, then one.
+/// Runs a side-by-side kernel over the activation: `wide_rows` rows at a time, then one.
 ///
 /// # Safety
 /// The CPU must have the tiles' instruction-set extensions.
-unsafe fn run_group_tiles(w: &Weights, a: &QuantizedRows, out: &OutputShare, four: GroupTile, one: GroupTile) {
+unsafe fn run_group_tiles(w: &Weights, a: &QuantizedRows, out: &OutputShare, wide_rows: usize, wide: GroupTile, one: GroupTile) {
     let mut r = 0;
-    while a.m - r >= 4 {
-        four(w, a, r, out);
-        r += 4;
+    while a.m - r >= wide_rows {
+        wide(w, a, r, out);
+        r += wide_rows;
     }
     while r < a.m {
         one(w, a, r, out);

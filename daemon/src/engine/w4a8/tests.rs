@@ -75,7 +75,7 @@ fn products_match_the_contract_for_every_tile_shape() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
     // rows outside full tiles.
-    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64)] {
+    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64), (17, 16, 64)] {
         let (bytes, dense) = random_weight(&mut rng, n, k);
         let w = Weights::with_layout(&bytes, n, k, Layout::Rows).unwrap();
         let a = random_activation(&mut rng, m, k);
@@ -92,9 +92,12 @@ fn products_match_the_contract_for_every_tile_shape() {
         for layout in [Layout::Rows8, Layout::Rows4] {
             match Weights::with_layout(&bytes, n, k, layout) {
                 Ok(side_by_side) => {
-                    let mut out = vec![f32::NAN; m * n];
-                    side_by_side.matmul(&a, m, &mut out);
-                    assert_close(&out, &want, &format!("{layout:?} kernel, {m}×{k} · {n}×{k}"));
+                    for (name, kernel) in side_by_side_kernels(layout) {
+                        let mut out = vec![f32::NAN; m * n];
+                        // SAFETY: side_by_side_kernels lists only what this CPU runs.
+                        unsafe { kernel(&side_by_side, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
+                        assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
+                    }
                 }
                 Err(e) => assert!(!(layout_expected(layout) && n % layout.group() == 0), "{e}"),
             }
@@ -106,6 +109,23 @@ fn products_match_the_contract_for_every_tile_shape() {
             "the layout this CPU reads fastest"
         );
     }
+}
+
+/// Every kernel for a side-by-side layout this CPU runs.
+fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
+    let mut kernels: Vec<(&'static str, Kernel)> = vec![];
+    #[cfg(target_arch = "x86_64")]
+    if layout == Layout::Rows8 {
+        kernels.push(("rows8 avx-vnni", x86::rows8::avx_vnni::matmul));
+        if x86::rows8::has_avx512_vnni() {
+            kernels.push(("rows8 avx512-vnni", x86::rows8::avx512::matmul));
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if layout == Layout::Rows4 {
+        kernels.push(("rows4 sdot", arm::rows4::matmul));
+    }
+    kernels
 }
 
 /// Whether this machine must run `layout`'s kernel (asked independently of `runs_here`).

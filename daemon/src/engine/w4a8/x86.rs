@@ -159,54 +159,87 @@ unsafe fn horizontal_max(v: __m256) -> f32 {
 pub(super) mod rows8 {
     use super::*;
 
-    /// `out = a · Wᵀ` for `w` in `Layout::Rows8`.
+    const GROUP: usize = 8;
+
+    /// `out = a · Wᵀ` for `w` in `Layout::Rows8`. Where the CPU also has AVX-512 (VL and VNNI)
+    /// the same instructions get 32 vector registers instead of 16, enough for prompt tiles
+    /// of 8 activation rows sharing each unpacked block.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        debug_assert_eq!(w.layout, super::super::Layout::Rows8);
-        run_group_tiles(w, a, &out, groups::<4>, groups::<1>)
+        if has_avx512_vnni() {
+            avx512::matmul(w, a, out)
+        } else {
+            avx_vnni::matmul(w, a, out)
+        }
     }
 
-    const GROUP: usize = 8;
+    pub(crate) fn has_avx512_vnni() -> bool {
+        is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+    }
 
-    /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-        const CHUNKS: usize = BLOCK / 2 / 4;
-        let blocks = w.k / BLOCK;
-        let low_nibbles = _mm256_set1_epi8(0x0f);
-        let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
-        for g in out.cols().start / GROUP..out.cols().end / GROUP {
-            let (codes, scales) = w.group(g);
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..blocks {
-                let block = codes.add(b * GROUP * BLOCK / 2);
-                let mut low = [_mm256_setzero_si256(); CHUNKS];
-                let mut high = [_mm256_setzero_si256(); CHUNKS];
-                for c in 0..CHUNKS {
-                    let bytes = _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
-                    low[c] = _mm256_and_si256(bytes, low_nibbles);
-                    high[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles);
-                }
-                let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
-                for t in 0..T {
-                    let x = x_values[t].add(b * BLOCK) as *const i32;
-                    // Start from −8 · Σq: the offset of every row's codes, at once.
-                    let mut dot = _mm256_set1_epi32(-8 * *x_sums[t].add(b));
-                    for c in 0..CHUNKS {
-                        // Codes 4c..4c+4 (low nibbles) meet inputs 4c..4c+4, codes 16+4c..
-                        // (high nibbles) inputs 16+4c..
-                        dot = _mm256_dpbusd_avx_epi32(dot, low[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
-                        dot = _mm256_dpbusd_avx_epi32(dot, high[c], _mm256_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+    /// The kernel for one instruction encoding of `vpdpbusd` and the prompt tile it affords.
+    macro_rules! group_kernel {
+        ($features:literal, $dpbusd:ident, $wide:literal) => {
+            /// # Safety
+            /// The CPU must have this module's extensions; `a.k == w.k`.
+            pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
+                debug_assert_eq!(w.layout, crate::engine::w4a8::Layout::Rows8);
+                run_group_tiles(w, a, &out, $wide, groups::<$wide>, groups::<1>)
+            }
+
+            /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
+            #[target_feature(enable = $features)]
+            unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+                const CHUNKS: usize = BLOCK / 2 / 4;
+                let blocks = w.k / BLOCK;
+                let low_nibbles = _mm256_set1_epi8(0x0f);
+                let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
+                for g in out.cols().start / GROUP..out.cols().end / GROUP {
+                    let (codes, scales) = w.group(g);
+                    let mut acc = [_mm256_setzero_ps(); T];
+                    for b in 0..blocks {
+                        let block = codes.add(b * GROUP * BLOCK / 2);
+                        let mut low = [_mm256_setzero_si256(); CHUNKS];
+                        let mut high = [_mm256_setzero_si256(); CHUNKS];
+                        for c in 0..CHUNKS {
+                            let bytes = _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
+                            low[c] = _mm256_and_si256(bytes, low_nibbles);
+                            high[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles);
+                        }
+                        let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
+                        for t in 0..T {
+                            let x = x_values[t].add(b * BLOCK) as *const i32;
+                            // Start from −8 · Σq: the offset of every row's codes, at once.
+                            let mut dot = _mm256_set1_epi32(-8 * *x_sums[t].add(b));
+                            for c in 0..CHUNKS {
+                                // Codes 4c..4c+4 (low nibbles) meet inputs 4c..4c+4, codes
+                                // 16+4c.. (high nibbles) inputs 16+4c..
+                                dot = $dpbusd(dot, low[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
+                                dot = $dpbusd(dot, high[c], _mm256_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                            }
+                            let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+                        }
                     }
-                    let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+                    for t in 0..T {
+                        _mm256_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+                    }
                 }
             }
-            for t in 0..T {
-                _mm256_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
-            }
-        }
+        };
+    }
+
+    /// VEX-encoded `vpdpbusd`: 16 registers, prompt tiles of 4 activation rows.
+    pub(crate) mod avx_vnni {
+        use super::*;
+        group_kernel!("avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32, 4);
+    }
+
+    /// EVEX-encoded `vpdpbusd` on 256-bit vectors: 32 registers, prompt tiles of 8.
+    pub(crate) mod avx512 {
+        use super::*;
+        group_kernel!("avx2,fma,avx512vl,avx512vnni", _mm256_dpbusd_epi32, 8);
     }
 }
