@@ -28,6 +28,7 @@ mod x86;
 
 pub use op::use_w4a8_products;
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::Range;
 
@@ -149,6 +150,7 @@ impl<'a> OutputShare<'a> {
 }
 
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
+#[derive(Default)]
 pub struct QuantizedRows {
     m: usize,
     k: usize,
@@ -227,7 +229,19 @@ impl Weights {
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
     /// (row-major) and `out` of `m` rows of `n`.
     pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_quantized(&QuantizedRows::new(a, m, self.k), out);
+        thread_local! {
+            // The quantized activation, reused: a decode step runs ~60 products, and their
+            // buffers would otherwise be allocated and freed on every one.
+            static ROWS: RefCell<QuantizedRows> = RefCell::new(QuantizedRows::default());
+        }
+        ROWS.with(|rows| match rows.try_borrow_mut() {
+            Ok(mut rows) => {
+                rows.fill(a, m, self.k);
+                self.matmul_quantized(&rows, out)
+            }
+            // Only if a kernel ever re-entered: correct, merely allocating.
+            Err(_) => self.matmul_quantized(&QuantizedRows::new(a, m, self.k), out),
+        })
     }
 
     /// [`Weights::matmul`] on an activation already quantized. Large products are split by
@@ -291,12 +305,30 @@ impl Weights {
 impl QuantizedRows {
     /// Quantizes `m` rows of `k` floats (row-major), `k` a multiple of [`BLOCK`].
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+        let mut rows = Self::default();
+        rows.fill(a, m, k);
+        rows
+    }
+
+    /// [`QuantizedRows::new`] into this value's buffers, reusing their capacity.
+    pub fn fill(&mut self, a: &[f32], m: usize, k: usize) {
         assert!(k % BLOCK == 0 && a.len() == m * k, "activation must be m × k with k a multiple of {BLOCK}");
-        let mut values = vec![0i8; a.len()];
-        let mut scales = vec![0f32; a.len() / BLOCK];
-        quantize(a, &mut values, &mut scales);
-        let sums = values.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
-        Self { m, k, values, scales, sums }
+        (self.m, self.k) = (m, k);
+        self.values.resize(a.len(), 0);
+        self.scales.resize(a.len() / BLOCK, 0.0);
+        quantize(a, &mut self.values, &mut self.scales);
+        self.sums.clear();
+        self.sums.extend(self.values.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum::<i32>()));
+    }
+
+    /// Values, scales and block sums of rows `r0..r0 + T`, for a tile.
+    #[allow(clippy::type_complexity)]
+    fn tile_rows<const T: usize>(&self, r0: usize) -> ([*const i8; T], [*const f32; T], [*const i32; T]) {
+        (
+            std::array::from_fn(|t| self.row(r0 + t).0.as_ptr()),
+            std::array::from_fn(|t| self.row(r0 + t).1.as_ptr()),
+            std::array::from_fn(|t| self.row_sums(r0 + t).as_ptr()),
+        )
     }
 
     fn row(&self, r: usize) -> (&[i8], &[f32]) {
@@ -337,6 +369,15 @@ struct RowTiles {
     narrow: RowTile,
     narrow_single: RowTile,
 }
+
+/// The [`RowTiles`] of a kernel's generic `tile::<R, T>` function.
+macro_rules! row_tiles {
+    ($tile:ident) => {
+        RowTiles { wide: $tile::<2, 4>, wide_single: $tile::<1, 4>, narrow: $tile::<4, 1>, narrow_single: $tile::<1, 1> }
+    };
+}
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
+use row_tiles;
 
 impl RowTiles {
     const WIDE: (usize, usize) = (2, 4);
@@ -400,18 +441,6 @@ impl Weights {
     fn group(&self, g: usize) -> (*const u8, *const f32) {
         let (rows, blocks) = (self.layout.group(), self.k / BLOCK);
         (self.codes[g * blocks * rows * BLOCK / 2..].as_ptr(), self.scales[g * blocks * rows..].as_ptr())
-    }
-}
-
-impl QuantizedRows {
-    /// Values, scales and block sums of rows `r0..r0 + T`, for a tile.
-    #[allow(clippy::type_complexity)]
-    fn tile_rows<const T: usize>(&self, r0: usize) -> ([*const i8; T], [*const f32; T], [*const i32; T]) {
-        (
-            std::array::from_fn(|t| self.row(r0 + t).0.as_ptr()),
-            std::array::from_fn(|t| self.row(r0 + t).1.as_ptr()),
-            std::array::from_fn(|t| self.row_sums(r0 + t).as_ptr()),
-        )
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
+use super::{row_tiles, run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
 
 /// Whether this CPU runs these kernels (checked once; the answer is cached by std).
 pub fn available() -> bool {
@@ -63,8 +63,7 @@ macro_rules! row_kernel {
         /// # Safety
         /// The CPU must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-            RowTiles { wide: tile::<2, 4>, wide_single: tile::<1, 4>, narrow: tile::<4, 1>, narrow_single: tile::<1, 1> }
-                .run(w, a, &out)
+            row_tiles!(tile).run(w, a, &out)
         }
 
         #[target_feature(enable = $features)]
