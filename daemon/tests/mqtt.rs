@@ -45,6 +45,14 @@ impl Daemon {
         let stop = CancellationToken::new();
         let s = stop.clone();
         let done = tokio::spawn(async move { mulmd::server::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
+        // The daemon subscribes, then announces `online` on the same connection, so once
+        // `online` is seen its subscriptions are live: a request sent earlier could reach
+        // the broker first and be dropped with no subscriber to take it.
+        let status = format!("mulmd/{node}/status");
+        static WATCHERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let id = WATCHERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut watcher = Client::v311(port, &format!("ready-{node}-{id}"), &[&status]).await;
+        while watcher.on(&status).await.payload.as_ref() != b"online" {}
         Some(Self { stop, done })
     }
 
