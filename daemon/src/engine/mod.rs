@@ -3,8 +3,11 @@
 //! receives [`OpenerEvent`]s.
 
 mod error;
+mod heap;
 mod manifest;
+mod matmul_nbits;
 mod model;
+mod onnx_file;
 mod opener;
 mod prefix;
 mod profile;

@@ -11,7 +11,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 
 use super::error::LoadError;
+use super::heap::LoadingHeap;
 use super::manifest::Manifest;
+use super::onnx_file;
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
 use super::w4a8;
@@ -42,6 +44,7 @@ impl Model {
     /// Loads and checks a model directory. `threads` sets tract's matrix-multiply threads.
     pub fn load(dir: &Path, threads: usize) -> Result<Self, LoadError> {
         let started = Instant::now();
+        let heap = LoadingHeap::begin();
         if !dir.is_dir() {
             return Err(LoadError::MissingFile {
                 path: dir.to_path_buf(),
@@ -92,7 +95,7 @@ impl Model {
             load_time: Duration::ZERO,
         };
         model.prefix = model.prefill_head(&manifest_path, &dir.join("model.onnx"))?;
-        release_freed_memory();
+        drop(heap);
         model.load_time = started.elapsed();
         Ok(model)
     }
@@ -182,7 +185,7 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
         return Err(LoadError::MissingFile { path, problem: "is missing".into() });
     }
     let bad = |e: TractError| LoadError::BadOnnx { path: path.clone(), detail: format!("{e:#}") };
-    let model = tract_onnx::onnx().model_for_path(&path).map_err(bad)?;
+    let model = onnx_file::read_onnx(&path).map_err(bad)?;
     let a = &manifest.architecture;
     let expected_inputs = 1 + 2 * a.num_layers;
     if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
@@ -219,20 +222,6 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
         options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
     }
     optimized.into_runnable_with_options(&options).map_err(bad)
-}
-
-/// Hands the heap that loading freed back to the kernel.
-///
-/// Loading holds the file, its decoded protobuf and tract's tensors at once, then frees all but
-/// the packed weights; glibc keeps those freed pages mapped, so a loaded mulm-28m f32 sat at
-/// 222 MB resident with 134 MB in use (SmolLM2 f32: 958 vs 548 MB). A daemon lives with its
-/// steady state for days, on boards with a few GB shared with the rest of the home.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live data.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Gives every matrix product that reads a shared constant a constant node of its own (the

@@ -1,0 +1,233 @@
+//! 4-bit MatMulNBits weights turned into tract's Q4_0 blocks while the file is read, so the
+//! ONNX copy of each weight is freed before the next is converted.
+//!
+//! tract-onnx converts a MatMulNBits weight when it makes the typed model, while the inference
+//! model still holds every original: at that step the 4-bit weights were resident twice, the
+//! process's peak for every q4 model. Peak RSS in `mulmd probe`, release build, on top of the
+//! streaming reader and [`super::heap`]: mulm-28m q4 80 → 61 MB, SmolLM2-135M q4 295 → 211 MB
+//! (139 MB of weights).
+//!
+//! [`convert`] takes the nodes whose weight fits Q4_0 exactly (4 bits, blocks of 32, no zero
+//! points, no bias: what `mulm-export` writes) out of the protobuf before parsing. Each
+//! becomes a node of its own type whose builder wires what tract-onnx would have wired: a cast
+//! to f32, the Q4_0 constant, the `…k,gnk->…n` product and a cast back. The graph tract then
+//! optimizes, and the products [`super::w4a8`] replaces, are the same. Other MatMulNBits nodes
+//! are left to tract-onnx.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{ensure, Context};
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+use tract_onnx::pb::{attribute_proto::AttributeType, tensor_proto::DataType, GraphProto, ModelProto, NodeProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::cast::cast;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_hir::internal::*;
+use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
+
+/// The op type a converted node gets; not an ONNX operator, so no file can already use it.
+const OP_TYPE: &str = "mulmd.MatMulQ4_0";
+
+/// The weights Q4_0 stores per block, and the bytes of a block in MatMulNBits' layout.
+const BLOCK: usize = 32;
+const BLOCK_BYTES: usize = BLOCK / 2;
+
+/// A converted weight: `[N, K]`, as a Q4_0 block-quant tensor of shape `[1, N, K]`.
+#[derive(Clone)]
+struct Q4Weight {
+    n: usize,
+    k: usize,
+    blocks: Arc<Tensor>,
+}
+
+impl std::fmt::Debug for Q4Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4Weight {{ n: {}, k: {} }}", self.n, self.k)
+    }
+}
+
+thread_local! {
+    /// Converted weights by node name, from [`convert`] to the builder. The builder is a plain
+    /// `fn` (tract-onnx's `OpBuilder`) and parsing runs on the calling thread, so this is how
+    /// the weights reach it. [`Converted`] empties it when dropped.
+    static CONVERTED: RefCell<HashMap<String, Q4Weight>> = RefCell::new(HashMap::new());
+}
+
+/// The weights [`convert`] took out of a protobuf, waiting for parsing; dropping it discards
+/// whatever parsing did not use.
+pub(super) struct Converted(());
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        CONVERTED.with(|c| c.borrow_mut().clear());
+    }
+}
+
+/// Registers the builder for converted nodes.
+pub(super) fn register(ops: &mut OnnxOpRegister) {
+    ops.insert(OP_TYPE, build);
+}
+
+/// Converts every MatMulNBits node of the top-level graph that Q4_0 holds exactly, freeing each
+/// weight's ONNX bytes as it goes. Returns how many were converted and the guard to keep until
+/// parsing has finished.
+pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)> {
+    let guard = Converted(());
+    let Some(graph) = proto.graph.as_mut() else { return Ok((0, guard)) };
+    let readers = reader_counts(graph);
+    let mut converted = 0;
+    for index in 0..graph.node.len() {
+        let Some(plan) = Plan::for_node(graph, index, &readers)? else { continue };
+        let weight = plan.take_and_convert(graph)?;
+        let node = &mut graph.node[index];
+        node.input.truncate(1);
+        node.op_type = OP_TYPE.into();
+        node.domain.clear();
+        node.attribute.clear();
+        CONVERTED.with(|c| c.borrow_mut().insert(node_key(node), weight));
+        converted += 1;
+    }
+    Ok((converted, guard))
+}
+
+/// The name tract-onnx gives a node, which is also its key in [`CONVERTED`].
+fn node_key(node: &NodeProto) -> String {
+    if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() }
+}
+
+/// How many nodes (or graph outputs) read each value.
+fn reader_counts(graph: &GraphProto) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    let inputs = graph.node.iter().flat_map(|n| n.input.iter());
+    for name in inputs.chain(graph.output.iter().map(|o| &o.name)) {
+        *counts.entry(name.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A node found convertible: its shape and the initializers holding its codes and scales.
+struct Plan {
+    n: usize,
+    k: usize,
+    codes: usize,
+    scales: usize,
+}
+
+impl Plan {
+    /// `Some` when node `index` is a MatMulNBits whose weight Q4_0 holds exactly and whose
+    /// codes and scales are initializers only it reads.
+    fn for_node(graph: &GraphProto, index: usize, readers: &HashMap<String, usize>) -> TractResult<Option<Self>> {
+        let node = &graph.node[index];
+        if node.op_type != "MatMulNBits" || node.domain != "com.microsoft" {
+            return Ok(None);
+        }
+        let int = |name: &str| {
+            node.attribute.iter().find(|a| a.name == name && a.r#type == AttributeType::Int as i32).map(|a| a.i)
+        };
+        let (Some(k), Some(n), Some(block_size)) = (int("K"), int("N"), int("block_size")) else { return Ok(None) };
+        let bits = int("bits").unwrap_or(4);
+        // Zero points, act-order indices and a bias are inputs 3 to 5; any of them is tract's.
+        let extra_inputs = node.input.iter().skip(3).any(|i| !i.is_empty());
+        if bits != 4 || block_size != BLOCK as i64 || k <= 0 || n <= 0 || k % BLOCK as i64 != 0 || extra_inputs {
+            return Ok(None);
+        }
+        let (n, k) = (n as usize, k as usize);
+        if node.input.len() < 3 || node.output.len() != 1 || node_key(node).is_empty() {
+            return Ok(None);
+        }
+        let only_reader = |name: &str| readers.get(name) == Some(&1);
+        let find = |name: &str| graph.initializer.iter().position(|t| t.name == name && only_reader(name));
+        let (Some(codes), Some(scales)) = (find(&node.input[1]), find(&node.input[2])) else { return Ok(None) };
+        let (c, s) = (&graph.initializer[codes], &graph.initializer[scales]);
+        let blocks = n * k / BLOCK;
+        let scale_bytes = match DataType::try_from(s.data_type) {
+            Ok(DataType::Float) => 4,
+            Ok(DataType::Float16) => 2,
+            _ => return Ok(None),
+        };
+        if c.data_type != DataType::Uint8 as i32 || c.raw_data.len() != blocks * BLOCK_BYTES || s.raw_data.len() != blocks * scale_bytes {
+            return Ok(None);
+        }
+        Ok(Some(Plan { n, k, codes, scales }))
+    }
+
+    /// Removes the two initializers from the graph and packs them as Q4_0.
+    fn take_and_convert(self, graph: &mut GraphProto) -> TractResult<Q4Weight> {
+        // Remove the later index first so the earlier one still points at its tensor.
+        let (first, second) = if self.codes > self.scales { (self.codes, self.scales) } else { (self.scales, self.codes) };
+        let a = graph.initializer.swap_remove(first);
+        let b = graph.initializer.swap_remove(second);
+        let (codes, scales) = if self.codes > self.scales { (a, b) } else { (b, a) };
+        let scales: Vec<f32> = if scales.data_type == DataType::Float as i32 {
+            scales.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        } else {
+            scales.raw_data.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+        };
+        // MatMulNBits stores row by row, block by block, the even weight of each pair in the low
+        // nibble: byte i of a row holds weights 2i and 2i+1, Q4_0's "nibbles" order.
+        let packed = Q4_0
+            .pack_prequantized_nibbles(&codes.raw_data, &scales, self.n, self.k)
+            .with_context(|| format!("packing {} as Q4_0", codes.name))?;
+        let storage = BlockQuantStorage::new(Box::new(Q4_0), self.n, self.k, Arc::new(packed))?;
+        let blocks = Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, self.n, self.k]));
+        Ok(Q4Weight { n: self.n, k: self.k, blocks })
+    }
+}
+
+/// tract-onnx's builder for [`OP_TYPE`] nodes.
+fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let key = node_key(node);
+    let weight = CONVERTED.with(|c| c.borrow_mut().remove(&key));
+    let weight = weight.with_context(|| format!("no converted weight for {key}: {OP_TYPE} nodes come only from mulmd's loader"))?;
+    Ok((expand(MatMulQ4_0 { weight }), vec![]))
+}
+
+/// `Y = A · Wᵀ` for a Q4_0 weight `W` of `[N, K]`, `A` of `[.., K]`.
+#[derive(Debug, Clone)]
+struct MatMulQ4_0 {
+    weight: Q4Weight,
+}
+
+impl Expansion for MatMulQ4_0 {
+    fn name(&self) -> StaticName {
+        "MatMulQ4_0".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.equals(&outputs[0].rank, &inputs[0].rank)?;
+        let (n, k) = (self.weight.n.to_dim(), self.weight.k.to_dim());
+        s.given(&inputs[0].rank, move |s, rank| {
+            let last = rank as usize - 1;
+            for axis in 0..last {
+                s.equals(&outputs[0].shape[axis], &inputs[0].shape[axis])?;
+            }
+            s.equals(&inputs[0].shape[last], k.clone())?;
+            s.equals(&outputs[0].shape[last], n.clone())
+        })
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let fact = model.outlet_fact(inputs[0])?.clone();
+        ensure!((1..=9).contains(&fact.rank()), "{prefix}: a 4-bit product takes an input of 1 to 9 axes, not {}", fact.rank());
+        let (n, k) = (self.weight.n, self.weight.k);
+        let a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[inputs[0]])?[0];
+        let bq_fact = BlockQuantFact::new(Box::new(Q4_0), tvec!(1, n, k));
+        let konst = Const::new_with_exotic_fact(self.weight.blocks.clone(), Box::new(bq_fact))?;
+        let w = model.wire_node(format!("{prefix}.weight_bq"), konst, &[])?[0];
+        let lead: String = "abcdefgh".chars().take(fact.rank() - 1).collect();
+        let axes = AxesMapping::from_strs(&[format!("{lead}k"), "gnk".to_string()], &[format!("{lead}n")])?;
+        let y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
+        model.wire_node(format!("{prefix}.cast_y"), cast(fact.datum_type), &[y])
+    }
+}
