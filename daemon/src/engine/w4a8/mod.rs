@@ -171,9 +171,9 @@ impl std::fmt::Debug for Weights {
 ///
 /// A `Vec<u8>` starts wherever malloc puts it: 16 bytes past a page boundary for a block with a
 /// mapping of its own, as every weight has since `engine::heap` maps large allocations
-/// individually while loading. mulm-28m q4 decoded about 8% slower that way (`mulmd probe
+/// individually while loading. mulm-28m q4 decoded about 11% slower that way (`mulmd probe
 /// --runs 5 --tokens 64`, four rounds interleaved with the build before it: median 1078 vs
-/// 1180 tok/s); aligned, the two were level.
+/// 1215 tok/s); aligned, the two were level (1159 vs 1132).
 struct CacheAligned {
     lines: Vec<CacheLine>,
     len: usize,
