@@ -12,7 +12,8 @@
 //! blocks of 32 here, where onnxruntime would use its block size: close, not identical.)
 //!
 //! Layout and threads: weights are reordered at load for the CPU's kernel (see [`Layout`]);
-//! large products are split by output rows over the `--threads` pool.
+//! products of 2^16 multiply-adds or more are split by output rows over `--threads` threads,
+//! a [`team::Team`] of helpers that poll while products keep coming.
 //!
 //! Why: tract 0.23.9 dequantizes Q4_0 to float inside its matmul, and on x86 it has only a
 //! one-column kernel for it, so 4-bit decode and prompts ran slower than float32 (the profile
@@ -23,6 +24,7 @@
 mod arm;
 mod op;
 mod portable;
+mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -31,9 +33,12 @@ pub use op::use_w4a8_products;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::f16;
+
+use team::Team;
 
 /// Inputs per quantization block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -95,9 +100,12 @@ impl Layout {
 /// Output columns in a thread's share are a multiple of this: every layout's group divides it.
 const SHARE_ALIGN: usize = 8;
 
-/// Multiply-adds (m · n · k) below which a product stays on one thread: handing work to the
-/// pool and joining costs microseconds, a 128 × 512 decode product takes about as long.
-const PARALLEL_PRODUCT: usize = 1 << 20;
+/// Multiply-adds (m · n · k) below which a product stays on one thread. Handing shares to
+/// awake helpers costs well under a microsecond (see `team`); at 2 threads, mulm-28m q4
+/// decoded 1330 tok/s with this at 2^20 (only the head and prompt products split), ~1550 at
+/// 2^17 and 2^18, ~1590 at 2^16 (`mulmd probe --threads 2 --runs 5 --tokens 64`, three
+/// rounds each; 1 thread: ~1150).
+const PARALLEL_PRODUCT: usize = 1 << 16;
 
 /// A kernel's share of an `[m, n]` row-major output: the columns (weight rows) `cols` of every
 /// row. Shares of one output cover disjoint columns, so threads holding them never write the
@@ -273,23 +281,25 @@ impl Weights {
     }
 
     /// [`Weights::matmul`] on an activation already quantized. Large products are split by
-    /// output rows over the thread pool tract runs the plan with (`--threads`).
+    /// output rows over as many threads as the pool tract runs the plan with (`--threads`).
     pub fn matmul_quantized(&self, a: &QuantizedRows, out: &mut [f32]) {
         assert_eq!(a.k, self.k, "activation width must match the weight's inputs");
         assert_eq!(out.len(), a.m * self.n, "output must hold m × n values");
-        let pool = match tract_linalg::multithread::current_tract_executor() {
-            Executor::MultiThread(pool) if a.m * self.n * self.k >= PARALLEL_PRODUCT => pool,
+        let threads = match tract_linalg::multithread::current_tract_executor() {
+            Executor::MultiThread(pool) if a.m * self.n * self.k >= PARALLEL_PRODUCT => pool.current_num_threads(),
             _ => return self.run_kernel(a, OutputShare::whole(out, self.n)),
         };
-        let mut shares = OutputShare::split(out, self.n, pool.current_num_threads(), SHARE_ALIGN).into_iter();
-        let own = shares.next().expect("an output has at least one share");
-        // The calling thread computes a share itself instead of sleeping until the pool is
-        // done: every wake-up saved is tens of microseconds on a busy or virtual machine.
-        pool.in_place_scope(|scope| {
-            for share in shares {
-                scope.spawn(move |_| self.run_kernel(a, share));
-            }
-            self.run_kernel(a, own);
+        let team = Team::for_threads(threads);
+        if team.threads() < 2 {
+            return self.run_kernel(a, OutputShare::whole(out, self.n));
+        }
+        // Twice as many shares as threads, taken in turn, so a thread that started late or
+        // runs slower still finishes close to the others.
+        let shares: Vec<Mutex<Option<OutputShare>>> =
+            OutputShare::split(out, self.n, 2 * team.threads(), SHARE_ALIGN).into_iter().map(|s| Mutex::new(Some(s))).collect();
+        team.run(shares.len(), &|i| {
+            let share = shares[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            self.run_kernel(a, share.expect("the team runs each share once"));
         });
     }
 

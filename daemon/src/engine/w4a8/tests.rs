@@ -214,8 +214,15 @@ fn products_split_over_threads_equal_the_single_threaded_ones() {
         let a = random_activation(&mut rng, m, k);
         let mut single = vec![f32::NAN; m * n];
         w.matmul(&a, m, &mut single);
-        let mut split = vec![f32::NAN; m * n];
-        multithread_tract_scope(Executor::multithread(3), || w.matmul(&a, m, &mut split));
-        assert_eq!(single, split, "m = {m}");
+        // Many products in a row, as a decode step runs them: helpers awake, asleep, woken.
+        let pool = Executor::multithread(3);
+        for round in 0..50 {
+            let mut split = vec![f32::NAN; m * n];
+            multithread_tract_scope(pool.clone(), || w.matmul(&a, m, &mut split));
+            assert_eq!(single, split, "m = {m}, round {round}");
+            if round == 25 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
     }
 }
