@@ -97,17 +97,20 @@ impl Team {
     }
 
     /// The team shared by every product run with `threads` threads, made on first use. It has
-    /// no more threads than the machine has cores: a polling helper without a core of its own
-    /// takes time from the thread it should be helping.
+    /// no more threads than the calling thread may run on: a polling helper without a core of
+    /// its own takes time from the thread it should be helping. Helpers inherit the CPU
+    /// affinity of the thread that makes the team: the daemon's first product runs in
+    /// `Model::load`, while `server.rs` has pinned it to `engine.cpu_affinity`.
     pub fn for_threads(threads: usize) -> Arc<Team> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = threads.clamp(1, cores);
         static TEAMS: OnceLock<Mutex<Vec<(usize, Arc<Team>)>>> = OnceLock::new();
         let mut teams = TEAMS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, team)) = teams.iter().find(|(t, _)| *t == threads) {
             return team.clone();
         }
-        let team = Arc::new(Team::new(threads));
+        // Only here, once per team: the core count costs a system call and cgroup file reads,
+        // which on every product took more than half the decode step's time.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let team = Arc::new(Team::new(threads.clamp(1, cores)));
         teams.push((threads, team.clone()));
         team
     }
