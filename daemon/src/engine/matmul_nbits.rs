@@ -78,8 +78,16 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
     let guard = Converted(());
     let Some(graph) = proto.graph.as_mut() else { return Ok((0, guard)) };
     let readers = reader_counts(graph);
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for node in &graph.node {
+        *names.entry(node_key(node)).or_insert(0) += 1;
+    }
     let mut converted = 0;
     for index in 0..graph.node.len() {
+        // The builder finds a node's weight by its name, so a name used twice stays tract's.
+        if names.get(&node_key(&graph.node[index])) != Some(&1) {
+            continue;
+        }
         let Some(plan) = Plan::for_node(graph, index, &readers)? else { continue };
         let weight = plan.take_and_convert(graph)?;
         let node = &mut graph.node[index];
@@ -142,7 +150,8 @@ impl Plan {
         let find = |name: &str| graph.initializer.iter().position(|t| t.name == name && only_reader(name));
         let (Some(codes), Some(scales)) = (find(&node.input[1]), find(&node.input[2])) else { return Ok(None) };
         let (c, s) = (&graph.initializer[codes], &graph.initializer[scales]);
-        let blocks = n * k / BLOCK;
+        // Sizes from the file: a product that overflows is no weight this process could hold.
+        let Some(blocks) = n.checked_mul(k).map(|nk| nk / BLOCK) else { return Ok(None) };
         let scale_bytes = match DataType::try_from(s.data_type) {
             Ok(DataType::Float) => 4,
             Ok(DataType::Float16) => 2,

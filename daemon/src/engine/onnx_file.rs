@@ -34,16 +34,18 @@ const WINDOW: usize = 1 << 20;
 /// The ONNX file at `path` as a tract inference model; the same model `model_for_path` makes.
 pub fn read_onnx(path: &Path) -> TractResult<InferenceModel> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // tract takes the directory external data is resolved against as a `&str`. A path that is
+    // not UTF-8 loads through tract's own reader, at its higher peak.
+    let Some(dir_str) = dir.to_str() else { return tract_onnx::onnx().model_for_path(path) };
     let mut proto = decode(path)?;
     let (converted, _pending) = matmul_nbits::convert(&mut proto)?;
     tracing::debug!(converted, "MatMulNBits weights converted to Q4_0 while reading");
     let blobs = move_weights_out(&mut proto);
-    let weights = MovedWeights { dir: dir.canonicalize()?, blobs: Mutex::new(blobs) };
+    let dir = dir.canonicalize().with_context(|| format!("Resolving the model directory {dir:?}"))?;
     let mut onnx = tract_onnx::onnx();
-    onnx.provider = Arc::new(weights);
+    onnx.provider = Arc::new(MovedWeights { dir, blobs: Mutex::new(blobs) });
     matmul_nbits::register(&mut onnx.op_register);
-    let dir = dir.to_str().with_context(|| format!("the model directory {dir:?} is not valid UTF-8"))?;
-    let parsed = onnx.parse(&proto, Some(dir))?;
+    let parsed = onnx.parse(&proto, Some(dir_str))?;
     if !parsed.unresolved_inputs.is_empty() {
         bail!("Could not resolve inputs at top-level: {:?}", parsed.unresolved_inputs)
     }
