@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::Mutex;
 
 use mulmd::bench::meter::{Battery, Command, CommandUnit, EnergyMeter, Hwmon, Powercap, Scope};
 
@@ -129,6 +130,11 @@ fn battery_energy_falls_as_it_is_used_and_charging_is_refused() {
     assert!(e.contains("Charging") && e.contains("unplug"), "{e}");
 }
 
+/// Held by each test that writes a script and runs it. A file being written in one thread is
+/// also open for writing in any child another thread forks meanwhile, and running it during
+/// that moment fails with "Text file busy" (ETXTBSY): a failure seen once in a full run.
+static SCRIPTS: Mutex<()> = Mutex::new(());
+
 fn script(dir: &Path, body: &str) -> String {
     let p = dir.join("meter.sh");
     fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
@@ -139,6 +145,7 @@ fn script(dir: &Path, body: &str) -> String {
 
 #[test]
 fn a_command_meter_differences_cumulative_joules() {
+    let _scripts = SCRIPTS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let value = dir.path().join("value");
     fs::write(&value, "100.0").unwrap();
@@ -151,6 +158,7 @@ fn a_command_meter_differences_cumulative_joules() {
 
 #[test]
 fn a_failing_or_babbling_command_is_reported() {
+    let _scripts = SCRIPTS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let e = Command::open(&script(dir.path(), "echo broken >&2; exit 3"), CommandUnit::Watts, Scope::BoardInput, 0.1)
         .err()
