@@ -13,7 +13,7 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -84,13 +84,12 @@ impl Team {
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
+        // A helper the system will not start (a task limit, say) leaves the team smaller.
         let helpers = (1..threads.max(1))
-            .map(|i| {
+            .filter_map(|i| {
                 let shared = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("mulmd-w4a8-{i}"))
-                    .spawn(move || helper(&shared))
-                    .expect("spawning a helper thread")
+                let spawned = std::thread::Builder::new().name(format!("mulmd-w4a8-{i}")).spawn(move || helper(&shared));
+                spawned.map_err(|e| tracing::warn!("4-bit products get one thread fewer: starting a helper failed: {e}")).ok()
             })
             .collect();
         Team { shared, helpers }
@@ -123,9 +122,14 @@ impl Team {
     /// are awake, and returns when all have run. A panic in any share is raised here.
     pub fn run(&self, count: usize, run: &(dyn Fn(usize) + Sync)) {
         let shared = &*self.shared;
-        let Ok(_caller) = shared.caller.try_lock() else {
-            (0..count).for_each(run);
-            return;
+        // A share that panicked poisoned the lock on its way out; the team itself is fine.
+        let _caller = match shared.caller.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                (0..count).for_each(run);
+                return;
+            }
         };
         let task = Task { run, count, next: AtomicUsize::new(0), done: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
         shared.task.store((&task as *const Task).cast_mut().cast(), SeqCst);
