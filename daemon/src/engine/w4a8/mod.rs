@@ -33,7 +33,7 @@ pub use op::use_w4a8_products;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::f16;
@@ -126,16 +126,6 @@ impl<'a> OutputShare<'a> {
         Self { ptr: out.as_mut_ptr(), n, rows: out.len() / n, cols: 0..n, _output: PhantomData }
     }
 
-    /// Up to `parts` shares of whole columns, each a multiple of `align` wide but the last.
-    fn split(out: &'a mut [f32], n: usize, parts: usize, align: usize) -> Vec<Self> {
-        let width = n.div_ceil(parts.max(1)).div_ceil(align) * align;
-        let whole = Self::whole(out, n);
-        (0..n)
-            .step_by(width)
-            .map(|start| Self { cols: start..(start + width).min(n), ..whole.same_output() })
-            .collect()
-    }
-
     fn same_output(&self) -> Self {
         Self { ptr: self.ptr, n: self.n, rows: self.rows, cols: self.cols.clone(), _output: PhantomData }
     }
@@ -172,6 +162,42 @@ pub struct QuantizedRows {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Q4_0 {} × {}", self.n, self.k)
+    }
+}
+
+/// One output cut into column shares for the threads of a team: share `i` is columns
+/// `i · width ..`, a multiple of the alignment wide but the last, and each is handed out once.
+/// Nothing is allocated per product: which shares are out is one bit each.
+struct ColumnShares<'a> {
+    whole: OutputShare<'a>,
+    width: usize,
+    count: usize,
+    taken: AtomicU64,
+}
+
+// SAFETY: `take` hands out each share at most once (the `taken` bits), and shares cover
+// disjoint columns, so threads sharing a `&ColumnShares` never write the same element.
+unsafe impl Sync for ColumnShares<'_> {}
+
+impl<'a> ColumnShares<'a> {
+    /// At most `parts` shares (and at most 64) of `out`, `[rows, n]` row-major.
+    fn new(out: &'a mut [f32], n: usize, parts: usize, align: usize) -> Self {
+        let parts = parts.clamp(1, u64::BITS as usize);
+        let width = n.div_ceil(parts).div_ceil(align).max(1) * align;
+        Self { whole: OutputShare::whole(out, n), width, count: n.div_ceil(width), taken: AtomicU64::new(0) }
+    }
+
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Share `i`; panics if it was taken before.
+    fn take(&self, i: usize) -> OutputShare<'a> {
+        assert!(i < self.count, "share {i} of {}", self.count);
+        let bit = 1u64 << i;
+        assert!(self.taken.fetch_or(bit, Ordering::Relaxed) & bit == 0, "share {i} taken twice");
+        let n = self.whole.n;
+        OutputShare { cols: i * self.width..((i + 1) * self.width).min(n), ..self.whole.same_output() }
     }
 }
 
@@ -295,12 +321,8 @@ impl Weights {
         }
         // Twice as many shares as threads, taken in turn, so a thread that started late or
         // runs slower still finishes close to the others.
-        let shares: Vec<Mutex<Option<OutputShare>>> =
-            OutputShare::split(out, self.n, 2 * team.threads(), SHARE_ALIGN).into_iter().map(|s| Mutex::new(Some(s))).collect();
-        team.run(shares.len(), &|i| {
-            let share = shares[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-            self.run_kernel(a, share.expect("the team runs each share once"));
-        });
+        let shares = ColumnShares::new(out, self.n, 2 * team.threads(), SHARE_ALIGN);
+        team.run(shares.count(), &|i| self.run_kernel(a, shares.take(i)));
     }
 
     /// This CPU's kernel for this layout, on one share of the output.

@@ -189,7 +189,8 @@ fn weights_of_the_wrong_size_are_refused() {
 fn shares_cover_every_column_once_in_aligned_widths() {
     for (n, parts) in [(64, 2), (12288, 2), (1032, 3), (24, 4), (8, 3), (7, 2)] {
         let mut out = vec![0f32; 2 * n];
-        let shares = OutputShare::split(&mut out, n, parts, SHARE_ALIGN);
+        let split = ColumnShares::new(&mut out, n, parts, SHARE_ALIGN);
+        let shares: Vec<OutputShare> = (0..split.count()).map(|i| split.take(i)).collect();
         assert!(shares.len() <= parts);
         let mut next = 0;
         for share in &shares {
