@@ -2,6 +2,7 @@
 //! sampling, word boundaries and the worker threads. The rest of mulmd holds an [`Engine`] and
 //! receives [`OpenerEvent`]s.
 
+mod aligned;
 mod error;
 mod heap;
 mod manifest;
@@ -12,8 +13,11 @@ mod opener;
 mod prefix;
 mod profile;
 mod probe;
+mod product_rewrite;
 mod sampling;
 mod session;
+mod shares;
+mod team;
 mod template;
 mod w4a8;
 mod words;

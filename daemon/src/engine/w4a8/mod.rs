@@ -13,7 +13,7 @@
 //!
 //! Layout and threads: weights are reordered at load for the CPU's kernel (see [`Layout`]);
 //! products of 2^16 multiply-adds or more are split by output rows over `--threads` threads,
-//! a [`team::Team`] of helpers that poll while products keep coming.
+//! a [`super::team::Team`] of helpers that poll while products keep coming.
 //!
 //! Why: tract 0.23.9 dequantizes Q4_0 to float inside its matmul, and on x86 it has only a
 //! one-column kernel for it, so 4-bit decode and prompts ran slower than float32 (the profile
@@ -24,21 +24,17 @@
 mod arm;
 mod op;
 mod portable;
-mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use op::use_w4a8_products;
 
 use std::cell::RefCell;
-use std::marker::PhantomData;
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::f16;
 
-use team::Team;
+use super::aligned::CacheAligned;
+use super::shares::{split_columns, OutputShare};
 
 /// Inputs per quantization block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -100,53 +96,6 @@ impl Layout {
 /// Output columns in a thread's share are a multiple of this: every layout's group divides it.
 const SHARE_ALIGN: usize = 8;
 
-/// Multiply-adds (m · n · k) below which a product stays on one thread. Handing shares to
-/// awake helpers costs well under a microsecond (see `team`); at 2 threads, mulm-28m q4
-/// decoded 1330 tok/s with this at 2^20 (only the head and prompt products split), ~1550 at
-/// 2^17 and 2^18, ~1590 at 2^16 (`mulmd probe --threads 2 --runs 5 --tokens 64`, three
-/// rounds each; 1 thread: ~1150).
-const PARALLEL_PRODUCT: usize = 1 << 16;
-
-/// A kernel's share of an `[m, n]` row-major output: the columns (weight rows) `cols` of every
-/// row. Shares of one output cover disjoint columns, so threads holding them never write the
-/// same element.
-pub struct OutputShare<'a> {
-    ptr: *mut f32,
-    n: usize,
-    rows: usize,
-    cols: Range<usize>,
-    _output: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: a share writes only its own columns (checked in `at`), disjoint from its siblings'.
-unsafe impl Send for OutputShare<'_> {}
-
-impl<'a> OutputShare<'a> {
-    fn whole(out: &'a mut [f32], n: usize) -> Self {
-        Self { ptr: out.as_mut_ptr(), n, rows: out.len() / n, cols: 0..n, _output: PhantomData }
-    }
-
-    fn same_output(&self) -> Self {
-        Self { ptr: self.ptr, n: self.n, rows: self.rows, cols: self.cols.clone(), _output: PhantomData }
-    }
-
-    pub fn cols(&self) -> Range<usize> {
-        self.cols.clone()
-    }
-
-    /// Where `len` outputs of row `r` from column `j` go; they must lie in this share.
-    fn at(&self, r: usize, j: usize, len: usize) -> *mut f32 {
-        assert!(r < self.rows && self.cols.start <= j && j + len <= self.cols.end, "write outside the share");
-        // SAFETY: in bounds of the output: r < rows, j + len <= n.
-        unsafe { self.ptr.add(r * self.n + j) }
-    }
-
-    fn set(&self, r: usize, j: usize, value: f32) {
-        // SAFETY: `at` checked the element is this share's; no other share writes it.
-        unsafe { *self.at(r, j, 1) = value }
-    }
-}
-
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
 #[derive(Default)]
 pub struct QuantizedRows {
@@ -162,80 +111,6 @@ pub struct QuantizedRows {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Q4_0 {} × {}", self.n, self.k)
-    }
-}
-
-/// One output cut into column shares for the threads of a team: share `i` is columns
-/// `i · width ..`, a multiple of the alignment wide but the last, and each is handed out once.
-/// Nothing is allocated per product: which shares are out is one bit each.
-struct ColumnShares<'a> {
-    whole: OutputShare<'a>,
-    width: usize,
-    count: usize,
-    taken: AtomicU64,
-}
-
-// SAFETY: `take` hands out each share at most once (the `taken` bits), and shares cover
-// disjoint columns, so threads sharing a `&ColumnShares` never write the same element.
-unsafe impl Sync for ColumnShares<'_> {}
-
-impl<'a> ColumnShares<'a> {
-    /// At most `parts` shares (and at most 64) of `out`, `[rows, n]` row-major.
-    fn new(out: &'a mut [f32], n: usize, parts: usize, align: usize) -> Self {
-        let parts = parts.clamp(1, u64::BITS as usize);
-        let width = n.div_ceil(parts).div_ceil(align).max(1) * align;
-        Self { whole: OutputShare::whole(out, n), width, count: n.div_ceil(width), taken: AtomicU64::new(0) }
-    }
-
-    fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Share `i`; panics if it was taken before.
-    fn take(&self, i: usize) -> OutputShare<'a> {
-        assert!(i < self.count, "share {i} of {}", self.count);
-        let bit = 1u64 << i;
-        assert!(self.taken.fetch_or(bit, Ordering::Relaxed) & bit == 0, "share {i} taken twice");
-        let n = self.whole.n;
-        OutputShare { cols: i * self.width..((i + 1) * self.width).min(n), ..self.whole.same_output() }
-    }
-}
-
-/// Bytes that start on a cache line, so no 32-byte load of a block straddles two lines.
-///
-/// A `Vec<u8>` starts wherever malloc puts it: 16 bytes past a page boundary for a block with a
-/// mapping of its own, as every weight has since `engine::heap` maps large allocations
-/// individually while loading. mulm-28m q4 decoded about 11% slower that way (`mulmd probe
-/// --runs 5 --tokens 64`, four rounds interleaved with the build before it: median 1078 vs
-/// 1215 tok/s); aligned, the two were level (1159 vs 1132).
-struct CacheAligned {
-    lines: Vec<CacheLine>,
-    len: usize,
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct CacheLine([u8; 64]);
-
-impl CacheAligned {
-    fn zeroed(len: usize) -> Self {
-        Self { lines: vec![CacheLine([0; 64]); len.div_ceil(64)], len }
-    }
-}
-
-impl std::ops::Deref for CacheAligned {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: a CacheLine is 64 initialized bytes and no padding (repr(C), one [u8; 64]),
-        // so `lines` is `64 · lines.len() >= len` contiguous initialized bytes.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for CacheAligned {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and the borrow of `self` is exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
     }
 }
 
@@ -307,22 +182,11 @@ impl Weights {
     }
 
     /// [`Weights::matmul`] on an activation already quantized. Large products are split by
-    /// output rows over as many threads as the pool tract runs the plan with (`--threads`).
+    /// output rows over `--threads` threads (see [`split_columns`]).
     pub fn matmul_quantized(&self, a: &QuantizedRows, out: &mut [f32]) {
         assert_eq!(a.k, self.k, "activation width must match the weight's inputs");
         assert_eq!(out.len(), a.m * self.n, "output must hold m × n values");
-        let threads = match tract_linalg::multithread::current_tract_executor() {
-            Executor::MultiThread(pool) if a.m * self.n * self.k >= PARALLEL_PRODUCT => pool.current_num_threads(),
-            _ => return self.run_kernel(a, OutputShare::whole(out, self.n)),
-        };
-        let team = Team::for_threads(threads);
-        if team.threads() < 2 {
-            return self.run_kernel(a, OutputShare::whole(out, self.n));
-        }
-        // Twice as many shares as threads, taken in turn, so a thread that started late or
-        // runs slower still finishes close to the others.
-        let shares = ColumnShares::new(out, self.n, 2 * team.threads(), SHARE_ALIGN);
-        team.run(shares.count(), &|i| self.run_kernel(a, shares.take(i)));
+        split_columns(a.m * self.n * self.k, out, self.n, SHARE_ALIGN, &|share| self.run_kernel(a, share));
     }
 
     /// This CPU's kernel for this layout, on one share of the output.

@@ -2,6 +2,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::engine::shares::PARALLEL_PRODUCT;
 
 /// A random Q4_0 weight in GGML block bytes, and the float weight it stands for.
 fn random_weight(rng: &mut ChaCha8Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {
@@ -183,23 +184,6 @@ fn weights_of_the_wrong_size_are_refused() {
     assert!(err.contains("18 bytes, found 17"), "{err}");
     let err = Weights::from_q4_0_blocks(&[0u8; 18], 1, 30).unwrap_err();
     assert!(err.contains("multiples of 32"), "{err}");
-}
-
-#[test]
-fn shares_cover_every_column_once_in_aligned_widths() {
-    for (n, parts) in [(64, 2), (12288, 2), (1032, 3), (24, 4), (8, 3), (7, 2)] {
-        let mut out = vec![0f32; 2 * n];
-        let split = ColumnShares::new(&mut out, n, parts, SHARE_ALIGN);
-        let shares: Vec<OutputShare> = (0..split.count()).map(|i| split.take(i)).collect();
-        assert!(shares.len() <= parts);
-        let mut next = 0;
-        for share in &shares {
-            assert_eq!(share.cols().start, next, "n = {n}: shares must tile the columns in order");
-            assert!(share.cols().start % SHARE_ALIGN == 0, "n = {n}: a share must start on a group of rows");
-            next = share.cols().end;
-        }
-        assert_eq!(next, n);
-    }
 }
 
 #[test]
