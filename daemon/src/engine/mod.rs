@@ -4,6 +4,7 @@
 
 mod aligned;
 mod error;
+mod f32_products;
 mod heap;
 mod manifest;
 mod matmul_nbits;

@@ -14,6 +14,7 @@ use super::error::LoadError;
 use super::heap::LoadingHeap;
 use super::manifest::Manifest;
 use super::onnx_file;
+use super::f32_products;
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
 use super::w4a8;
@@ -216,6 +217,9 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     // 4-bit products run on the engine's integer kernels (see `w4a8`), not tract's float ones.
     let replaced = w4a8::use_w4a8_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "4-bit matrix products on W4A8 kernels");
+    // So do float32 products of a constant weight (see `f32_products`).
+    let replaced = f32_products::use_f32_products(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "float32 matrix products on panel kernels");
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {

@@ -1,0 +1,321 @@
+//! Float32 matrix products of an activation with a constant weight, the weight laid out in
+//! panels of 16 outputs so that a decode step streams it from memory in one pass.
+//!
+//! Contract: `y[r, j] = Σ_i W[j, i] · x[r, i]` in float32 with fused multiply-adds; only the
+//! order of the additions is the kernel's (checked against onnxruntime in tests/numerics.rs).
+//!
+//! Why: a float32 decode step is a read of every weight, so its speed is the memory bandwidth a
+//! product reaches. tract 0.23.9 packs the activation before each product and then reads the
+//! weight at about 33 GB/s here; streaming 16-output panels, one broadcast input against 16
+//! weights per fused multiply-add, read mulm-28m's 115 MB of weights at about 41 GB/s in a
+//! stand-alone loop on the same machine (see bench/RESULTS.md). And the products split over
+//! `--threads` on the engine's polling [`super::team::Team`], which tract's parked rayon
+//! workers did not do at decode (2 threads decoded no faster than one).
+//!
+//! Layout: `[⌈n/16⌉, k, 16]`: panel `p` holds outputs `16p..16p + 16`, input by input, so a
+//! panel is one sequential stream; outputs past `n` in the last panel are zeros.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::aligned::CacheAligned;
+use super::product_rewrite::{replace_products, WeightAxes};
+use super::shares::{split_columns, OutputShare};
+
+/// Outputs per panel: one AVX-512 vector, two AVX2 vectors, four NEON vectors.
+const PANEL: usize = 16;
+
+/// A float32 weight of `n` outputs × `k` inputs in panels.
+pub struct PanelWeights {
+    pub n: usize,
+    pub k: usize,
+    /// `⌈n/16⌉ · k · 16` floats, cache-line aligned like the 4-bit codes (see [`CacheAligned`]).
+    panels: CacheAligned,
+}
+
+impl std::fmt::Debug for PanelWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "f32 {} × {} in panels of {PANEL}", self.n, self.k)
+    }
+}
+
+impl PanelWeights {
+    /// Lays out `weight`, a float32 tensor read as `axes` say (output axis, contracted axes in
+    /// order, unit axes), in panels.
+    pub fn new(weight: &Tensor, axes: &WeightAxes) -> TractResult<Self> {
+        let (n, k) = (axes.n, axes.k);
+        ensure!(n > 0 && k > 0, "a float32 weight needs outputs and inputs, got {n} × {k}");
+        let shape = weight.shape();
+        let values = weight.try_as_plain_ram()?;
+        let values = values.as_slice::<f32>()?;
+        let mut panels = CacheAligned::zeroed(n.div_ceil(PANEL) * k * PANEL * 4);
+        let out = panels.floats_mut();
+        // The weight's own row-major order, its last axis as runs: where each value goes
+        // depends on its output j and its input i, the row-major index over the contracted axes.
+        let rank = shape.len();
+        let last = rank - 1;
+        let run = shape[last];
+        let mut index = vec![0usize; rank];
+        let at = |j: usize, i: usize| (j / PANEL) * k * PANEL + i * PANEL + j % PANEL;
+        for chunk in values.chunks_exact(run) {
+            let j0 = if axes.n_axis == last { 0 } else { index[axes.n_axis] };
+            let i0 = axes.contracted.iter().fold(0, |acc, &a| acc * shape[a] + if a == last { 0 } else { index[a] });
+            if axes.n_axis == last {
+                chunk.iter().enumerate().for_each(|(j, v)| out[at(j, i0)] = *v);
+            } else if axes.contracted.last() == Some(&last) {
+                // The last axis is the fastest contracted one: consecutive inputs.
+                chunk.iter().enumerate().for_each(|(i, v)| out[at(j0, i0 + i)] = *v);
+            } else {
+                // A unit axis.
+                out[at(j0, i0)] = chunk[0];
+            }
+            // The next run: count up the axes before the last, rightmost fastest.
+            for a in (0..last).rev() {
+                index[a] += 1;
+                if index[a] < shape[a] {
+                    break;
+                }
+                index[a] = 0;
+            }
+        }
+        Ok(Self { n, k, panels })
+    }
+
+    /// `out[r, j] = Σ_i W[j, i] · a[r, i]` for `a` of `m` rows of `k` (row-major) and `out` of
+    /// `m` rows of `n`. Large products are split by panels over `--threads` threads.
+    pub fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(a.len(), m * self.k, "activation must be m × k");
+        assert_eq!(out.len(), m * self.n, "output must hold m × n values");
+        split_columns(m * self.n * self.k, out, self.n, PANEL, &|share| self.run_kernel(a, m, share));
+    }
+
+    /// This CPU's kernel on one share of the output.
+    fn run_kernel(&self, a: &[f32], m: usize, out: OutputShare) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { kernels::avx512(self, a, m, &out) };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { kernels::avx2(self, a, m, &out) };
+            }
+        }
+        kernels::portable(self, a, m, &out)
+    }
+
+    /// Panel `p`: `k` groups of 16 weights, input by input.
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.panels.floats()[p * self.k * PANEL..][..self.k * PANEL]
+    }
+}
+
+/// The kernels: one generic loop nest, compiled for each instruction set it runs on. The
+/// compiler vectorizes the 16-wide inner loops (stand-alone, this reached 41 GB/s against 43
+/// for hand-written AVX2 intrinsics), and no `unsafe` is needed beyond enabling the features.
+mod kernels {
+    use super::*;
+
+    /// Runs over the share's panels with activation tiles of `T` rows, then 4, then single rows.
+    #[inline(always)]
+    fn panels<const T: usize>(w: &PanelWeights, a: &[f32], m: usize, out: &OutputShare) {
+        let cols = out.cols();
+        let last = w.n.div_ceil(PANEL) - 1;
+        for p in cols.start / PANEL..cols.end.div_ceil(PANEL) {
+            let panel = w.panel(p);
+            let next = w.panel((p + 1).min(last)).as_ptr();
+            let (j0, len) = (p * PANEL, PANEL.min(w.n - p * PANEL));
+            let mut r = 0;
+            // The panel comes from memory for the first tile, which fetches the next panel
+            // ahead as it goes, and from the cache for the others.
+            while m - r >= T {
+                let sums = if r == 0 { tile::<T, true>(panel, next, a, w.k, r) } else { tile::<T, false>(panel, next, a, w.k, r) };
+                write_tile(out, r, j0, len, &sums);
+                r += T;
+            }
+            // Leftover rows: one at a time reads the panel once per row, so narrower tiles
+            // first (a 20-token prompt in tiles of 12 leaves 8).
+            while m - r >= 4 {
+                let sums = if r == 0 { tile::<4, true>(panel, next, a, w.k, r) } else { tile::<4, false>(panel, next, a, w.k, r) };
+                write_tile(out, r, j0, len, &sums);
+                r += 4;
+            }
+            while r < m {
+                write(out, r, j0, &row(panel, &a[r * w.k..][..w.k])[..len]);
+                r += 1;
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + T` of the activation against one panel: each group of 16 weights is
+    /// loaded once for the `T` rows. With `FETCH_NEXT`, each step also asks for the line of
+    /// `next` (the next panel) at the same place, so the next panel's first tile finds it in
+    /// the cache instead of waiting on memory: a stand-alone 20-row prompt through mulm-28m's
+    /// layer weights took 6.0 ms this way against 11.3 without (tiles of 12).
+    #[inline(always)]
+    fn tile<const T: usize, const FETCH_NEXT: bool>(panel: &[f32], next: *const f32, a: &[f32], k: usize, r0: usize) -> [[f32; PANEL]; T] {
+        let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(r0 + t) * k..][..k]);
+        let mut acc = [[0f32; PANEL]; T];
+        for (i, weights) in panel.chunks_exact(PANEL).enumerate() {
+            if FETCH_NEXT {
+                prefetch(next.wrapping_add(i * PANEL));
+            }
+            for t in 0..T {
+                let x = rows[t][i];
+                for (s, w) in acc[t].iter_mut().zip(weights) {
+                    *s = w.mul_add(x, *s);
+                }
+            }
+        }
+        acc
+    }
+
+    /// A hint to bring the cache line at `at` in; no effect where there is no such hint.
+    #[inline(always)]
+    fn prefetch(at: *const f32) {
+        // SAFETY: a prefetch does not access memory; any address is allowed.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = at;
+    }
+
+    /// One row against one panel, four inputs at a time into four sums, so four fused
+    /// multiply-add chains are in flight rather than one waiting on its own latency.
+    #[inline(always)]
+    fn row(panel: &[f32], x: &[f32]) -> [f32; PANEL] {
+        const U: usize = 4;
+        let mut acc = [[0f32; PANEL]; U];
+        let whole = x.len() / U * U;
+        for (weights, xs) in panel.chunks_exact(U * PANEL).zip(x[..whole].chunks_exact(U)) {
+            for u in 0..U {
+                for (s, w) in acc[u].iter_mut().zip(&weights[u * PANEL..][..PANEL]) {
+                    *s = w.mul_add(xs[u], *s);
+                }
+            }
+        }
+        for (weights, x) in panel[whole * PANEL..].chunks_exact(PANEL).zip(&x[whole..]) {
+            for (s, w) in acc[0].iter_mut().zip(weights) {
+                *s = w.mul_add(*x, *s);
+            }
+        }
+        std::array::from_fn(|j| (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]))
+    }
+
+    fn write_tile<const T: usize>(out: &OutputShare, r0: usize, j0: usize, len: usize, sums: &[[f32; PANEL]; T]) {
+        for (t, sum) in sums.iter().enumerate() {
+            write(out, r0 + t, j0, &sum[..len]);
+        }
+    }
+
+    fn write(out: &OutputShare, r: usize, j0: usize, values: &[f32]) {
+        // SAFETY: `at` checked that the columns are this share's; no other share writes them.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out.at(r, j0, values.len()), values.len()) }
+    }
+
+    /// Prompts in tiles of 12 rows: twelve 16-wide sums in 12 of the 32 vector registers.
+    /// Stand-alone, with the next panel fetched ahead, the 20-row prompt above ran at 74
+    /// GMAC/s in tiles of 12 and 50 in tiles of 8.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn avx512(w: &PanelWeights, a: &[f32], m: usize, out: &OutputShare) {
+        panels::<12>(w, a, m, out)
+    }
+
+    /// Prompts in tiles of 4 rows: eight 8-wide sums of the 16 vector registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2(w: &PanelWeights, a: &[f32], m: usize, out: &OutputShare) {
+        panels::<4>(w, a, m, out)
+    }
+
+    /// Any other CPU; on aarch64, NEON (always present) with tiles of 4 rows.
+    pub fn portable(w: &PanelWeights, a: &[f32], m: usize, out: &OutputShare) {
+        panels::<4>(w, a, m, out)
+    }
+}
+
+/// `y[.., n] = Σ_i W[n, i] · x[.., i]` for a float32 `x` of any rank (see the module contract).
+#[derive(Debug, Clone)]
+pub struct F32MatMul {
+    weights: Arc<PanelWeights>,
+}
+
+impl PartialEq for F32MatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+    }
+}
+impl Eq for F32MatMul {}
+
+impl Op for F32MatMul {
+    fn name(&self) -> StaticName {
+        "F32MatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.weights)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for F32MatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let shape = x.shape();
+        ensure!(
+            shape.last() == Some(&self.weights.k),
+            "F32MatMul: input of shape {shape:?} does not end in the weight's {} inputs",
+            self.weights.k
+        );
+        let rows = shape[..shape.len() - 1].iter().product();
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().expect("rank checked above") = self.weights.n;
+        // Every output is written by exactly one share, so the tensor need not be zeroed.
+        // SAFETY: f32 has no invalid bit patterns, and the kernel overwrites every value.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        let (x_view, mut y_view) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
+        self.weights.matmul(x_view.as_slice::<f32>()?, rows, y_view.as_slice_mut::<f32>()?);
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for F32MatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.datum_type == f32::datum_type(), "F32MatMul reads float32, got {:?}", x.datum_type);
+        let mut shape: TVec<TDim> = x.shape.to_tvec();
+        *shape.last_mut().context("F32MatMul needs an input of rank ≥ 1")? = self.weights.n.to_dim();
+        Ok(tvec!(f32::fact(&shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every product of a float32 activation with a constant float32 weight by an
+/// [`F32MatMul`]. Returns how many it replaced.
+pub fn use_f32_products(model: &mut TypedModel) -> TractResult<usize> {
+    replace_products(model, "f32mm", &|weight, axes| {
+        if weight.datum_type() != f32::datum_type() || weight.try_as_plain_ram().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(F32MatMul { weights: Arc::new(PanelWeights::new(weight, axes)?) })))
+    })
+}
+
+#[cfg(test)]
+mod tests;
