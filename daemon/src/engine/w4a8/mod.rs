@@ -64,6 +64,10 @@ pub enum Layout {
     /// of four activation bytes.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Rows8,
+    /// The same with sixteen rows, for 16-lane kernels (x86 with AVX-512 VNNI): chunk `c`
+    /// holds bytes `4c..4c + 4` of each of the 16 rows, one 64-byte vector.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Rows16,
     /// The same with four rows, for 4-lane kernels (aarch64 with the dot-product extension).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     Rows4,
@@ -74,6 +78,7 @@ impl Layout {
     pub fn group(self) -> usize {
         match self {
             Layout::Rows => 1,
+            Layout::Rows16 => 16,
             Layout::Rows8 => 8,
             Layout::Rows4 => 4,
         }
@@ -84,6 +89,7 @@ impl Layout {
         match self {
             Layout::Rows => true,
             #[cfg(target_arch = "x86_64")]
+            Layout::Rows16 => x86::available() && x86::rows16::available(),
             Layout::Rows8 => x86::available() && x86::has_vnni(),
             #[cfg(target_arch = "aarch64")]
             Layout::Rows4 => arm::has_dotprod(),
@@ -94,7 +100,7 @@ impl Layout {
 }
 
 /// Output columns in a thread's share are a multiple of this: every layout's group divides it.
-const SHARE_ALIGN: usize = 8;
+const SHARE_ALIGN: usize = 16;
 
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
 #[derive(Default)]
@@ -122,7 +128,7 @@ impl Weights {
     }
 
     fn preferred_layout(n: usize) -> Layout {
-        [Layout::Rows8, Layout::Rows4]
+        [Layout::Rows16, Layout::Rows8, Layout::Rows4]
             .into_iter()
             .find(|l| l.runs_here() && n % l.group() == 0)
             .unwrap_or(Layout::Rows)
@@ -194,9 +200,10 @@ impl Weights {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
             // SAFETY: available() checked that this CPU has AVX2 and FMA; with_layout made
-            // Rows8 only where it also has AVX-VNNI.
+            // Rows8 only where it also has AVX-VNNI, Rows16 only where it has AVX-512 VNNI.
             unsafe {
                 match self.layout {
+                    Layout::Rows16 => x86::rows16::matmul(self, a, out),
                     Layout::Rows8 => x86::rows8::matmul(self, a, out),
                     _ => x86::matmul(self, a, out),
                 }

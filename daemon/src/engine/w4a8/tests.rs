@@ -76,7 +76,7 @@ fn products_match_the_contract_for_every_tile_shape() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
     // rows outside full tiles.
-    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64), (17, 16, 64)] {
+    for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64), (17, 16, 64), (1, 32, 64), (11, 48, 96)] {
         let (bytes, dense) = random_weight(&mut rng, n, k);
         let w = Weights::with_layout(&bytes, n, k, Layout::Rows).unwrap();
         let a = random_activation(&mut rng, m, k);
@@ -90,7 +90,7 @@ fn products_match_the_contract_for_every_tile_shape() {
             unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
             assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
         }
-        for layout in [Layout::Rows8, Layout::Rows4] {
+        for layout in [Layout::Rows16, Layout::Rows8, Layout::Rows4] {
             match Weights::with_layout(&bytes, n, k, layout) {
                 Ok(side_by_side) => {
                     for (name, kernel) in side_by_side_kernels(layout) {
@@ -103,7 +103,7 @@ fn products_match_the_contract_for_every_tile_shape() {
                 Err(e) => assert!(!(layout_expected(layout) && n % layout.group() == 0), "{e}"),
             }
         }
-        let fastest = [Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l) && n % l.group() == 0);
+        let fastest = [Layout::Rows16, Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l) && n % l.group() == 0);
         assert_eq!(
             Weights::from_q4_0_blocks(&bytes, n, k).unwrap().layout,
             fastest.unwrap_or(Layout::Rows),
@@ -115,6 +115,10 @@ fn products_match_the_contract_for_every_tile_shape() {
 /// Every kernel for a side-by-side layout this CPU runs.
 fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
     let mut kernels: Vec<(&'static str, Kernel)> = vec![];
+    #[cfg(target_arch = "x86_64")]
+    if layout == Layout::Rows16 {
+        kernels.push(("rows16 avx512-vnni", x86::rows16::matmul));
+    }
     #[cfg(target_arch = "x86_64")]
     if layout == Layout::Rows8 {
         kernels.push(("rows8 avx-vnni", x86::rows8::avx_vnni::matmul));
@@ -132,6 +136,14 @@ fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
 /// Whether this machine must run `layout`'s kernel (asked independently of `runs_here`).
 fn layout_expected(layout: Layout) -> bool {
     match layout {
+        #[cfg(target_arch = "x86_64")]
+        Layout::Rows16 => {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        }
         #[cfg(target_arch = "x86_64")]
         Layout::Rows8 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni"),
         #[cfg(target_arch = "aarch64")]
