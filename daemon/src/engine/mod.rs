@@ -3,6 +3,7 @@
 //! receives [`OpenerEvent`]s.
 
 mod aligned;
+mod attention_products;
 mod error;
 mod f32_products;
 mod heap;

@@ -15,6 +15,7 @@ use super::heap::LoadingHeap;
 use super::manifest::Manifest;
 use super::onnx_file;
 use super::f32_products;
+use super::attention_products;
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
 use super::w4a8;
@@ -220,6 +221,9 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     // So do float32 products of a constant weight (see `f32_products`).
     let replaced = f32_products::use_f32_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "float32 matrix products on panel kernels");
+    // And attention's products of two activations (see `attention_products`).
+    let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "attention products on direct kernels");
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {

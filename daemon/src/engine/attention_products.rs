@@ -1,0 +1,348 @@
+//! Products of two activations (attention's scores `q · kᵀ` and its mix `p · v`), computed
+//! directly instead of through tract's packing matmul.
+//!
+//! Why: at decode each such product is small (a few query rows against the cached keys), and
+//! tract packs both operands into its kernel layout on every call, the whole KV cache
+//! included. In `mulmd probe --profile` the packing and the products took 0.12 of mulm-28m
+//! q4's 0.76 ms of ops per decode step and 1.0 of SmolLM2 q4's 5.0 ms, for under a megaflop
+//! of arithmetic; these kernels take 0.05 and 0.25–0.3 ms. The cost is in prompts: scores as
+//! dot products (a sum across lanes each) run at about 7 GMAC/s where tract's packed matmul
+//! is faster, so SmolLM2's 40-token prompt spends about 4 ms here against tract's 2.
+//!
+//! Contract: `y[b, i, j] = Σ_l a[b, i, l] · w[b, j, l]` (`w` stored `[batch, n, k]`, as
+//! attention reads keys) or `Σ_l a[b, i, l] · w[b, l, j]` (`[batch, k, n]`, as it reads
+//! values), in float32 with fused multiply-adds; only the order of the additions is the
+//! kernel's. The rewrite finds these shapes in tract's einsums whatever unit axes and split
+//! row axes (query heads per key head, positions) the graph gives them.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::konst::Const;
+
+/// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
+const LANES: usize = 16;
+
+/// A batch of products `[batch, m, k] × [batch, n, k] or [batch, k, n] → [batch, m, n]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActivationProduct {
+    /// Whether the second operand is stored `[batch, n, k]` (its rows are what the first
+    /// operand's rows meet).
+    pub transposed: bool,
+}
+
+impl Op for ActivationProduct {
+    fn name(&self) -> StaticName {
+        "ActivationProduct".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("second operand {}", if self.transposed { "[batch, n, k]" } else { "[batch, k, n]" })])
+    }
+
+    op_as_typed_op!();
+}
+
+impl ActivationProduct {
+    /// `(batch, m, k, n)` of operands with these shapes, checked against each other.
+    fn dims<D: DimLike>(&self, a: &[D], w: &[D]) -> TractResult<(D, D, D, D)> {
+        ensure!(a.len() == 3 && w.len() == 3, "ActivationProduct takes two rank-3 operands, got {a:?} and {w:?}");
+        let (wk, n) = if self.transposed { (&w[2], &w[1]) } else { (&w[1], &w[2]) };
+        ensure!(a[0] == w[0] && a[2] == *wk, "ActivationProduct: operands {a:?} and {w:?} do not match");
+        Ok((a[0].clone(), a[1].clone(), a[2].clone(), n.clone()))
+    }
+}
+
+impl EvalOp for ActivationProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, w) = args_2!(inputs);
+        let (batch, m, k, n) = self.dims(a.shape(), w.shape())?;
+        // SAFETY: f32 has no invalid bit patterns, and the kernel writes every value.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[batch, m, n])? };
+        {
+            let (a, w) = (a.try_as_plain_ram()?, w.try_as_plain_ram()?);
+            let mut y = y.try_as_plain_ram_mut()?;
+            let (a, w, y) = (a.as_slice::<f32>()?, w.as_slice::<f32>()?, y.as_slice_mut::<f32>()?);
+            for ((a, w), y) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)) {
+                kernels::run(self.transposed, a, w, y, m, k, n);
+            }
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for ActivationProduct {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
+        let (batch, m, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
+        Ok(tvec!(f32::fact([batch, m, n])))
+    }
+
+    as_op!();
+}
+
+/// One generic loop nest per operand order, compiled for each instruction set it runs on (as
+/// in `f32_products`).
+mod kernels {
+    use super::LANES;
+
+    /// One batch element: `y` (`[m, n]`) from `a` (`[m, k]`) and `w`.
+    pub fn run(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { avx512(transposed, a, w, y, m, k, n) };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { avx2(transposed, a, w, y, m, k, n) };
+            }
+        }
+        any(transposed, a, w, y, m, k, n)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn avx512(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+        any(transposed, a, w, y, m, k, n)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+        any(transposed, a, w, y, m, k, n)
+    }
+
+    /// Everything here is inlined into the callers above, so it is compiled with their
+    /// features: `mul_add` outside them is a call to the C library's `fmaf`.
+    #[inline(always)]
+    fn any(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+        if transposed {
+            rows_dot_rows(a, w, y, k, n)
+        } else {
+            rows_times_matrix(a, w, n, y, m, k, n)
+        }
+    }
+
+    /// `y[i, j] = a[i, :] · w[j, :]`: scores, a query row against each key row.
+    #[inline(always)]
+    fn rows_dot_rows(a: &[f32], w: &[f32], y: &mut [f32], k: usize, n: usize) {
+        for (row, y) in a.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+            for (key, y) in w.chunks_exact(k).zip(y.iter_mut()) {
+                *y = dot(row, key);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        let whole = x.len() / LANES * LANES;
+        let mut acc = [0f32; LANES];
+        for (xs, ws) in x[..whole].chunks_exact(LANES).zip(w[..whole].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                acc[l] = xs[l].mul_add(ws[l], acc[l]);
+            }
+        }
+        // A tree over the lanes: shorter dependency chains than a left-to-right sum.
+        let mut width = LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                acc[l] += acc[l + width];
+            }
+            width /= 2;
+        }
+        let mut sum = acc[0];
+        for (x, w) in x[whole..].iter().zip(&w[whole..]) {
+            sum = x.mul_add(*w, sum);
+        }
+        sum
+    }
+
+    /// `y[i, :] = Σ_l a[i, l] · w[l, :]`: a mix of value rows, `w` `[k, stride]` of which
+    /// the first `n` columns count. Four rows at a time share each load of `w` and keep four
+    /// chains of fused multiply-adds in flight; one row alone would wait on each addition.
+    #[inline(always)]
+    fn rows_times_matrix(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize) {
+        let mut i = 0;
+        while m - i >= 4 {
+            mix_tile::<4>(a, w, stride, y, i, k, n);
+            i += 4;
+        }
+        match m - i {
+            3 => mix_tile::<3>(a, w, stride, y, i, k, n),
+            2 => mix_tile::<2>(a, w, stride, y, i, k, n),
+            1 => mix_tile::<1>(a, w, stride, y, i, k, n),
+            _ => {}
+        }
+    }
+
+    /// `acc[t] += rows[t][l] · values` (a function, not a closure: closures are not inlined
+    /// into the feature-enabled callers reliably, and a `mul_add` outside them calls `fmaf`).
+    #[inline(always)]
+    fn add<const T: usize>(acc: &mut [[f32; LANES]; T], rows: &[&[f32]; T], l: usize, values: &[f32; LANES]) {
+        for t in 0..T {
+            let x = rows[t][l];
+            for (s, v) in acc[t].iter_mut().zip(values) {
+                *s = v.mul_add(x, *s);
+            }
+        }
+    }
+
+    /// Rows `i0..i0 + T` of [`rows_times_matrix`], 16 output columns at a time so their sums
+    /// stay in registers across the whole of `k`.
+    #[inline(always)]
+    fn mix_tile<const T: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize) {
+        let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(i0 + t) * k..][..k]);
+        let mut j = 0;
+        while j < n {
+            let mut acc = [[0f32; LANES]; T];
+            if j + LANES <= stride {
+                for l in 0..k {
+                    add(&mut acc, &rows, l, w[l * stride + j..][..LANES].try_into().expect("16 values"));
+                }
+            } else {
+                // Unpadded last columns (a value head size not a multiple of 16).
+                for l in 0..k {
+                    let mut values = [0f32; LANES];
+                    for (v, w) in values.iter_mut().zip(&w[l * stride + j..(l + 1) * stride]) {
+                        *v = *w;
+                    }
+                    add(&mut acc, &rows, l, &values);
+                }
+            }
+            let width = LANES.min(n - j);
+            for (t, sums) in acc.iter().enumerate() {
+                for (y, s) in y[(i0 + t) * n + j..][..width].iter_mut().zip(sums) {
+                    *y = *s;
+                }
+            }
+            j += LANES;
+        }
+    }
+}
+
+/// Replaces every float32 einsum of two activations that is a batch of plain products (see
+/// the module contract) by an [`ActivationProduct`]. Returns how many it replaced; any other
+/// einsum is left to tract.
+pub fn use_activation_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    // Patches only add nodes, so this order's ids stay valid.
+    for id in model.eval_order()? {
+        if let Some(patch) = activation_patch(model, id)? {
+            patch.apply(model)?;
+            replaced += 1;
+        }
+    }
+    Ok(replaced)
+}
+
+/// What an einsum axis is to a batched product.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    /// In both operands and the output.
+    Batch,
+    /// The first operand's rows: in it and the output only.
+    Row,
+    /// The second operand's columns.
+    Col,
+    /// Summed over: in both operands, not the output.
+    Sum,
+    /// Size 1 and in no output: dropped.
+    Unit,
+}
+
+fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if node.inputs.len() != 2 || einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() {
+        return Ok(None);
+    }
+    if node.inputs.iter().any(|i| model.node(i.node).op_is::<Const>()) {
+        return Ok(None);
+    }
+    let facts = [model.outlet_fact(node.inputs[0])?.clone(), model.outlet_fact(node.inputs[1])?.clone()];
+    let y = model.outlet_fact(node.id.into())?.clone();
+    if facts.iter().chain([&y]).any(|f| f.datum_type != f32::datum_type()) {
+        return Ok(None);
+    }
+    // Each operand's and the output's axes, in order, with their roles.
+    let mut order: [Vec<(char, Role)>; 3] = [vec![(' ', Role::Unit); facts[0].rank()], vec![(' ', Role::Unit); facts[1].rank()], vec![(' ', Role::Unit); y.rank()]];
+    for axis in einsum.axes.iter_all_axes() {
+        let (a, w, out) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
+        if a.len() > 1 || w.len() > 1 || out.len() > 1 {
+            return Ok(None);
+        }
+        let unit = a.iter().all(|&p| facts[0].shape[p] == 1.to_dim()) && w.iter().all(|&p| facts[1].shape[p] == 1.to_dim());
+        let role = match (a.len(), w.len(), out.len()) {
+            (1, 1, 1) => Role::Batch,
+            (1, 0, 1) => Role::Row,
+            (0, 1, 1) => Role::Col,
+            (_, _, 0) if unit => Role::Unit,
+            (1, 1, 0) => Role::Sum,
+            _ => return Ok(None),
+        };
+        for (slot, positions) in [a, w, out].into_iter().enumerate() {
+            if let Some(&p) = positions.first() {
+                order[slot][p] = (axis.repr, role);
+            }
+        }
+    }
+    let kept = |slot: usize| -> Vec<(char, Role)> { order[slot].iter().copied().filter(|(_, r)| *r != Role::Unit).collect() };
+    let roles = |axes: &[(char, Role)]| -> Vec<Role> { axes.iter().map(|(_, r)| *r).collect() };
+    let (a_axes, w_axes, y_axes) = (kept(0), kept(1), kept(2));
+    let rows: Vec<char> = a_axes.iter().filter(|(_, r)| *r == Role::Row).map(|(c, _)| *c).collect();
+    // [batch, rows…, sum] · [batch, col, sum] or [batch, sum, col] → [batch, rows…, col],
+    // the rows in the same order in the first operand and the output.
+    let mut want_a = vec![Role::Batch];
+    want_a.extend(rows.iter().map(|_| Role::Row));
+    want_a.push(Role::Sum);
+    let mut want_y = want_a.clone();
+    *want_y.last_mut().expect("pushed") = Role::Col;
+    let transposed = match roles(&w_axes).as_slice() {
+        [Role::Batch, Role::Col, Role::Sum] => true,
+        [Role::Batch, Role::Sum, Role::Col] => false,
+        _ => return Ok(None),
+    };
+    let same_rows = y_axes.iter().filter(|(_, r)| *r == Role::Row).map(|(c, _)| *c).eq(rows.iter().copied());
+    if rows.is_empty() || roles(&a_axes) != want_a || roles(&y_axes) != want_y || !same_rows {
+        return Ok(None);
+    }
+
+    let name = &node.name;
+    let mut patch = TypedModelPatch::default();
+    let mut operands = tvec![];
+    for (slot, input) in node.inputs.iter().enumerate() {
+        let mut wire = patch.tap_model(model, *input)?;
+        // Unit axes out, last first so the positions before them hold.
+        for p in (0..order[slot].len()).rev().filter(|&p| order[slot][p].1 == Role::Unit) {
+            wire = patch.wire_node(format!("{name}.act_rm_{slot}_{p}"), AxisOp::Rm(p), &[wire])?[0];
+        }
+        operands.push(wire);
+    }
+    let row_dims: TVec<TDim> = facts[0].shape.iter().zip(&order[0]).filter(|(_, (_, r))| *r == Role::Row).map(|(d, _)| d.clone()).collect();
+    let merged: TDim = row_dims.iter().product();
+    if row_dims.len() > 1 {
+        operands[0] = patch.wire_node(format!("{name}.act_rows"), AxisOp::Reshape(1, row_dims.clone(), tvec!(merged.clone())), &[operands[0]])?[0];
+    }
+    let op = ActivationProduct { transposed };
+    // Operands whose batch or summed sizes differ (a broadcast) are tract's.
+    if op.dims(&patch.outlet_fact(operands[0])?.shape.to_tvec(), &patch.outlet_fact(operands[1])?.shape.to_tvec()).is_err() {
+        return Ok(None);
+    }
+    let mut wire = patch.wire_node(format!("{name}.act"), op, &operands)?[0];
+    if row_dims.len() > 1 {
+        wire = patch.wire_node(format!("{name}.act_unrows"), AxisOp::Reshape(1, tvec!(merged), row_dims), &[wire])?[0];
+    }
+    if patch.outlet_fact(wire)?.shape != y.shape {
+        // A shape this rewrite did not foresee: tract keeps the product.
+        return Ok(None);
+    }
+    patch.shunt_outside(model, node.id.into(), wire)?;
+    Ok(Some(patch))
+}
+
+#[cfg(test)]
+mod tests;
