@@ -5,12 +5,12 @@
 //! order of the additions is the kernel's (checked against onnxruntime in tests/numerics.rs).
 //!
 //! Why: a float32 decode step is a read of every weight, so its speed is the memory bandwidth a
-//! product reaches. tract 0.23.9 packs the activation before each product and then reads the
-//! weight at about 33 GB/s here; streaming 16-output panels, one broadcast input against 16
-//! weights per fused multiply-add, read mulm-28m's 115 MB of weights at about 41 GB/s in a
-//! stand-alone loop on the same machine (see bench/RESULTS.md). And the products split over
-//! `--threads` on the engine's polling [`super::team::Team`], which tract's parked rayon
-//! workers did not do at decode (2 threads decoded no faster than one).
+//! product reaches. tract 0.23.9 packs the activation before each product, then reads the
+//! weight: on mulm-28m f32 (116 MB of weights) its products took 3.51 ms per decode step and
+//! the packing 0.13 (`mulmd probe --profile`, 1 thread), about 33 GB/s. Streaming panels of 16
+//! outputs, one broadcast input against 16 weights per fused multiply-add, takes 2.9–3.0 ms
+//! (about 40 GB/s). And the products split over `--threads` on the engine's polling
+//! [`super::team::Team`], which tract's parked rayon workers did not do at decode.
 //!
 //! Layout: `[⌈n/16⌉, k, 16]`: panel `p` holds outputs `16p..16p + 16`, input by input, so a
 //! panel is one sequential stream; outputs past `n` in the last panel are zeros.
@@ -114,8 +114,10 @@ impl PanelWeights {
 }
 
 /// The kernels: one generic loop nest, compiled for each instruction set it runs on. The
-/// compiler vectorizes the 16-wide inner loops (stand-alone, this reached 41 GB/s against 43
-/// for hand-written AVX2 intrinsics), and no `unsafe` is needed beyond enabling the features.
+/// compiler vectorizes the 16-wide inner loops about as well as hand-written AVX2 intrinsics
+/// did in a scratch comparison, and no `unsafe` is needed beyond enabling the features.
+/// Everything below is `#[inline(always)]` into the feature-enabled entry points: compiled
+/// outside them, `mul_add` is a call to the C library's `fmaf`.
 mod kernels {
     use super::*;
 
@@ -153,8 +155,9 @@ mod kernels {
     /// Rows `r0..r0 + T` of the activation against one panel: each group of 16 weights is
     /// loaded once for the `T` rows. With `FETCH_NEXT`, each step also asks for the line of
     /// `next` (the next panel) at the same place, so the next panel's first tile finds it in
-    /// the cache instead of waiting on memory: a stand-alone 20-row prompt through mulm-28m's
-    /// layer weights took 6.0 ms this way against 11.3 without (tiles of 12).
+    /// the cache instead of waiting on memory. mulm-28m f32's 20-token prompt products took
+    /// 6.8 ms this way, 11.0 without (tiles of 12), 9.5 in tiles of 8 without (`mulmd probe
+    /// --profile`).
     #[inline(always)]
     fn tile<const T: usize, const FETCH_NEXT: bool>(panel: &[f32], next: *const f32, a: &[f32], k: usize, r0: usize) -> [[f32; PANEL]; T] {
         let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(r0 + t) * k..][..k]);
@@ -218,9 +221,8 @@ mod kernels {
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out.at(r, j0, values.len()), values.len()) }
     }
 
-    /// Prompts in tiles of 12 rows: twelve 16-wide sums in 12 of the 32 vector registers.
-    /// Stand-alone, with the next panel fetched ahead, the 20-row prompt above ran at 74
-    /// GMAC/s in tiles of 12 and 50 in tiles of 8.
+    /// Prompts in tiles of 12 rows: twelve 16-wide sums in 12 of the 32 vector registers
+    /// (in a scratch comparison with the next panel fetched ahead, clearly faster than 8).
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
