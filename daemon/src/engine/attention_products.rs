@@ -23,12 +23,21 @@ use tract_onnx::tract_core::ops::konst::Const;
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
 const LANES: usize = 16;
 
-/// A batch of products `[batch, m, k] × [batch, n, k] or [batch, k, n] → [batch, m, n]`.
+/// A batch of products `[batch, m, k] × [batch, n, k] or [batch, k, n] → [batch, m, n]`, read
+/// from operands as the graph has them: `m` may be several axes (query heads per key head,
+/// positions), and unit axes may sit anywhere. Neither changes where a value lies in memory,
+/// so no reshaping op runs before or after (tract dispatches each for ~0.5 µs, and SmolLM2's
+/// attention would need 150 of them per decode step).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ActivationProduct {
-    /// Whether the second operand is stored `[batch, n, k]` (its rows are what the first
-    /// operand's rows meet).
-    pub transposed: bool,
+    /// The first operand's batch axis, row axes (in order) and summed axis.
+    a_batch: usize,
+    a_rows: Vec<usize>,
+    a_sum: usize,
+    /// The second operand's batch axis, column axis and summed axis.
+    w_batch: usize,
+    w_col: usize,
+    w_sum: usize,
 }
 
 impl Op for ActivationProduct {
@@ -37,19 +46,37 @@ impl Op for ActivationProduct {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("second operand {}", if self.transposed { "[batch, n, k]" } else { "[batch, k, n]" })])
+        Ok(vec![format!("second operand {}", if self.transposed() { "[batch, n, k]" } else { "[batch, k, n]" })])
     }
 
     op_as_typed_op!();
 }
 
+/// Sizes of one product: batch, rows (one per row axis), summed, columns.
+type Dims<D> = (D, Vec<D>, D, D);
+
 impl ActivationProduct {
-    /// `(batch, m, k, n)` of operands with these shapes, checked against each other.
-    fn dims<D: DimLike>(&self, a: &[D], w: &[D]) -> TractResult<(D, D, D, D)> {
-        ensure!(a.len() == 3 && w.len() == 3, "ActivationProduct takes two rank-3 operands, got {a:?} and {w:?}");
-        let (wk, n) = if self.transposed { (&w[2], &w[1]) } else { (&w[1], &w[2]) };
-        ensure!(a[0] == w[0] && a[2] == *wk, "ActivationProduct: operands {a:?} and {w:?} do not match");
-        Ok((a[0].clone(), a[1].clone(), a[2].clone(), n.clone()))
+    /// Whether the second operand is stored `[batch, n, k]` (its rows are what the first
+    /// operand's rows meet).
+    fn transposed(&self) -> bool {
+        self.w_col < self.w_sum
+    }
+
+    /// The sizes of operands with these shapes, checked against each other: equal batch and
+    /// summed sizes, every other axis of size 1.
+    fn dims<D: DimLike>(&self, a: &[D], w: &[D]) -> TractResult<Dims<D>> {
+        let a_named: Vec<usize> = [self.a_batch, self.a_sum].into_iter().chain(self.a_rows.iter().copied()).collect();
+        let w_named = [self.w_batch, self.w_col, self.w_sum];
+        let fits = |shape: &[D], named: &[usize]| {
+            named.iter().all(|&p| p < shape.len())
+                && shape.iter().enumerate().all(|(p, d)| named.contains(&p) || *d == D::one())
+        };
+        ensure!(
+            fits(a, &a_named) && fits(w, &w_named) && a[self.a_batch] == w[self.w_batch] && a[self.a_sum] == w[self.w_sum],
+            "ActivationProduct: operands {a:?} and {w:?} do not match {self:?}"
+        );
+        let rows = self.a_rows.iter().map(|&p| a[p].clone()).collect();
+        Ok((a[self.a_batch].clone(), rows, a[self.a_sum].clone(), w[self.w_col].clone()))
     }
 }
 
@@ -58,15 +85,17 @@ impl EvalOp for ActivationProduct {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (a, w) = args_2!(inputs);
-        let (batch, m, k, n) = self.dims(a.shape(), w.shape())?;
+        let (batch, rows, k, n) = self.dims(a.shape(), w.shape())?;
+        let m: usize = rows.iter().product();
+        let shape: Vec<usize> = [batch].into_iter().chain(rows).chain([n]).collect();
         // SAFETY: f32 has no invalid bit patterns, and the kernel writes every value.
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[batch, m, n])? };
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let (a, w) = (a.try_as_plain_ram()?, w.try_as_plain_ram()?);
             let mut y = y.try_as_plain_ram_mut()?;
             let (a, w, y) = (a.as_slice::<f32>()?, w.as_slice::<f32>()?, y.as_slice_mut::<f32>()?);
             for ((a, w), y) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)) {
-                kernels::run(self.transposed, a, w, y, m, k, n);
+                kernels::run(self.transposed(), a, w, y, m, k, n);
             }
         }
         Ok(tvec!(y.into_tvalue()))
@@ -76,8 +105,9 @@ impl EvalOp for ActivationProduct {
 impl TypedOp for ActivationProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
-        let (batch, m, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
-        Ok(tvec!(f32::fact([batch, m, n])))
+        let (batch, rows, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
+        let shape: TVec<TDim> = [batch].into_iter().chain(rows).chain([n]).collect();
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();
@@ -311,35 +341,25 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
         return Ok(None);
     }
 
-    let name = &node.name;
+    let position = |slot: usize, role: Role| order[slot].iter().position(|(_, r)| *r == role).expect("role checked above");
+    let op = ActivationProduct {
+        a_batch: position(0, Role::Batch),
+        a_rows: (0..order[0].len()).filter(|&p| order[0][p].1 == Role::Row).collect(),
+        a_sum: position(0, Role::Sum),
+        w_batch: position(1, Role::Batch),
+        w_col: position(1, Role::Col),
+        w_sum: position(1, Role::Sum),
+    };
+    debug_assert_eq!(op.transposed(), transposed);
+    // Operands whose batch or summed sizes differ (a broadcast) are tract's, as is any shape
+    // this rewrite did not foresee.
+    let produced = op.output_facts(&[&facts[0], &facts[1]]);
+    if produced.map_or(true, |f| f[0].shape != y.shape) {
+        return Ok(None);
+    }
     let mut patch = TypedModelPatch::default();
-    let mut operands = tvec![];
-    for (slot, input) in node.inputs.iter().enumerate() {
-        let mut wire = patch.tap_model(model, *input)?;
-        // Unit axes out, last first so the positions before them hold.
-        for p in (0..order[slot].len()).rev().filter(|&p| order[slot][p].1 == Role::Unit) {
-            wire = patch.wire_node(format!("{name}.act_rm_{slot}_{p}"), AxisOp::Rm(p), &[wire])?[0];
-        }
-        operands.push(wire);
-    }
-    let row_dims: TVec<TDim> = facts[0].shape.iter().zip(&order[0]).filter(|(_, (_, r))| *r == Role::Row).map(|(d, _)| d.clone()).collect();
-    let merged: TDim = row_dims.iter().product();
-    if row_dims.len() > 1 {
-        operands[0] = patch.wire_node(format!("{name}.act_rows"), AxisOp::Reshape(1, row_dims.clone(), tvec!(merged.clone())), &[operands[0]])?[0];
-    }
-    let op = ActivationProduct { transposed };
-    // Operands whose batch or summed sizes differ (a broadcast) are tract's.
-    if op.dims(&patch.outlet_fact(operands[0])?.shape.to_tvec(), &patch.outlet_fact(operands[1])?.shape.to_tvec()).is_err() {
-        return Ok(None);
-    }
-    let mut wire = patch.wire_node(format!("{name}.act"), op, &operands)?[0];
-    if row_dims.len() > 1 {
-        wire = patch.wire_node(format!("{name}.act_unrows"), AxisOp::Reshape(1, tvec!(merged), row_dims), &[wire])?[0];
-    }
-    if patch.outlet_fact(wire)?.shape != y.shape {
-        // A shape this rewrite did not foresee: tract keeps the product.
-        return Ok(None);
-    }
+    let operands = [patch.tap_model(model, node.inputs[0])?, patch.tap_model(model, node.inputs[1])?];
+    let wire = patch.wire_node(format!("{}.act", node.name), op, &operands)?[0];
     patch.shunt_outside(model, node.id.into(), wire)?;
     Ok(Some(patch))
 }

@@ -253,6 +253,9 @@ pub(super) mod rows16 {
 
     const GROUP: usize = 16;
 
+    /// How far ahead of the block being read decode asks for codes, in bytes.
+    const PREFETCH: usize = 2048;
+
     /// Whether this CPU has the extensions of [`matmul`].
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
@@ -279,6 +282,12 @@ pub(super) mod rows16 {
             let mut acc = [_mm512_setzero_ps(); T];
             for b in 0..blocks {
                 let block = codes.add(b * GROUP * BLOCK / 2);
+                if T == 1 {
+                    for line in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line * 64) as *const i8);
+                    }
+                    _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(b * GROUP + PREFETCH / 4) as *const i8);
+                }
                 let mut low = [_mm512_setzero_si512(); CHUNKS];
                 let mut high = [_mm512_setzero_si512(); CHUNKS];
                 for c in 0..CHUNKS {
