@@ -41,7 +41,7 @@ impl std::ops::DerefMut for CacheAligned {
 impl CacheAligned {
     /// The bytes as float32 values (`len` must be a multiple of 4).
     pub fn floats(&self) -> &[f32] {
-        assert!(self.len % 4 == 0, "{} bytes are not whole floats", self.len);
+        assert!(self.len.is_multiple_of(4), "{} bytes are not whole floats", self.len);
         // SAFETY: the lines are 64-byte aligned (so 4-byte aligned), `len` bytes of them are
         // initialized (see `deref`), and every bit pattern is a valid f32.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len / 4) }
@@ -49,7 +49,7 @@ impl CacheAligned {
 
     /// [`CacheAligned::floats`], writable.
     pub fn floats_mut(&mut self) -> &mut [f32] {
-        assert!(self.len % 4 == 0, "{} bytes are not whole floats", self.len);
+        assert!(self.len.is_multiple_of(4), "{} bytes are not whole floats", self.len);
         // SAFETY: as in `floats`, and the borrow of `self` is exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len / 4) }
     }

@@ -15,13 +15,11 @@
 //! Layout: `[⌈n/16⌉, k, 16]`: panel `p` holds outputs `16p..16p + 16`, input by input, so a
 //! panel is one sequential stream; outputs past `n` in the last panel are zeros.
 
-use std::sync::Arc;
-
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::aligned::CacheAligned;
-use super::product_rewrite::{replace_products, WeightAxes};
+use super::product_rewrite::{replace_products, WeightAxes, WeightMatrix, WeightProduct};
 use super::shares::{split_columns, OutputShare};
 
 /// Outputs per panel: one AVX-512 vector, two AVX2 vectors, four NEON vectors.
@@ -248,74 +246,30 @@ mod kernels {
     }
 }
 
-/// `y[.., n] = Σ_i W[n, i] · x[.., i]` for a float32 `x` of any rank (see the module contract).
-#[derive(Debug, Clone)]
-pub struct F32MatMul {
-    weights: Arc<PanelWeights>,
-}
+impl WeightMatrix for PanelWeights {
+    const OP_NAME: &'static str = "F32MatMul";
 
-impl PartialEq for F32MatMul {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weights, &other.weights)
-    }
-}
-impl Eq for F32MatMul {}
-
-impl Op for F32MatMul {
-    fn name(&self) -> StaticName {
-        "F32MatMul".into()
+    fn n(&self) -> usize {
+        self.n
     }
 
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{:?}", self.weights)])
+    fn k(&self) -> usize {
+        self.k
     }
 
-    op_as_typed_op!();
-}
-
-impl EvalOp for F32MatMul {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        let shape = x.shape();
-        ensure!(
-            shape.last() == Some(&self.weights.k),
-            "F32MatMul: input of shape {shape:?} does not end in the weight's {} inputs",
-            self.weights.k
-        );
-        let rows = shape[..shape.len() - 1].iter().product();
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().expect("rank checked above") = self.weights.n;
-        // Every output is written by exactly one share, so the tensor need not be zeroed.
-        // SAFETY: f32 has no invalid bit patterns, and the kernel overwrites every value.
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        let (x_view, mut y_view) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
-        self.weights.matmul(x_view.as_slice::<f32>()?, rows, y_view.as_slice_mut::<f32>()?);
-        Ok(tvec!(y.into_tvalue()))
+    fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]) {
+        PanelWeights::matmul(self, a, m, out)
     }
 }
 
-impl TypedOp for F32MatMul {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        ensure!(x.datum_type == f32::datum_type(), "F32MatMul reads float32, got {:?}", x.datum_type);
-        let mut shape: TVec<TDim> = x.shape.to_tvec();
-        *shape.last_mut().context("F32MatMul needs an input of rank ≥ 1")? = self.weights.n.to_dim();
-        Ok(tvec!(f32::fact(&shape)))
-    }
-
-    as_op!();
-}
-
-/// Replaces every product of a float32 activation with a constant float32 weight by an
-/// [`F32MatMul`]. Returns how many it replaced.
+/// Replaces every product of a float32 activation with a constant float32 weight by a
+/// [`WeightProduct`] of [`PanelWeights`] (`F32MatMul` in profiles). Returns how many it replaced.
 pub fn use_f32_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_products(model, "f32mm", &|weight, axes| {
         if weight.datum_type() != f32::datum_type() || weight.try_as_plain_ram().is_err() {
             return Ok(None);
         }
-        Ok(Some(Box::new(F32MatMul { weights: Arc::new(PanelWeights::new(weight, axes)?) })))
+        Ok(Some(Box::new(WeightProduct::new(PanelWeights::new(weight, axes)?))))
     })
 }
 

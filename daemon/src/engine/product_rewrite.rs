@@ -1,11 +1,92 @@
 //! Putting the engine's own matrix-product ops in place of tract's: finding each product of
 //! an activation with a constant weight, whatever axes tract's decluttering left it with, and
-//! rewiring it as a plain `[rows, k] → [rows, n]` product.
+//! rewiring it as a plain `[rows, k] → [rows, n]` product ([`WeightProduct`]).
+
+use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
+
+/// A constant weight of `n` outputs × `k` inputs laid out for one of the engine's kernels.
+pub trait WeightMatrix: std::fmt::Debug + Send + Sync + 'static {
+    /// The op's name in profiles (`mulmd probe --profile`).
+    const OP_NAME: &'static str;
+    fn n(&self) -> usize;
+    fn k(&self) -> usize;
+    /// `out[r, j] = Σ_i W[j, i] · a[r, i]` for `a` of `m` rows of `k` and `out` of `m` rows
+    /// of `n`, row-major; every value of `out` is written.
+    fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]);
+}
+
+/// `y[.., n] = Σ_i W[n, i] · x[.., i]` for a float32 `x` of any rank, as `W`'s kernel computes.
+#[derive(Debug)]
+pub struct WeightProduct<W: WeightMatrix> {
+    pub weights: Arc<W>,
+}
+
+impl<W: WeightMatrix> WeightProduct<W> {
+    pub fn new(weights: W) -> Self {
+        Self { weights: Arc::new(weights) }
+    }
+}
+
+impl<W: WeightMatrix> Clone for WeightProduct<W> {
+    fn clone(&self) -> Self {
+        Self { weights: self.weights.clone() }
+    }
+}
+
+impl<W: WeightMatrix> PartialEq for WeightProduct<W> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+    }
+}
+impl<W: WeightMatrix> Eq for WeightProduct<W> {}
+
+impl<W: WeightMatrix> Op for WeightProduct<W> {
+    fn name(&self) -> StaticName {
+        W::OP_NAME.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.weights)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl<W: WeightMatrix> EvalOp for WeightProduct<W> {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let shape = x.shape();
+        let (n, k) = (self.weights.n(), self.weights.k());
+        ensure!(shape.last() == Some(&k), "{}: input of shape {shape:?} does not end in the weight's {k} inputs", W::OP_NAME);
+        let rows = shape[..shape.len() - 1].iter().product();
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().expect("rank checked above") = n;
+        // SAFETY: f32 has no invalid bit patterns, and `matmul` writes every value.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        let (x_view, mut y_view) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
+        self.weights.matmul(x_view.as_slice::<f32>()?, rows, y_view.as_slice_mut::<f32>()?);
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl<W: WeightMatrix> TypedOp for WeightProduct<W> {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.datum_type == f32::datum_type(), "{} reads float32, got {:?}", W::OP_NAME, x.datum_type);
+        let mut shape: TVec<TDim> = x.shape.to_tvec();
+        *shape.last_mut().with_context(|| format!("{} needs an input of rank ≥ 1", W::OP_NAME))? = self.weights.n().to_dim();
+        Ok(tvec!(f32::fact(&shape)))
+    }
+
+    as_op!();
+}
 
 /// How a product reads its constant weight, so an op can lay the weight out for itself.
 pub struct WeightAxes {
