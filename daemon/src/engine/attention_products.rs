@@ -280,7 +280,7 @@ enum Role {
     Col,
     /// Summed over: in both operands, not the output.
     Sum,
-    /// Size 1 and in no output: dropped.
+    /// Size 1 and in no output: read past, as it moves no value in memory.
     Unit,
 }
 

@@ -90,6 +90,7 @@ impl Layout {
             Layout::Rows => true,
             #[cfg(target_arch = "x86_64")]
             Layout::Rows16 => x86::available() && x86::rows16::available(),
+            #[cfg(target_arch = "x86_64")]
             Layout::Rows8 => x86::available() && x86::has_vnni(),
             #[cfg(target_arch = "aarch64")]
             Layout::Rows4 => arm::has_dotprod(),
