@@ -39,6 +39,7 @@ type Kernel = unsafe fn(&PanelWeights, &[f32], usize, &OutputShare);
 
 /// Every kernel this CPU runs, by name.
 fn kernels_here() -> Vec<(&'static str, Kernel)> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut here: Vec<(&'static str, Kernel)> = vec![("portable", |w, a, m, out| kernels::portable(w, a, m, out))];
     #[cfg(target_arch = "x86_64")]
     {
