@@ -130,6 +130,12 @@ fn probe_profile_times_every_pass_by_op() {
             let timed = &p[pass]["ops"][op];
             assert!(timed["ms"].as_f64().is_some_and(|ms| ms > 0.0) && timed["calls"].as_u64().is_some_and(|c| c > 0), "{pass}, {op}: {p}");
         }
+        // Residual adds and SwiGLU's product on tract's vectorized kernels, not its generic
+        // broadcasting loop (named plainly "Add" and "Mul"), which took a sixth of a prompt.
+        assert!(p[pass]["ops"]["OptAddUnicast"]["calls"].as_u64().is_some_and(|c| c > 0), "{pass}: {p}");
+        for generic in ["Add", "Mul"] {
+            assert!(p[pass]["ops"][generic].is_null(), "{pass}: tract's generic {generic} ran: {p}");
+        }
     }
     let table = String::from_utf8_lossy(&out.stderr);
     assert!(table.contains("F32MatMul") && table.contains("all ops"), "{table}");

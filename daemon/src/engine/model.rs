@@ -203,6 +203,7 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     }
     let typed = model.into_typed().map_err(bad)?;
     check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
+    assert_lengths(&typed).map_err(bad)?;
     let mut typed = typed.into_decluttered().map_err(bad)?;
     // tract-transformers recognises RMSNorm, rotary embedding and attention patterns in the
     // decluttered graph and swaps in fused ops; the KV cache it folds into stateful ops is
@@ -266,6 +267,30 @@ fn give_matmuls_own_constants(model: &mut TypedModel) -> TractResult<()> {
 }
 
 /// The graph's declared tensor shapes against the manifest's architecture.
+/// Tells tract what every caller guarantees about the graph's symbolic lengths: a pass feeds
+/// at least one token, and a cache holds zero or more.
+///
+/// Why: tract replaces an element-wise op by its vectorized kernel only when it can prove the
+/// op covers at least 32 elements. Without `sequence >= 1`, `576 · sequence` proves nothing,
+/// so the residual adds and SwiGLU's product ran tract's generic broadcasting loop.
+fn assert_lengths(model: &TypedModel) -> TractResult<()> {
+    let mut assertions = Vec::new();
+    if let Some(TDim::Sym(s)) = model.input_fact(0)?.shape.get(1) {
+        assertions.push(format!("{s}>=1"));
+    }
+    for i in 1..model.inputs.len() {
+        if let Some(TDim::Sym(s)) = model.input_fact(i)?.shape.get(2) {
+            assertions.push(format!("{s}>=0"));
+        }
+    }
+    assertions.sort();
+    assertions.dedup();
+    for a in assertions {
+        model.symbols.add_assertion(a)?;
+    }
+    Ok(())
+}
+
 fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
     let a = &manifest.architecture;
     let ids = model.input_fact(0).map_err(|e| e.to_string())?;
