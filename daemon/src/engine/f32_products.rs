@@ -19,7 +19,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::aligned::CacheAligned;
-use super::product_rewrite::{replace_products, WeightAxes, WeightMatrix, WeightProduct};
+use super::product_rewrite::{replace_products, WeightAxes, WeightMatrix};
 use super::shares::{split_columns, OutputShare};
 
 /// Outputs per panel: one AVX-512 vector, two AVX2 vectors, four NEON vectors.
@@ -263,13 +263,13 @@ impl WeightMatrix for PanelWeights {
 }
 
 /// Replaces every product of a float32 activation with a constant float32 weight by a
-/// [`WeightProduct`] of [`PanelWeights`] (`F32MatMul` in profiles). Returns how many it replaced.
+/// [`WeightProduct`](super::product_rewrite::WeightProduct) of [`PanelWeights`] (`F32MatMul` in profiles). Returns how many it replaced.
 pub fn use_f32_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_products(model, "f32mm", &|weight, axes| {
         if weight.datum_type() != f32::datum_type() || weight.try_as_plain_ram().is_err() {
             return Ok(None);
         }
-        Ok(Some(Box::new(WeightProduct::new(PanelWeights::new(weight, axes)?))))
+        Ok(Some(PanelWeights::new(weight, axes)?))
     })
 }
 

@@ -20,27 +20,28 @@ pub trait WeightMatrix: std::fmt::Debug + Send + Sync + 'static {
     fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]);
 }
 
-/// `y[.., n] = Σ_i W[n, i] · x[.., i]` for a float32 `x` of any rank, as `W`'s kernel computes.
+/// `y[1…, .., n] = Σ_i W[n, i] · x[.., i]` for a float32 `x` of any rank, as `W`'s kernel
+/// computes, with `lead` unit axes ahead of `x`'s.
+///
+/// Why the unit axes are the op's: a model's output projections feed residual adds whose
+/// operands carry a unit batch axis the product's activation lacks. Added by tract's
+/// `AddAxis`, that axis gets a stride tract's vectorized element-wise kernels refuse, and
+/// SmolLM2's prompt spent 2.4 ms in the generic fallback's residual adds.
 #[derive(Debug)]
 pub struct WeightProduct<W: WeightMatrix> {
     pub weights: Arc<W>,
-}
-
-impl<W: WeightMatrix> WeightProduct<W> {
-    pub fn new(weights: W) -> Self {
-        Self { weights: Arc::new(weights) }
-    }
+    pub lead: usize,
 }
 
 impl<W: WeightMatrix> Clone for WeightProduct<W> {
     fn clone(&self) -> Self {
-        Self { weights: self.weights.clone() }
+        Self { weights: self.weights.clone(), lead: self.lead }
     }
 }
 
 impl<W: WeightMatrix> PartialEq for WeightProduct<W> {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weights, &other.weights)
+        Arc::ptr_eq(&self.weights, &other.weights) && self.lead == other.lead
     }
 }
 impl<W: WeightMatrix> Eq for WeightProduct<W> {}
@@ -66,8 +67,9 @@ impl<W: WeightMatrix> EvalOp for WeightProduct<W> {
         let (n, k) = (self.weights.n(), self.weights.k());
         ensure!(shape.last() == Some(&k), "{}: input of shape {shape:?} does not end in the weight's {k} inputs", W::OP_NAME);
         let rows = shape[..shape.len() - 1].iter().product();
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().expect("rank checked above") = n;
+        let mut out_shape: TVec<usize> = tvec![1; self.lead];
+        out_shape.extend_from_slice(&shape[..shape.len() - 1]);
+        out_shape.push(n);
         // SAFETY: f32 has no invalid bit patterns, and `matmul` writes every value.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         let (x_view, mut y_view) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
@@ -80,8 +82,10 @@ impl<W: WeightMatrix> TypedOp for WeightProduct<W> {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
         ensure!(x.datum_type == f32::datum_type(), "{} reads float32, got {:?}", W::OP_NAME, x.datum_type);
-        let mut shape: TVec<TDim> = x.shape.to_tvec();
-        *shape.last_mut().with_context(|| format!("{} needs an input of rank ≥ 1", W::OP_NAME))? = self.weights.n().to_dim();
+        ensure!(x.rank() >= 1, "{} needs an input of rank ≥ 1", W::OP_NAME);
+        let mut shape: TVec<TDim> = tvec![1.to_dim(); self.lead];
+        shape.extend(x.shape.iter().take(x.rank() - 1).cloned());
+        shape.push(self.weights.n().to_dim());
         Ok(tvec!(f32::fact(&shape)))
     }
 
@@ -110,18 +114,18 @@ impl WeightAxes {
     }
 }
 
-/// Makes the op for a product whose constant weight is `weight`, read as `axes` say, or
-/// `None` to leave that product to tract. The op must map `[rows…, k]` to `[rows…, n]`.
-pub type MakeOp<'a> = dyn Fn(&Tensor, &WeightAxes) -> TractResult<Option<Box<dyn TypedOp>>> + 'a;
+/// Lays out a product's constant weight `weight`, read as `axes` say, for a kernel, or gives
+/// `None` to leave that product to tract.
+pub type MakeWeights<'a, W> = dyn Fn(&Tensor, &WeightAxes) -> TractResult<Option<W>> + 'a;
 
-/// Replaces every float32 product of an activation with a constant weight for which `make`
-/// gives an op, moving and merging axes around it where tract's decluttering folded them into
-/// the product (an attention output read per head, a unit batch axis dropped). Returns how
-/// many it replaced.
+/// Replaces every float32 product of an activation with a constant weight that `make` lays
+/// out by a [`WeightProduct`] of it, moving and merging axes around it where tract's
+/// decluttering folded them into the product (an attention output read per head, a unit batch
+/// axis dropped). Returns how many it replaced.
 ///
 /// Replaced weights are dropped from the model every [`DROP_EVERY`] bytes or so, so loading
 /// holds the original and the new form of a few weights at a time, not of all of them.
-pub fn replace_products(model: &mut TypedModel, label: &str, make: &MakeOp) -> TractResult<usize> {
+pub fn replace_products<W: WeightMatrix>(model: &mut TypedModel, label: &str, make: &MakeWeights<W>) -> TractResult<usize> {
     let mut replaced = 0;
     // Nodes whose product `make` declined, by name: node ids change when the model is compacted.
     let mut declined = std::collections::HashSet::new();
@@ -159,7 +163,12 @@ const DROP_EVERY: usize = 16 << 20;
 /// The patch putting `make`'s op in place of node `id`, if `id` is a float32 einsum of an
 /// activation with a constant whose axes are one output axis, contracted axes and unit axes;
 /// and how many values the weight has.
-fn product_patch(model: &TypedModel, id: usize, label: &str, make: &MakeOp) -> TractResult<Option<(TypedModelPatch, usize)>> {
+fn product_patch<W: WeightMatrix>(
+    model: &TypedModel,
+    id: usize,
+    label: &str,
+    make: &MakeWeights<W>,
+) -> TractResult<Option<(TypedModelPatch, usize)>> {
     let node = model.node(id);
     let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
     if node.inputs.len() != 2 || einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() {
@@ -203,7 +212,7 @@ fn product_patch(model: &TypedModel, id: usize, label: &str, make: &MakeOp) -> T
     }
     let k = contracted.iter().map(|&p| w_shape[p]).product();
     let weight_axes = WeightAxes { n: w_shape[n_axis], k, n_axis, contracted };
-    let Some(op) = make(konst.val(), &weight_axes)? else { return Ok(None) };
+    let Some(weights) = make(konst.val(), &weight_axes)? else { return Ok(None) };
 
     let mut patch = TypedModelPatch::default();
     let mut wire = patch.tap_model(model, node.inputs[0])?;
@@ -224,8 +233,12 @@ fn product_patch(model: &TypedModel, id: usize, label: &str, make: &MakeOp) -> T
         wire = patch.wire_node(format!("{name}.{label}_k"), AxisOp::Reshape(batch.len(), dims, tvec!(k.to_dim())), &[wire])?[0];
     }
     order.truncate(batch.len());
-    wire = patch.wire_node(format!("{name}.{label}"), op, &[wire])?[0];
     order.push(w_order[n_axis]);
+    // The output's leading axes that the activation lacks are unit: the op puts them first.
+    let lead = y_order.iter().take_while(|c| !order.contains(c)).count();
+    order.splice(0..0, y_order[..lead].iter().copied());
+    let op = WeightProduct { weights: Arc::new(weights), lead };
+    wire = patch.wire_node(format!("{name}.{label}"), op, &[wire])?[0];
     // Output: drop unit axes it lacks, add the unit axes it has, then its order.
     while let Some(pos) = order.iter().position(|c| !in_y(c)) {
         wire = patch.wire_node(format!("{name}.{label}_rm_{pos}"), AxisOp::Rm(pos), &[wire])?[0];

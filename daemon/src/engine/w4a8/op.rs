@@ -6,7 +6,7 @@ use tract_onnx::tract_core::tract_data::dyn_eq::DynEq;
 use tract_linalg::block_quant::{BlockQuantStorage, Q4_0};
 
 use super::Weights;
-use crate::engine::product_rewrite::{replace_products, WeightMatrix, WeightProduct};
+use crate::engine::product_rewrite::{replace_products, WeightMatrix};
 
 impl WeightMatrix for Weights {
     const OP_NAME: &'static str = "W4A8MatMul";
@@ -26,7 +26,7 @@ impl WeightMatrix for Weights {
 
 /// Replaces every product of a float32 activation with a constant Q4_0 weight (what
 /// tract-onnx makes of a MatMulNBits with 4 bits and blocks of 32) stored `[n, k]` by a
-/// [`WeightProduct`] of these [`Weights`] (`W4A8MatMul` in profiles). Returns how many it
+/// [`WeightProduct`](crate::engine::product_rewrite::WeightProduct) of these [`Weights`] (`W4A8MatMul` in profiles). Returns how many it
 /// replaced; products of any other form are left to tract.
 pub fn use_w4a8_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_products(model, "w4a8", &|weight, axes| {
@@ -35,7 +35,6 @@ pub fn use_w4a8_products(model: &mut TypedModel) -> TractResult<usize> {
         if !DynEq::dyn_eq(storage.format(), &Q4_0) || !axes.outputs_first() {
             return Ok(None);
         }
-        let weights = Weights::from_q4_0_blocks(storage.value(), axes.n, axes.k).map_err(|e| anyhow::anyhow!(e))?;
-        Ok(Some(Box::new(WeightProduct::new(weights))))
+        Weights::from_q4_0_blocks(storage.value(), axes.n, axes.k).map(Some).map_err(|e| anyhow::anyhow!(e))
     })
 }
