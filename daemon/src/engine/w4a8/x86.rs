@@ -256,6 +256,14 @@ pub(super) mod rows16 {
     /// How far ahead of the block being read decode asks for codes, in bytes.
     const PREFETCH: usize = 2048;
 
+    /// Independent sums a decode block's products go into (prompt tiles have one per row).
+    const CHAINS: usize = 4;
+
+    #[inline(always)]
+    unsafe fn sum_chains(d: [__m512i; CHAINS]) -> __m512i {
+        _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]))
+    }
+
     /// Whether this CPU has the extensions of [`matmul`].
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
@@ -298,12 +306,18 @@ pub(super) mod rows16 {
                 let w_scales = _mm512_loadu_ps(scales.add(b * GROUP));
                 for t in 0..T {
                     let x = x_values[t].add(b * BLOCK) as *const i32;
-                    // Start from −8 · Σq: the offset of every row's codes, at once.
-                    let mut dot = _mm512_set1_epi32(-8 * *x_sums[t].add(b));
+                    // Start from −8 · Σq: the offset of every row's codes, at once. Decode sums
+                    // into CHAINS registers: in one chain, a block's 8 dependent `vpdpbusd`
+                    // waited on each other's latency.
+                    let mut dots = [_mm512_setzero_si512(); CHAINS];
+                    dots[0] = _mm512_set1_epi32(-8 * *x_sums[t].add(b));
+                    let chains = if T == 1 { CHAINS } else { 1 };
                     for c in 0..CHUNKS {
-                        dot = _mm512_dpbusd_epi32(dot, low[c], _mm512_set1_epi32(x.add(c).read_unaligned()));
-                        dot = _mm512_dpbusd_epi32(dot, high[c], _mm512_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                        let d = &mut dots[c % chains];
+                        *d = _mm512_dpbusd_epi32(*d, low[c], _mm512_set1_epi32(x.add(c).read_unaligned()));
+                        *d = _mm512_dpbusd_epi32(*d, high[c], _mm512_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
                     }
+                    let dot = if T == 1 { sum_chains(dots) } else { dots[0] };
                     let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales[t].add(b)));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
                 }
