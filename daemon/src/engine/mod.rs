@@ -16,6 +16,7 @@ mod prefix;
 mod profile;
 mod probe;
 mod product_rewrite;
+mod rope;
 mod sampling;
 mod session;
 mod shares;
