@@ -640,6 +640,11 @@ fn probe(args: ProbeArgs) -> ExitCode {
     if let Some(p) = runs.last().and_then(|r| r.profile.as_ref()) {
         print_profile(p);
     }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss = status_mb(&status, "VmRSS:");
+    // Linux folds the resident count into VmHWM only at some events, so VmHWM can trail the
+    // current VmRSS by what the last moments added; the peak is at least the current size.
+    let peak_rss = status_mb(&status, "VmHWM:").map(|hwm| rss.map_or(hwm, |rss| hwm.max(rss)));
     let report = serde_json::json!({
         "runtime": "mulmd",
         "model": model.manifest.name,
@@ -649,8 +654,8 @@ fn probe(args: ProbeArgs) -> ExitCode {
         "load_ms": ms(model.load_time),
         "warmup": warmup,
         "runs": runs,
-        "peak_rss_mb": status_mb("VmHWM:"),
-        "rss_mb": status_mb("VmRSS:"),
+        "peak_rss_mb": peak_rss,
+        "rss_mb": rss,
     });
     println!("{report}");
     ExitCode::SUCCESS
@@ -672,10 +677,9 @@ fn print_profile(p: &mulmd::engine::RunProfile) {
     eprintln!("{:<28} {:>12.3} {:>16.3}", "all ops", p.prefill.total_ms(), p.decode.total_ms() / steps);
 }
 
-/// A memory figure of this process from /proc/self/status in MB (VmHWM: the peak resident
-/// set; VmRSS: the current one), where /proc provides it.
-fn status_mb(key: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A memory figure in MB from the text of /proc/self/status (VmHWM: the peak resident set;
+/// VmRSS: the current one), where /proc provides it.
+fn status_mb(status: &str, key: &str) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
