@@ -20,6 +20,7 @@ mod rope;
 mod sampling;
 mod session;
 mod shares;
+mod softmax;
 mod team;
 mod template;
 mod w4a8;

@@ -18,6 +18,7 @@ use super::f32_products;
 use super::attention_products;
 use super::prefix::{self, Prefix};
 use super::rope;
+use super::softmax;
 use super::template::{ChatTemplate, Message};
 use super::w4a8;
 
@@ -220,6 +221,9 @@ fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, Lo
     // Rotary embedding in one pass (see `rope`).
     let replaced = rope::use_rope(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "rotary embeddings on the one-pass kernel");
+    // And attention's softmax, row by row (see `softmax`).
+    let replaced = softmax::use_masked_softmax(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "attention softmax on the row kernel");
     // 4-bit products run on the engine's integer kernels (see `w4a8`), not tract's float ones.
     let replaced = w4a8::use_w4a8_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "4-bit matrix products on W4A8 kernels");

@@ -61,8 +61,9 @@ impl TypedOp for Rope {
     as_op!();
 }
 
-/// Whether a `cos` or `sin` table of shape `table` fits `x` of shape `x` (see the contract).
-fn tables_fit<D: PartialEq + From<usize> + Clone>(x: &[D], table: &[D]) -> bool {
+/// Whether a table of shape `table` (rope's `cos` or `sin`, attention's mask) fits `x` of
+/// shape `x`: the same rank, unit axes but for the last two, which equal `x`'s.
+pub(super) fn tables_fit<D: PartialEq + From<usize> + Clone>(x: &[D], table: &[D]) -> bool {
     let rank = x.len();
     let one = D::from(1);
     rank >= 2
