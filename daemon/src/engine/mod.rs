@@ -11,6 +11,7 @@ mod manifest;
 mod matmul_nbits;
 mod model;
 mod onnx_file;
+mod op_swap;
 mod opener;
 mod prefix;
 mod profile;

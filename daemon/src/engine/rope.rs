@@ -17,6 +17,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_transformers::ops::apply_rope::ApplyRope;
 
+use super::op_swap::swap_ops;
+
 /// See the module contract (`Rope` in profiles).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rope;
@@ -103,20 +105,10 @@ fn rotate_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
 /// Replaces every float32 `ApplyRope` whose tables fit the contract by a [`Rope`]. Returns
 /// how many it replaced.
 pub fn use_rope(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        if !node.op_is::<ApplyRope>() || node.inputs.len() != 3 {
-            continue;
-        }
-        if !fits_contract(model, id)? {
-            continue;
-        }
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, Rope)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+    swap_ops(model, &|model, node| {
+        let fits = node.op_is::<ApplyRope>() && node.inputs.len() == 3 && fits_contract(model, node.id)?;
+        Ok(fits.then(|| Box::new(Rope) as Box<dyn TypedOp>))
+    })
 }
 
 /// Whether node `id`'s inputs are float32 with tables that fit the contract and an even width.

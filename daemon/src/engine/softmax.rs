@@ -22,6 +22,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_transformers::ops::scaled_masked_softmax::ScaledMaskedSoftmax;
 
+use super::op_swap::swap_ops;
 use super::rope::tables_fit;
 
 /// See the module contract (`MaskedSoftmax` in profiles).
@@ -116,7 +117,6 @@ impl EvalOp for MaskedSoftmax {
                 self.normalize(row)?;
             }
         }
-        drop(y_ram);
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -133,20 +133,14 @@ impl TypedOp for MaskedSoftmax {
 /// Replaces every `ScaledMaskedSoftmax` of float32 scores, a float32 or boolean mask that
 /// fits the contract and a scalar scale by a [`MaskedSoftmax`]. Returns how many it replaced.
 pub fn use_masked_softmax(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(op) = node.op_as::<ScaledMaskedSoftmax>() else { continue };
-        if node.inputs.len() != 2 || op.scale.len() != 1 || !fits_contract(model, id)? {
-            continue;
+    swap_ops(model, &|model, node| {
+        let Some(op) = node.op_as::<ScaledMaskedSoftmax>() else { return Ok(None) };
+        if node.inputs.len() != 2 || op.scale.len() != 1 || !fits_contract(model, node.id)? {
+            return Ok(None);
         }
         let scale = op.scale.cast_to_scalar::<f32>()?;
-        let new = MaskedSoftmax::new(scale, op.post_softmax_mask)?;
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, new)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        Ok(Some(Box::new(MaskedSoftmax::new(scale, op.post_softmax_mask)?)))
+    })
 }
 
 /// Whether node `id`'s scores are float32 and its mask, float32 or boolean, fits them.

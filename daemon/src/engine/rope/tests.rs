@@ -2,6 +2,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::engine::op_swap::testing::{one_op_model, run};
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
     let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
@@ -10,16 +11,7 @@ fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
 
 /// `ApplyRope(x, cos, sin)` with the three as inputs of the given facts.
 fn rope_model(x: TypedFact, cos: TypedFact, sin: TypedFact) -> TypedModel {
-    let mut model = TypedModel::default();
-    let inputs = [model.add_source("x", x).unwrap(), model.add_source("cos", cos).unwrap(), model.add_source("sin", sin).unwrap()];
-    let y = model.wire_node("rope", ApplyRope, &inputs).unwrap()[0];
-    model.select_output_outlets(&[y]).unwrap();
-    model
-}
-
-fn run(model: TypedModel, inputs: &[Tensor]) -> Tensor {
-    let plan = model.into_runnable().unwrap();
-    plan.run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap().remove(0).into_tensor()
+    one_op_model(ApplyRope, vec![x, cos, sin])
 }
 
 #[test]

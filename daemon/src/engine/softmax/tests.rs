@@ -2,6 +2,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::engine::op_swap::testing::{one_op_model, run};
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
     let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-4.0f32..4.0)).collect();
@@ -24,17 +25,7 @@ fn causal(rng: &mut ChaCha8Rng, positions: usize, keys: usize, boolean: bool) ->
 }
 
 fn softmax_model(x: TypedFact, mask: TypedFact, post_softmax_mask: bool) -> TypedModel {
-    let mut model = TypedModel::default();
-    let inputs = [model.add_source("x", x).unwrap(), model.add_source("mask", mask).unwrap()];
-    let op = ScaledMaskedSoftmax { scale: Arc::new(tensor0(0.125f32)), post_softmax_mask };
-    let y = model.wire_node("softmax", op, &inputs).unwrap()[0];
-    model.select_output_outlets(&[y]).unwrap();
-    model
-}
-
-fn run(model: TypedModel, inputs: &[Tensor]) -> Tensor {
-    let plan = model.into_runnable().unwrap();
-    plan.run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap().remove(0).into_tensor()
+    one_op_model(ScaledMaskedSoftmax { scale: Arc::new(tensor0(0.125f32)), post_softmax_mask }, vec![x, mask])
 }
 
 #[test]
