@@ -295,6 +295,7 @@ include_usage = true
 
 [grpc]
 # TCP address of the gRPC API; "" disables TCP. Keep it on loopback unless a firewall guards it.
+# Port 0 takes a free port; the "serving" log line and systemd's status say which.
 listen = "127.0.0.1:50051"
 # Unix socket for local clients, e.g. "/run/mulmd/api.sock"; "" disables it.
 unix_socket = ""
@@ -338,7 +339,7 @@ discovery = false
 discovery_prefix = "homeassistant"
 
 [metrics]
-# Prometheus endpoint (GET /metrics), e.g. "127.0.0.1:9464"; "" turns it off.
+# Prometheus endpoint (GET /metrics), e.g. "127.0.0.1:9464"; "" turns it off. Port 0 as above.
 listen = ""
 
 [log]

@@ -5,9 +5,14 @@
 //! Label values are fixed names (front, outcome, fallback reason) — never request text, ids
 //! or anything that came from the cloud, so nothing secret or unbounded reaches a label.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::time::Duration;
 
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::net::TcpListener;
 
 use crate::engine::RequestError;
 use crate::pipeline::{Answer, Front};
@@ -15,17 +20,45 @@ use crate::pipeline::{Answer, Front};
 /// Latency buckets in seconds: an opener is milliseconds, a cloud first token up to seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0];
 
-/// Starts the `/metrics` HTTP listener on `listen` and makes it the process's recorder.
-/// Must run inside a Tokio runtime; fails if the address is taken or a recorder exists.
-pub fn install(listen: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
+/// How often histogram samples are folded into their buckets when nobody scrapes; without
+/// it they would pile up between scrapes. The exporter's own listener uses the same period.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Prometheus' text exposition format, as scrapers ask for it.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Makes this process's `metrics` recorder the one the endpoint reads, and returns the
+/// endpoint: `GET /metrics` in Prometheus text format on `listener`, served until `shutdown`
+/// resolves.
+///
+/// mulmd binds the listener itself (in `server::bind`, with the gRPC sockets), so a taken
+/// port fails the start before anything is announced, and `listen = "127.0.0.1:0"` works:
+/// the bound address is in the "serving" log line. Fails if a recorder is already set.
+pub fn install(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("metrics.listen {listen}: {e}"))?;
+        .install_recorder()
+        .map_err(|e| format!("metrics: {e}"))?;
     describe();
-    Ok(())
+    Ok(async move {
+        let upkeep = handle.clone();
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP);
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        let render = move || std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()));
+        let app = Router::new().route("/metrics", get(render));
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        upkeep.abort();
+        served.map_err(|e| format!("metrics endpoint: {e}"))
+    })
 }
 
 fn describe() {

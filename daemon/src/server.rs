@@ -106,6 +106,8 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
     pub unix: Option<(UnixListener, PathBuf)>,
+    /// The Prometheus endpoint's (`[metrics] listen`).
+    pub metrics: Option<TcpListener>,
 }
 
 pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
@@ -129,19 +131,29 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
             .map_err(|e| StartError::Runtime(format!("grpc.unix_socket_mode on {}: {e}", path.display())))?;
         Some((l, path))
     };
-    Ok(Listeners { tcp, unix })
+    let metrics = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let l = &config.metrics.listen;
+        Some(TcpListener::bind(l).await.map_err(|e| StartError::Runtime(format!("metrics.listen {l}: {e}")))?)
+    };
+    Ok(Listeners { tcp, unix, metrics })
 }
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let Prepared { engine, cloud, mqtt, config, warm_up } = prepared;
-    if !config.metrics.listen.is_empty() {
-        let addr = config.metrics.listen.parse().map_err(|_| StartError::Config(format!("metrics.listen {:?} is not an address", config.metrics.listen)))?;
-        crate::observe::install(addr).map_err(StartError::Runtime)?;
-    }
     let service = AnswerService::new(engine.clone(), cloud, Limits::from_config(&config));
     let grace = Duration::from_millis(config.grpc.grace_period_ms);
     let stop = tokio_util::sync::CancellationToken::new();
+    // The recorder first: should it fail, no front has started yet.
+    let metrics = match listeners.metrics {
+        Some(l) => {
+            let front = format!("metrics http://{}/metrics", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            Some((front, crate::observe::install(l, stop.clone().cancelled_owned()).map_err(StartError::Runtime)?))
+        }
+        None => None,
+    };
     let mut servers = tokio::task::JoinSet::new();
     let mut health_reporters = Vec::new();
     let mut fronts = Vec::new();
@@ -169,6 +181,10 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         fronts.push(format!("MQTT {}", front.topics().request));
         mqtt_task.spawn(front.run(mqtt_stop.clone(), grace));
     }
+    if let Some((front, endpoint)) = metrics {
+        fronts.push(front);
+        servers.spawn(endpoint);
+    }
     let model = &engine.model().manifest;
     let status = format!("serving {} ({}) on {}; warm-up opener {} ms", model.name, model.precision, fronts.join(", "), warm_up.as_millis());
     tracing::info!("{status}");
@@ -180,7 +196,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         _ = shutdown => tracing::info!("shutting down"),
         Some(r) = servers.join_next() => {
             // A server stopped on its own: that is a failure.
-            return Err(StartError::Runtime(match r { Ok(Err(e)) => e, _ => "a gRPC server stopped unexpectedly".into() }));
+            return Err(StartError::Runtime(match r { Ok(Err(e)) => e, _ => "a gRPC or metrics server stopped unexpectedly".into() }));
         }
     }
     crate::systemd::stopping();
