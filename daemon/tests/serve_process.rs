@@ -3,8 +3,10 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mulmd::grpc::pb::answer_event::Event;
@@ -15,8 +17,77 @@ use tokio::net::{TcpListener, TcpStream};
 
 const KEY: &str = "sk-test-LEAKY-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `mulmd serve --config <config>` as a child process, its stderr (the log) collected line
+/// by line. Every port is `:0` in the tests' configs: the daemon binds, and the test reads
+/// the bound addresses from the "serving" line, so no other test's daemon can take them
+/// between a probe and the bind.
+struct Serve {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// The "serving ... on ..." line.
+    serving: String,
+}
+
+impl Serve {
+    /// Starts the daemon and waits for its "serving" line; panics with the log if it exits
+    /// first.
+    fn start(config: &Path) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mulmd"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in stderr.lines().map_while(Result::ok) {
+                    log.lock().unwrap().push_str(&format!("{line}\n"));
+                    let _ = tx.send(line);
+                }
+            })
+        };
+        // The sender goes with the reader thread, so the end of stderr (an exit) ends the wait.
+        let serving = rx.iter().find(|l| l.contains("serving "));
+        let mut serve = Serve { child, log, reader: Some(reader), serving: String::new() };
+        match serving {
+            Some(line) => serve.serving = line,
+            None => panic!("mulmd serve exited before serving ({:?}):\n{}", serve.child.wait(), serve.log()),
+        }
+        serve
+    }
+
+    /// The address after `front` ("gRPC ", "metrics http://") in the "serving" line.
+    fn addr(&self, front: &str) -> String {
+        let at = self.serving.find(front).unwrap_or_else(|| panic!("no {front:?} in {}", self.serving)) + front.len();
+        self.serving[at..].split([',', ';', '/']).next().unwrap().to_string()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// systemd's stop: SIGTERM, then the exit status and the whole log.
+    fn stop(mut self) -> (ExitStatus, String) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        (exit, self.log())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // A failed test must not leave a daemon behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// An endpoint that refuses every request the way some providers do: quoting the key.
@@ -37,8 +108,8 @@ async fn key_quoting_cloud() -> String {
     url
 }
 
-async fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
@@ -52,7 +123,6 @@ async fn the_key_never_reaches_logs_replies_or_metrics_and_sigterm_stops_cleanly
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
-    let (grpc_port, metrics_port) = (free_port(), free_port());
     let socket = dir.path().join("api.sock");
     let config = dir.path().join("mulmd.toml");
     std::fs::write(
@@ -67,10 +137,10 @@ base_url = "{cloud}"
 api_key_file = "{}"
 max_retries = 0
 [grpc]
-listen = "127.0.0.1:{grpc_port}"
+listen = "127.0.0.1:0"
 unix_socket = "{}"
 [metrics]
-listen = "127.0.0.1:{metrics_port}"
+listen = "127.0.0.1:0"
 [log]
 format = "json"
 level = "debug"
@@ -81,46 +151,26 @@ level = "debug"
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mulmd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut client = None;
-    for _ in 0..600 {
-        if let Ok(c) = AnswererClient::connect(format!("http://127.0.0.1:{grpc_port}")).await {
-            client = Some(c);
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("mulmd serve exited early ({status}): {}", log.join().unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut client = client.expect("mulmd serve listens");
+    let serve = Serve::start(&config);
+    let mut client = AnswererClient::connect(format!("http://{}", serve.addr("gRPC "))).await.unwrap();
+    // Whatever fails from here on, the daemon's log says why.
+    let log = || serve.log();
 
     let mut req = tonic::Request::new(AnswerRequest { query: "How do I remove odor from inside my shoes?".into(), options: None });
     req.metadata_mut().insert("x-request-id", "trace-me-42".parse().unwrap());
-    let mut stream = client.answer(req).await.unwrap().into_inner();
+    let mut stream = client.answer(req).await.unwrap_or_else(|e| panic!("{e:?}; mulmd's log:\n{}", log())).into_inner();
     let mut last = None;
-    while let Some(ev) = stream.message().await.unwrap() {
+    while let Some(ev) = stream.message().await.unwrap_or_else(|e| panic!("{e:?}; mulmd's log:\n{}", log())) {
         last = ev.event;
     }
-    let Some(Event::Final(f)) = last else { panic!("no final event") };
+    let Some(Event::Final(f)) = last else { panic!("no final event; mulmd's log:\n{}", log()) };
     let fallback = f.fallback.expect("the rejected key makes the device finish");
     assert_eq!(fallback.reason, "http_error");
     assert!(fallback.message.contains("401") && fallback.message.contains("[redacted]"), "{}", fallback.message);
     assert!(!fallback.message.contains(KEY), "the key reached a reply: {}", fallback.message);
 
-    let metrics = http_get(metrics_port, "/metrics").await;
+    let metrics = http_get(&serve.addr("metrics http://"), "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("content-type: text/plain; version=0.0.4"), "{metrics}");
     assert!(metrics.contains(r#"mulmd_requests_total{front="grpc",outcome="done"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"mulmd_fallbacks_total{reason="http_error"} 1"#), "{metrics}");
     assert!(metrics.contains("mulmd_ttft_seconds_bucket"), "{metrics}");
@@ -128,12 +178,9 @@ level = "debug"
     assert!(!metrics.contains(KEY));
 
     // systemd's stop: SIGTERM, then an orderly exit with the socket file removed.
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-    assert!(exit.success(), "exit status {exit}");
+    let (exit, log) = tokio::task::spawn_blocking(move || serve.stop()).await.unwrap();
+    assert!(exit.success(), "exit status {exit}:\n{log}");
     assert!(!socket.exists(), "the Unix socket file is removed on exit");
-    let log = log.join().unwrap();
     assert!(!log.contains(KEY), "the key reached the log:\n{log}");
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))).collect();
     let answered = lines.iter().find(|l| l["fields"]["message"] == "answered").expect("an 'answered' line");
@@ -154,7 +201,7 @@ fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let config = dir.path().join("mulmd.toml");
-    std::fs::write(&config, format!("[model]\ndir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:{}\"\n", model.display(), free_port())).unwrap();
+    std::fs::write(&config, format!("[model]\ndir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n", model.display())).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mulmd"))
         .args(["serve", "--config"])
         .arg(&config)

@@ -3,6 +3,7 @@ here from proto/ (nothing shared with the Rust side), against a real `mulmd serv
 on TCP and on a Unix socket."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,12 +75,6 @@ class StallingCloud:
         conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def daemon(tmp_path, fixture_model, need):
     """`mulmd serve` with the SmolLM2 fixture, TCP + Unix socket, and a stalling cloud."""
@@ -87,7 +82,6 @@ def daemon(tmp_path, fixture_model, need):
     if not binary or not Path(binary).exists():
         need("the mulmd binary", "build it and set MULMD_BIN (scripts/test does both)")
     cloud = StallingCloud()
-    port = free_port()
     sock = tmp_path / "api.sock"
     config = tmp_path / "mulmd.toml"
     config.write_text(
@@ -100,23 +94,23 @@ base_url = "{cloud.url}"
 first_token_timeout_ms = 60000
 total_timeout_ms = 60000
 [grpc]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 unix_socket = "{sock}"
 grace_period_ms = 5000
 """
     )
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([binary, "serve", "--config", str(config)], stdout=log, stderr=log)
+    # Port 0: the daemon binds a free port and names it in its "serving ... on gRPC <addr>" line,
+    # so no other process can take the port between a probe and the bind.
+    serve_log = tmp_path / "serve.log"
     deadline = time.time() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, f"mulmd serve exited: {(tmp_path / 'serve.log').read_text()}"
-            assert time.time() < deadline, "mulmd serve did not start listening"
-            time.sleep(0.1)
-    yield {"addr": f"127.0.0.1:{port}", "unix": f"unix:{sock}", "socket": sock, "proc": proc, "cloud": cloud}
+    while not (serving := re.search(r"serving .* on gRPC (127\.0\.0\.1:\d+)", serve_log.read_text())):
+        assert proc.poll() is None, f"mulmd serve exited: {serve_log.read_text()}"
+        assert time.time() < deadline, f"mulmd serve did not start serving: {serve_log.read_text()}"
+        time.sleep(0.1)
+    addr = serving.group(1)
+    yield {"addr": addr, "unix": f"unix:{sock}", "socket": sock, "proc": proc, "cloud": cloud}
     if proc.poll() is None:
         proc.kill()
         proc.wait()
