@@ -306,12 +306,16 @@ async fn a_stall_mid_stream_is_not_retried() {
 #[tokio::test]
 async fn a_refused_connection_falls_back() {
     let Some(engine) = engine() else { return };
-    // Bind and drop a listener: its port now refuses connections.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A socket bound but never listening: its port refuses connections, and stays ours for
+    // the test, so no listener of a test running beside this one can take it.
+    let bound = tokio::net::TcpSocket::new_v4().unwrap();
+    bound.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = bound.local_addr().unwrap().port();
     let mut cfg = CloudConfig::new(&format!("http://127.0.0.1:{port}/v1"), "m");
     cfg.max_retries = 0;
     let (_, a) = ask(&engine, Some(Arc::new(CloudClient::new(cfg).unwrap())), RecoveryMode::Natural).await;
     assert_eq!(a.fallback.unwrap().reason, "connect");
+    drop(bound);
 }
 
 #[tokio::test]
