@@ -115,7 +115,7 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
     let tcp = if g.listen.is_empty() {
         None
     } else {
-        Some(TcpListener::bind(&g.listen).await.map_err(|e| StartError::Runtime(format!("grpc.listen {}: {e}", g.listen)))?)
+        Some(TcpListener::bind(&g.listen).await.map_err(|e| bind_error("grpc.listen", &g.listen, e))?)
     };
     let unix = if g.unix_socket.as_os_str().is_empty() {
         None
@@ -135,9 +135,21 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
         None
     } else {
         let l = &config.metrics.listen;
-        Some(TcpListener::bind(l).await.map_err(|e| StartError::Runtime(format!("metrics.listen {l}: {e}")))?)
+        Some(TcpListener::bind(l).await.map_err(|e| bind_error("metrics.listen", l, e))?)
     };
     Ok(Listeners { tcp, unix, metrics })
+}
+
+/// A TCP address that could not be bound, with the setting, the cause and what to do.
+fn bind_error(setting: &str, addr: &str, e: std::io::Error) -> StartError {
+    use std::io::ErrorKind::*;
+    let fix = match e.kind() {
+        AddrInUse => "; another process holds the port: choose another (port 0 takes a free one) or stop that process",
+        AddrNotAvailable => "; no interface here has that address: use 127.0.0.1, 0.0.0.0 or one of this machine's own",
+        PermissionDenied => "; ports below 1024 need privileges: choose a higher port",
+        _ => "",
+    };
+    StartError::Runtime(format!("{setting} {addr}: {e}{fix}"))
 }
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.

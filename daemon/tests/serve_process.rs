@@ -229,3 +229,21 @@ fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
     }
     assert!(child.wait().unwrap().success());
 }
+
+/// A metrics port another process holds stops the start with the setting and the cause named,
+/// before the daemon announces anything.
+#[test]
+fn a_taken_metrics_port_fails_the_start_and_names_the_setting() {
+    let Some(model) = common::fixture("tiny") else { return };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mulmd.toml");
+    std::fs::write(&config, format!("[model]\ndir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"{addr}\"\n", model.display())).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mulmd")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("metrics.listen {addr}")) && stderr.contains("in use"), "{stderr}");
+    assert!(stderr.contains("choose another"), "the error says what to do:\n{stderr}");
+    assert!(!stderr.contains("serving "), "announced before failing:\n{stderr}");
+}
