@@ -263,7 +263,8 @@ impl WeightMatrix for PanelWeights {
 }
 
 /// Replaces every product of a float32 activation with a constant float32 weight by a
-/// [`WeightProduct`](super::product_rewrite::WeightProduct) of [`PanelWeights`] (`F32MatMul` in profiles). Returns how many it replaced.
+/// [`WeightProduct`](super::product_rewrite::WeightProduct) of [`PanelWeights`] (`F32MatMul`
+/// in profiles). Returns how many it replaced.
 pub fn use_f32_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_products(model, "f32mm", &|weight, axes| {
         if weight.datum_type() != f32::datum_type() || weight.try_as_plain_ram().is_err() {

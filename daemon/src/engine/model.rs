@@ -274,7 +274,6 @@ fn give_matmuls_own_constants(model: &mut TypedModel) -> TractResult<()> {
     Ok(())
 }
 
-/// The graph's declared tensor shapes against the manifest's architecture.
 /// Tells tract what every caller guarantees about the graph's symbolic lengths: a pass feeds
 /// at least one token, and a cache holds zero or more.
 ///
@@ -299,6 +298,7 @@ fn assert_lengths(model: &TypedModel) -> TractResult<()> {
     Ok(())
 }
 
+/// The graph's declared tensor shapes against the manifest's architecture.
 fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
     let a = &manifest.architecture;
     let ids = model.input_fact(0).map_err(|e| e.to_string())?;

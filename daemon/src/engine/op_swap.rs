@@ -25,7 +25,29 @@ pub fn swap_ops(model: &mut TypedModel, swap: &Swap) -> TractResult<usize> {
 /// Graphs of one op for the swaps' tests.
 #[cfg(test)]
 pub mod testing {
+    use rand::Rng;
+
     use super::*;
+
+    /// Floats drawn uniformly from `-bound..bound`, in `shape`.
+    pub fn random(rng: &mut impl Rng, shape: &[usize], bound: f32) -> Tensor {
+        let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-bound..bound)).collect();
+        Tensor::from_shape(shape, &values).unwrap()
+    }
+
+    /// Runs `model` (one `Old` op) on `inputs`, swaps the op with `swap`, and checks that
+    /// exactly one node was swapped, no `Old` is left, and the output is the same to the bit.
+    pub fn assert_swap_is_bit_equal<Old: Op>(
+        mut model: TypedModel,
+        inputs: &[Tensor],
+        swap: impl FnOnce(&mut TypedModel) -> TractResult<usize>,
+        case: &str,
+    ) {
+        let want = run(model.clone(), inputs);
+        assert_eq!(swap(&mut model).unwrap(), 1, "{case}");
+        assert!(!model.nodes().iter().any(|n| n.op_is::<Old>()), "{case}: tract's op is gone");
+        assert_eq!(run(model, inputs), want, "{case}");
+    }
 
     /// A model of `op` alone, one source per fact in `inputs`.
     pub fn one_op_model(op: impl Into<Box<dyn TypedOp>>, inputs: Vec<TypedFact>) -> TypedModel {

@@ -1,12 +1,11 @@
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::engine::op_swap::testing::{one_op_model, run};
+use crate::engine::op_swap::testing::{self, assert_swap_is_bit_equal, one_op_model, run};
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
-    let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-    Tensor::from_shape(shape, &values).unwrap()
+    testing::random(rng, shape, 2.0)
 }
 
 /// `ApplyRope(x, cos, sin)` with the three as inputs of the given facts.
@@ -26,12 +25,7 @@ fn rope_equals_tracts_apply_rope_to_the_bit() {
     ] {
         let inputs = [random(&mut rng, &x_shape), random(&mut rng, &table), random(&mut rng, &table)];
         let model = rope_model(f32::fact(&x_shape), f32::fact(&table), f32::fact(&table));
-        let want = run(model.clone(), &inputs);
-        let mut model = model;
-        assert_eq!(use_rope(&mut model).unwrap(), 1, "{x_shape:?}");
-        assert!(!model.nodes().iter().any(|n| n.op_is::<ApplyRope>()), "{x_shape:?}: tract's op is gone");
-        let got = run(model, &inputs);
-        assert_eq!(got, want, "{x_shape:?}");
+        assert_swap_is_bit_equal::<ApplyRope>(model, &inputs, use_rope, &format!("{x_shape:?}"));
     }
 }
 

@@ -2,11 +2,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::engine::op_swap::testing::{one_op_model, run};
+use crate::engine::op_swap::testing::{self, assert_swap_is_bit_equal, one_op_model, run};
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
-    let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-4.0f32..4.0)).collect();
-    Tensor::from_shape(shape, &values).unwrap()
+    testing::random(rng, shape, 4.0)
 }
 
 /// A causal mask over `positions` rows of `keys` (the last `positions` keys are the rows'
@@ -39,13 +38,8 @@ fn masked_softmax_equals_tracts_op_to_the_bit() {
             let mask = causal(&mut rng, positions, keys, boolean);
             let inputs = [random(&mut rng, &x_shape), mask.clone()];
             let model = softmax_model(f32::fact(x_shape), TypedFact::shape_and_dt_of(&mask), post);
-            let want = run(model.clone(), &inputs);
-            let mut model = model;
             let case = format!("{x_shape:?}, boolean {boolean}, post {post}");
-            assert_eq!(use_masked_softmax(&mut model).unwrap(), 1, "{case}");
-            assert!(!model.nodes().iter().any(|n| n.op_is::<ScaledMaskedSoftmax>()), "{case}: tract's op is gone");
-            let got = run(model, &inputs);
-            assert_eq!(got, want, "{case}");
+            assert_swap_is_bit_equal::<ScaledMaskedSoftmax>(model, &inputs, use_masked_softmax, &case);
         }
     }
 }

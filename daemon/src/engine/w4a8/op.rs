@@ -26,8 +26,9 @@ impl WeightMatrix for Weights {
 
 /// Replaces every product of a float32 activation with a constant Q4_0 weight (what
 /// tract-onnx makes of a MatMulNBits with 4 bits and blocks of 32) stored `[n, k]` by a
-/// [`WeightProduct`](crate::engine::product_rewrite::WeightProduct) of these [`Weights`] (`W4A8MatMul` in profiles). Returns how many it
-/// replaced; products of any other form are left to tract.
+/// [`WeightProduct`](crate::engine::product_rewrite::WeightProduct) of these [`Weights`]
+/// (`W4A8MatMul` in profiles). Returns how many it replaced; products of any other form are
+/// left to tract.
 pub fn use_w4a8_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_products(model, "w4a8", &|weight, axes| {
         let Some(storage) = weight.storage_as::<BlockQuantStorage>() else { return Ok(None) };
