@@ -66,8 +66,19 @@ fn the_printed_config_checks_clean_and_a_bad_one_lists_every_problem() {
     assert!(printed.status.success());
     let good = dir.path().join("good.toml");
     std::fs::write(&good, &printed.stdout).unwrap();
-    let out = mulmd().arg("check-config").arg(&good).output().unwrap();
+    // The defaults name the default model directory: it must exist to check clean.
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path().join("no-model")).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "a missing model directory is a problem");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.dir") && err.contains("mulm-export default-model"), "{err}");
+    // A listener open to the network is valid, but said to be so.
+    std::fs::write(&good, "[grpc]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: grpc.listen") && err.contains("reachable from other machines"), "{err}");
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[engine]\nworkers = 0\nqueue = 3\n[cloud]\nenabled = true\nbase_url = \"localhost\"\n").unwrap();

@@ -1,132 +1,24 @@
-//! The pipeline against a scriptable fake OpenAI-compatible server, for the faults a real
+//! The answer service against a scriptable fake OpenAI-compatible server, for the faults a real
 //! server cannot produce on demand. Each fault must still give the opener, then exactly one
 //! terminal event (Done, with the local model finishing the sentence where the cloud failed),
 //! and the engine must go on serving.
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mulmd::cloud::{CloudClient, CloudConfig, RecoveryMode, Secret};
-use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
-use mulmd::pipeline::{answer, Answer, AnswerEvent, AnswerRequest, Source};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use mulmd::answer::{Admission, Answer, AnswerEvent, AnswerRequest, Answerer, Front, Source};
+use mulmd::cloud::{CloudClient, CloudConfig};
+use mulmd::config::{Config, RecoveryMode};
+use mulmd::engine::{Engine, EngineConfig, OpenerOptions, Prompt};
+use mulmd::host::secrets::Secret;
 
 const SHOES: &str = "How do I remove odor from inside my shoes?";
 const OPENER: &str = "Removing odor from inside your shoes is a";
 
-/// What the fake server does for one chat-completions request.
-#[derive(Clone)]
-enum Reply {
-    /// 200 with these SSE lines (each written as its own chunk), then close.
-    Stream(Vec<String>),
-    /// An HTTP error with extra headers and a body.
-    Status(u16, Vec<(String, String)>, String),
-    /// Accept, read the request, say nothing.
-    Stall,
-    /// Send these SSE lines, then stay silent with the connection open.
-    StallAfter(Vec<String>),
-}
-
-fn chunk(text: &str) -> String {
-    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}))
-}
-fn finish() -> String {
-    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-}
-fn done() -> String {
-    "data: [DONE]\n\n".into()
-}
-
-struct FakeCloud {
-    url: String,
-    completions: Arc<AtomicUsize>,
-    auth: Arc<Mutex<Vec<String>>>,
-}
-
-async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let completions = Arc::new(AtomicUsize::new(0));
-    let auth = Arc::new(Mutex::new(Vec::new()));
-    let (count, seen) = (completions.clone(), auth.clone());
-    let script = Arc::new(script);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
-            let (count, seen, script) = (count.clone(), seen.clone(), script.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut tmp = [0u8; 4096];
-                // Read the head and the body (Content-Length).
-                let head_end = loop {
-                    let n = sock.read(&mut tmp).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&tmp[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
-                    .unwrap_or(0);
-                while buf.len() < head_end + len {
-                    let n = sock.read(&mut tmp).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&tmp[..n]);
-                }
-                if head.starts_with("GET") {
-                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}").await;
-                    return;
-                }
-                if let Some(a) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")) {
-                    seen.lock().unwrap().push(a.to_string());
-                }
-                let i = count.fetch_add(1, Ordering::SeqCst);
-                let reply = script.get(i).cloned().unwrap_or_else(|| Reply::Status(500, vec![], "script exhausted".into()));
-                let sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
-                match reply {
-                    Reply::Stream(lines) => {
-                        let _ = sock.write_all(sse_head).await;
-                        for l in lines {
-                            let _ = sock.write_all(l.as_bytes()).await;
-                            let _ = sock.flush().await;
-                        }
-                    }
-                    Reply::Status(code, headers, body) => {
-                        let mut r = format!("HTTP/1.1 {code} Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
-                        for (k, v) in headers {
-                            r.push_str(&format!("{k}: {v}\r\n"));
-                        }
-                        r.push_str("\r\n");
-                        r.push_str(&body);
-                        let _ = sock.write_all(r.as_bytes()).await;
-                    }
-                    Reply::Stall => tokio::time::sleep(Duration::from_secs(60)).await,
-                    Reply::StallAfter(lines) => {
-                        let _ = sock.write_all(sse_head).await;
-                        for l in lines {
-                            let _ = sock.write_all(l.as_bytes()).await;
-                        }
-                        let _ = sock.flush().await;
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                }
-            });
-        }
-    });
-    FakeCloud { url, completions, auth }
-}
+use common::fake_cloud::{chunk, done, fake_cloud, finish, Reply};
 
 fn client(url: &str) -> Arc<CloudClient> {
     let mut cfg = CloudConfig::new(url, "fake-model");
@@ -150,13 +42,24 @@ fn engine() -> Option<Arc<Engine>> {
     Some(Arc::new(Engine::start(model, EngineConfig::default()).unwrap()))
 }
 
+fn request(recovery: RecoveryMode) -> AnswerRequest {
+    AnswerRequest {
+        id: "t".into(),
+        front: Front::Cli,
+        arrived: Instant::now(),
+        prompt: Prompt::question(SHOES),
+        opener: OpenerOptions::default(),
+        recovery,
+        use_cloud: true,
+    }
+}
+
 /// Runs one answer; returns all events, checking the stream's shape on the way.
 async fn ask(engine: &Arc<Engine>, cloud: Option<Arc<CloudClient>>, recovery: RecoveryMode) -> (Vec<AnswerEvent>, Answer) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let req = AnswerRequest { id: "t".into(), front: mulmd::pipeline::Front::Cli, query: SHOES.into(), opener: OpenerOptions::default(), recovery, use_cloud: true };
-    tokio::spawn(answer(engine.clone(), cloud, req, Instant::now(), tx, CancellationToken::new()));
+    let answerer = Answerer::new(engine.clone(), cloud, Admission::from_config(&Config::default()));
+    let mut stream = answerer.answer(request(recovery));
     let mut events = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    while let Some(ev) = stream.next().await {
         events.push(ev);
     }
     let terminal = events.iter().filter(|e| matches!(e, AnswerEvent::Done(_) | AnswerEvent::Error(_))).count();

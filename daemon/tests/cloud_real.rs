@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mulmd::cloud::{CloudClient, CloudConfig, RecoveryMode};
-use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
-use mulmd::pipeline::{answer, AnswerEvent, AnswerRequest};
+use mulmd::answer::{Admission, AnswerEvent, AnswerRequest, Answerer, Front};
+use mulmd::cloud::{CloudClient, CloudConfig};
+use mulmd::config::{Config, RecoveryMode};
+use mulmd::engine::{Engine, EngineConfig, OpenerOptions, Prompt};
 use tokio_util::sync::CancellationToken;
 
 struct Server(Child);
@@ -56,7 +57,7 @@ async fn start_server(python: &PathBuf, gguf: &PathBuf) -> (Server, String) {
         .expect("starting llama_cpp.server");
     let server = Server(child);
     let url = format!("http://127.0.0.1:{port}/v1");
-    mulmd::cloud::install_crypto();
+    mulmd::host::tls::install_crypto();
     let http = reqwest::Client::new();
     let started = Instant::now();
     loop {
@@ -78,12 +79,20 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
     cfg.temperature = Some(0.0);
     let cloud = Arc::new(CloudClient::new(cfg).unwrap());
     let engine = Arc::new(Engine::start(model, EngineConfig::default()).unwrap());
+    let answerer = Answerer::new(engine, Some(cloud), Admission::from_config(&Config::default()));
     for query in ["How do I remove odor from inside my shoes?", "What is the capital of France?"] {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let req = AnswerRequest { id: "t".into(), front: mulmd::pipeline::Front::Cli, query: query.into(), opener: OpenerOptions::default(), recovery: RecoveryMode::Natural, use_cloud: true };
-        tokio::spawn(answer(engine.clone(), Some(cloud.clone()), req, Instant::now(), tx, CancellationToken::new()));
+        let req = AnswerRequest {
+            id: "t".into(),
+            front: Front::Cli,
+            arrived: Instant::now(),
+            prompt: Prompt::question(query),
+            opener: OpenerOptions::default(),
+            recovery: RecoveryMode::Natural,
+            use_cloud: true,
+        };
+        let mut stream = answerer.answer(req);
         let mut events = Vec::new();
-        while let Some(ev) = rx.recv().await {
+        while let Some(ev) = stream.next().await {
             events.push(ev);
         }
         let Some(AnswerEvent::Done(a)) = events.last() else { panic!("no Done: {events:?}") };
@@ -122,12 +131,12 @@ async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuatio
     config.mqtt.enabled = true;
     config.mqtt.port = broker.port;
     config.mqtt.node_id = "hall".into();
-    let prepared = tokio::task::spawn_blocking(move || mulmd::server::prepare(config)).await.unwrap().unwrap();
-    let listeners = mulmd::server::bind(&prepared.config).await.unwrap();
+    let prepared = tokio::task::spawn_blocking(move || mulmd::daemon::prepare(config)).await.unwrap().unwrap();
+    let listeners = mulmd::daemon::bind(&prepared.config).await.unwrap();
     let addr = format!("http://{}", listeners.tcp.as_ref().unwrap().local_addr().unwrap());
     let stop = CancellationToken::new();
     let s = stop.clone();
-    let daemon = tokio::spawn(async move { mulmd::server::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
+    let daemon = tokio::spawn(async move { mulmd::daemon::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
 
     let (client, mut ev) = AsyncClient::new(MqttOptions::new("automation", "127.0.0.1", broker.port), 64);
     client.subscribe("mulmd/hall/answer/#", QoS::AtLeastOnce).await.unwrap();

@@ -24,12 +24,12 @@ impl Daemon {
         config.model.dir = dir;
         config.grpc.listen = "127.0.0.1:0".into();
         tune(&mut config);
-        let prepared = tokio::task::spawn_blocking(move || mulmd::server::prepare(config)).await.unwrap().unwrap();
-        let listeners = mulmd::server::bind(&prepared.config).await.unwrap();
+        let prepared = tokio::task::spawn_blocking(move || mulmd::daemon::prepare(config)).await.unwrap().unwrap();
+        let listeners = mulmd::daemon::bind(&prepared.config).await.unwrap();
         let addr = format!("http://{}", listeners.tcp.as_ref().unwrap().local_addr().unwrap());
         let stop = CancellationToken::new();
         let s = stop.clone();
-        let done = tokio::spawn(async move { mulmd::server::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
+        let done = tokio::spawn(async move { mulmd::daemon::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
         Some(Self { addr, stop, done })
     }
 

@@ -40,11 +40,11 @@ impl Daemon {
         m.reconnect_min_ms = 100;
         m.reconnect_max_ms = 500;
         tune(&mut config);
-        let prepared = tokio::task::spawn_blocking(move || mulmd::server::prepare(config)).await.unwrap().unwrap();
-        let listeners = mulmd::server::bind(&prepared.config).await.unwrap();
+        let prepared = tokio::task::spawn_blocking(move || mulmd::daemon::prepare(config)).await.unwrap().unwrap();
+        let listeners = mulmd::daemon::bind(&prepared.config).await.unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
-        let done = tokio::spawn(async move { mulmd::server::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
+        let done = tokio::spawn(async move { mulmd::daemon::run(prepared, listeners, s.cancelled_owned()).await.unwrap() });
         // The daemon subscribes, then announces `online` on the same connection, so once
         // `online` is seen its subscriptions are live: a request sent earlier could reach
         // the broker first and be dropped with no subscriber to take it.

@@ -2,14 +2,14 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mulmd::engine::{
-    write_opener, CancelToken, Engine, EngineConfig, Job, Model, OpenerEvent, OpenerOptions, RequestError, Sampling,
+    write_opener, Engine, EngineConfig, Model, OpenerEvent, OpenerEvents, OpenerOptions, Prompt, RequestError, Sampling,
     StopReason,
 };
+use tokio_util::sync::CancellationToken;
 
 const SHOES: &str = "How do I remove odor from inside my shoes?";
 
@@ -20,7 +20,7 @@ fn opts(min: usize, max: usize) -> OpenerOptions {
 fn run(model: &Arc<Model>, query: &str, o: &OpenerOptions) -> (Vec<String>, mulmd::engine::Opener) {
     let mut session = model.session().unwrap();
     let mut streamed = Vec::new();
-    let opener = write_opener(model, &mut session, query, o, Instant::now(), &CancelToken::default(), |w| {
+    let opener = write_opener(model, &mut session, &Prompt::question(query), o, Instant::now(), &CancellationToken::new(), |w| {
         streamed.push(w.text)
     })
     .unwrap();
@@ -92,54 +92,45 @@ fn random_tokens_never_surface_broken_utf8_or_special_tokens() {
     }
 }
 
+fn write(model: &Arc<Model>, query: &str, o: &OpenerOptions) -> Result<mulmd::engine::Opener, RequestError> {
+    let mut session = model.session().unwrap();
+    write_opener(model, &mut session, &Prompt::question(query), o, Instant::now(), &CancellationToken::new(), |_| {})
+}
+
 #[test]
 fn an_empty_query_is_refused_with_a_reason() {
     let Some(model) = common::load("tiny") else { return };
-    let mut session = model.session().unwrap();
-    let e = write_opener(&model, &mut session, "  \n", &opts(4, 8), Instant::now(), &CancelToken::default(), |_| {}).unwrap_err();
-    assert_eq!(e, RequestError::EmptyQuery);
-    let bad = opts(5, 3);
-    let e = write_opener(&model, &mut session, "hi", &bad, Instant::now(), &CancelToken::default(), |_| {}).unwrap_err();
+    assert_eq!(write(&model, "  \n", &opts(4, 8)).unwrap_err(), RequestError::EmptyQuery);
+    let e = write(&model, "hi", &opts(5, 3)).unwrap_err();
     assert!(e.to_string().contains("min_words"), "{e}");
 }
 
 #[test]
 fn an_over_long_prompt_is_refused() {
     let Some(model) = common::load("tiny") else { return };
-    let mut session = model.session().unwrap();
     let long = "word ".repeat(model.context_length() * 2);
-    let e = write_opener(&model, &mut session, &long, &opts(4, 8), Instant::now(), &CancelToken::default(), |_| {}).unwrap_err();
+    let e = write(&model, &long, &opts(4, 8)).unwrap_err();
     assert!(matches!(e, RequestError::PromptTooLong { .. }), "{e}");
 }
 
-fn collect(engine: &Engine, query: &str, cancel: CancelToken, after_first: impl Fn() + Send + 'static) -> mpsc::Receiver<OpenerEvent> {
-    let (tx, rx) = mpsc::channel();
-    let mut first = true;
-    engine
-        .submit(Job {
-            query: query.into(),
-            options: opts(4, 8),
-            arrived: Instant::now(),
-            cancel,
-            sink: Box::new(move |ev| {
-                let _ = tx.send(ev);
-                if first {
-                    first = false;
-                    after_first();
-                }
-            }),
-        })
-        .map_err(|(e, _)| e)
-        .unwrap();
-    rx
+fn submit(engine: &Engine, query: &str, o: OpenerOptions, cancel: CancellationToken) -> OpenerEvents {
+    engine.submit(&Prompt::question(query), o, Instant::now(), cancel).unwrap()
+}
+
+fn drain(mut events: OpenerEvents) -> Vec<OpenerEvent> {
+    std::iter::from_fn(|| events.blocking_recv()).collect()
+}
+
+/// Long enough to still be decoding when the test acts: 64 words, no early stop.
+fn long() -> OpenerOptions {
+    OpenerOptions { max_tokens: 512, ..opts(64, 64) }
 }
 
 #[test]
 fn every_request_ends_with_exactly_one_terminal_event() {
     let Some(model) = common::load("smollm2") else { return };
     let engine = Engine::start(model, EngineConfig::default()).unwrap();
-    let rx = collect(&engine, SHOES, CancelToken::default(), || {});
-    let events: Vec<OpenerEvent> = rx.iter().collect();
+    let events = drain(submit(&engine, SHOES, opts(4, 8), CancellationToken::new()));
     let terminal = events.iter().filter(|e| matches!(e, OpenerEvent::Done(_) | OpenerEvent::Error(_))).count();
     assert_eq!(terminal, 1);
     let OpenerEvent::Done(done) = events.last().unwrap() else { panic!("last event is not Done: {events:?}") };
@@ -152,42 +143,78 @@ fn every_request_ends_with_exactly_one_terminal_event() {
 fn cancelling_stops_decoding_between_tokens() {
     let Some(model) = common::load("smollm2") else { return };
     let engine = Engine::start(model, EngineConfig::default()).unwrap();
-    let cancel = CancelToken::default();
-    let c = cancel.clone();
-    let rx = collect(&engine, SHOES, cancel, move || c.cancel());
-    let events: Vec<OpenerEvent> = rx.iter().collect();
-    assert!(matches!(events[0], OpenerEvent::Word(_)));
-    assert_eq!(events.last(), Some(&OpenerEvent::Error(RequestError::Cancelled)));
-    assert!(events.len() <= 3, "decoding went on after the cancel: {events:?}");
+    let cancel = CancellationToken::new();
+    let mut events = submit(&engine, SHOES, long(), cancel.clone());
+    assert!(matches!(events.blocking_recv(), Some(OpenerEvent::Word(_))));
+    cancel.cancel();
+    let rest = drain(events);
+    assert_eq!(rest.last(), Some(&OpenerEvent::Error(RequestError::Cancelled)), "{rest:?}");
+    assert!(rest.len() < 16, "decoding went on long after the cancel: {} more words", rest.len() - 1);
 }
 
 #[test]
-fn a_full_queue_answers_busy_at_once() {
-    let Some(model) = common::load("tiny") else { return };
-    let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 1 }).unwrap();
-    // The first job holds the only worker inside its sink until released.
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let release_rx = std::sync::Mutex::new(release_rx);
-    let rx1 = collect(&engine, "first", CancelToken::default(), move || {
-        started_tx.send(()).unwrap();
-        let _ = release_rx.lock().unwrap().recv_timeout(Duration::from_secs(60));
-    });
-    started_rx.recv().unwrap();
-    let rx2 = collect(&engine, "second, queued", CancelToken::default(), || {});
-    let (e, _) = engine
-        .submit(Job {
-            query: "third".into(),
-            options: opts(4, 8),
-            arrived: Instant::now(),
-            cancel: CancelToken::default(),
-            sink: Box::new(|_| panic!("a refused job's sink must never be called")),
-        })
-        .unwrap_err();
+fn a_long_prompt_is_fed_in_chunks_that_a_cancel_stops() {
+    let Some(model) = common::load("smollm2") else { return };
+    let config = EngineConfig { prefill_chunk: 16, max_prompt_tokens: 2000, ..EngineConfig::default() };
+    let engine = Engine::start(model, config).unwrap();
+    let question = format!("{} What did I just say?", "The quick brown fox jumps over the lazy dog. ".repeat(100));
+    // Whole, in chunks of 16: the same opener as fed at once (chunks change only rounding).
+    let chunked = drain(submit(&engine, &question, opts(4, 8), CancellationToken::new()));
+    let Some(OpenerEvent::Done(o)) = chunked.last() else { panic!("{chunked:?}") };
+    assert!(o.prompt_tokens > 1000, "{}", o.prompt_tokens);
+    let whole = write(engine.model(), &question, &opts(4, 8)).unwrap();
+    assert_eq!(o.text, whole.text);
+    // Cancelled at once: stopped between chunks (or before it began), with no word written.
+    let cancel = CancellationToken::new();
+    let events = submit(&engine, &question, opts(4, 8), cancel.clone());
+    cancel.cancel();
+    assert_eq!(drain(events), [OpenerEvent::Error(RequestError::Cancelled)]);
+}
+
+#[test]
+fn a_prompt_over_the_token_limit_is_refused_before_it_queues() {
+    let Some(model) = common::load("smollm2") else { return };
+    let engine = Engine::start(model, EngineConfig { max_prompt_tokens: 64, ..EngineConfig::default() }).unwrap();
+    // 200 CJK characters: well under any character limit, far over 64 tokens.
+    let query = "日本語の文章".repeat(34);
+    let e = engine.submit(&Prompt::question(query), opts(4, 8), Instant::now(), CancellationToken::new()).err().unwrap();
+    let RequestError::PromptTooLong { tokens, limit: 64, setting } = &e else { panic!("{e:?}") };
+    assert!(*tokens > 64 && setting.contains("max_prompt_tokens"), "{e}");
+    assert!(e.to_string().contains("opener.max_prompt_tokens"), "{e}");
+    assert_eq!(engine.queue_depth(), 0);
+}
+
+#[test]
+fn a_full_queue_answers_busy_at_once_and_a_cancelled_request_frees_its_place() {
+    let Some(model) = common::load("smollm2") else { return };
+    let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 1, ..EngineConfig::default() }).unwrap();
+    // The first request holds the only worker for 64 words; the second waits in the queue.
+    let mut first = submit(&engine, SHOES, long(), CancellationToken::new());
+    assert!(matches!(first.blocking_recv(), Some(OpenerEvent::Word(_))), "the worker has it");
+    let second_cancel = CancellationToken::new();
+    let second = submit(&engine, "second, queued", opts(4, 8), second_cancel.clone());
+    assert_eq!(engine.queue_depth(), 1);
+    let e = engine.submit(&Prompt::question("third"), opts(4, 8), Instant::now(), CancellationToken::new()).err().unwrap();
     assert_eq!(e, RequestError::Busy { capacity: 1 });
-    release_tx.send(()).unwrap();
-    for rx in [rx1, rx2] {
-        let last = rx.iter().last().unwrap();
+    // The second's client goes away: its place is free for the next request at once.
+    second_cancel.cancel();
+    assert_eq!(engine.queue_depth(), 0);
+    let fourth = submit(&engine, "fourth", opts(4, 8), CancellationToken::new());
+    assert_eq!(drain(second), [OpenerEvent::Error(RequestError::Cancelled)]);
+    for events in [first, fourth] {
+        let last = drain(events).pop().unwrap();
         assert!(matches!(last, OpenerEvent::Done(_)), "queued work still completes: {last:?}");
     }
+}
+
+#[test]
+fn stopping_the_engine_ends_queued_and_running_requests() {
+    let Some(model) = common::load("smollm2") else { return };
+    let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 4, ..EngineConfig::default() }).unwrap();
+    let mut running = submit(&engine, SHOES, long(), CancellationToken::new());
+    assert!(matches!(running.blocking_recv(), Some(OpenerEvent::Word(_))));
+    let queued = submit(&engine, "queued", opts(4, 8), CancellationToken::new());
+    engine.shutdown();
+    assert_eq!(drain(queued), [OpenerEvent::Error(RequestError::ShuttingDown)]);
+    assert_eq!(drain(running).last(), Some(&OpenerEvent::Error(RequestError::ShuttingDown)));
 }

@@ -1,10 +1,12 @@
 //! The machine a benchmark ran on: board and CPU, cores and their frequencies, governor,
-//! temperatures and throttling, memory, kernel. Read from /proc and /sys under a root so tests
-//! can use a fake tree.
+//! temperatures and throttling, memory, kernel, as `host::sys` reads them (the tree under a
+//! root, so tests can use a fake one).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
+
+use crate::host::sys::{self, Tree};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StaticContext {
@@ -43,66 +45,26 @@ pub struct SystemSummary {
     pub samples: usize,
 }
 
-fn read(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().trim_end_matches('\0').to_string()).filter(|s| !s.is_empty())
-}
-
-fn cpu_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("sys/devices/system/cpu"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    n.starts_with("cpu") && n[3..].chars().all(|c| c.is_ascii_digit()) && n.len() > 3
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()).and_then(|n| n[3..].parse::<u32>().ok()).unwrap_or(0));
-    dirs
-}
-
+/// The machine as it stands: sysinfo's view of CPU, kernel and memory, and the tree under
+/// `root` for the board, cores, governors and affinity.
 pub fn static_context(root: &Path) -> StaticContext {
-    let cpuinfo = read(&root.join("proc/cpuinfo")).unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name") || l.starts_with("Hardware") || l.starts_with("Model"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string());
-    let meminfo = read(&root.join("proc/meminfo")).unwrap_or_default();
-    let mem = |key: &str| {
-        meminfo.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).map(|kb| kb / 1024.0)
-    };
-    let mut governors: Vec<String> =
-        cpu_dirs(root).iter().filter_map(|d| read(&d.join("cpufreq/scaling_governor"))).collect();
-    governors.sort();
-    governors.dedup();
+    let tree = Tree::new(root);
+    let (total, available) = sys::memory_mb();
     StaticContext {
-        board: read(&root.join("proc/device-tree/model")).or_else(|| read(&root.join("sys/class/dmi/id/product_name"))),
-        cpu_model,
-        cpus_online: cpu_dirs(root).len(),
-        cpus_allowed: read(&root.join("proc/self/status"))
-            .and_then(|s| s.lines().find(|l| l.starts_with("Cpus_allowed_list:")).map(|l| l[18..].trim().to_string())),
-        governors,
-        kernel: read(&root.join("proc/sys/kernel/osrelease")),
-        memory_total_mb: mem("MemTotal:"),
-        memory_available_mb: mem("MemAvailable:"),
+        board: tree.board(),
+        cpu_model: sys::cpu_brand(),
+        cpus_online: tree.cpu_dirs().len(),
+        cpus_allowed: tree.cpus_allowed(),
+        governors: tree.governors(),
+        kernel: sys::kernel(),
+        memory_total_mb: Some(total).filter(|t| *t > 0.0),
+        memory_available_mb: Some(available).filter(|_| total > 0.0),
     }
 }
 
 pub fn sample(root: &Path) -> SystemSample {
-    let cpus = cpu_dirs(root);
-    let cpu_mhz = cpus.iter().filter_map(|d| read(&d.join("cpufreq/scaling_cur_freq"))?.parse::<f64>().ok()).map(|khz| khz / 1e3).collect();
-    let throttle_events = cpus
-        .iter()
-        .filter_map(|d| read(&d.join("thermal_throttle/core_throttle_count"))?.parse::<u64>().ok())
-        .sum();
-    let mut zones: Vec<PathBuf> = std::fs::read_dir(root.join("sys/class/thermal"))
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().contains("thermal_zone")).collect())
-        .unwrap_or_default();
-    zones.sort();
-    let temps_c = zones.iter().filter_map(|z| read(&z.join("temp"))?.parse::<f64>().ok()).map(|m| m / 1e3).collect();
-    SystemSample { cpu_mhz, temps_c, throttle_events }
+    let tree = Tree::new(root);
+    SystemSample { cpu_mhz: tree.cpu_mhz(), temps_c: tree.temps_c(), throttle_events: tree.throttle_events() }
 }
 
 pub fn summarize(samples: &[SystemSample]) -> SystemSummary {

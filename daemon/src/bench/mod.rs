@@ -36,6 +36,35 @@ pub enum MeterSpec {
     Manual { resolution_j: f64 },
 }
 
+impl MeterSpec {
+    /// The meter named by `--meter` (`auto`, `none`, `powercap`, `hwmon:CHIP[:LABEL]`,
+    /// `battery[:NAME]`, `command:PROGRAM [ARGS]`, `manual`) with the flags that qualify it.
+    pub fn parse(meter: &str, unit: CommandUnit, scope: Scope, resolution_j: f64) -> Result<Self, String> {
+        if !(resolution_j.is_finite() && resolution_j >= 0.0) {
+            return Err(format!("--meter-resolution {resolution_j} must be a non-negative number of joules"));
+        }
+        let (kind, rest) = meter.split_once(':').map(|(k, r)| (k, Some(r))).unwrap_or((meter, None));
+        Ok(match (kind, rest) {
+            ("none", None) => Self::None,
+            ("auto", None) => Self::Auto,
+            ("powercap", None) => Self::Powercap,
+            ("hwmon", Some(r)) if !r.is_empty() => {
+                let (chip, label) = r.split_once(':').map(|(c, l)| (c, Some(l.to_string()))).unwrap_or((r, None));
+                Self::Hwmon { chip: chip.to_string(), label, scope }
+            }
+            ("battery", name) => Self::Battery { name: name.filter(|n| !n.is_empty()).map(str::to_string) },
+            ("command", Some(cmd)) if !cmd.trim().is_empty() => Self::Command { command: cmd.to_string(), unit, scope, resolution_j },
+            ("manual", None) => Self::Manual { resolution_j },
+            _ => {
+                return Err(format!(
+                    "--meter {meter:?} is not understood; use auto, none, powercap, hwmon:CHIP[:LABEL], battery[:NAME], \
+                     command:PROGRAM [ARGS] or manual"
+                ))
+            }
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
@@ -165,7 +194,7 @@ fn bench_model(opts: &BenchOptions, dir: &Path, mut meter: Option<Box<dyn Energy
         model_sha256: model.manifest.files.get("model.onnx").cloned(),
         load_ms: model.load_time.as_secs_f64() * 1e3,
     };
-    let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 1 }).map_err(|e| BenchError::Other(e.to_string()))?;
+    let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 1, ..EngineConfig::default() }).map_err(|e| BenchError::Other(e.to_string()))?;
     let origin = Instant::now();
     for prompt in opts.prompts.iter().cycle().take(opts.warmup) {
         let r = runs::run_one(&engine, prompt, &opts.opener, origin);

@@ -1,12 +1,12 @@
 //! The measurement loop: single-turn requests back to back through the engine, the same path
 //! the daemon serves, until the window closes.
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
-use crate::engine::{CancelToken, Engine, Job, OpenerEvent, OpenerOptions};
+use crate::engine::{Engine, OpenerOptions, Prompt};
 
 /// One request's outcome, times in seconds since the bench origin and milliseconds within.
 #[derive(Debug, Clone, Serialize)]
@@ -28,20 +28,8 @@ pub struct RunRecord {
 
 /// Sends one request and waits for its terminal event.
 pub fn run_one(engine: &Engine, query: &str, options: &OpenerOptions, origin: Instant) -> RunRecord {
-    let (tx, rx) = mpsc::channel();
     let arrived = Instant::now();
     let start_s = arrived.duration_since(origin).as_secs_f64();
-    let job = Job {
-        query: query.to_string(),
-        options: options.clone(),
-        arrived,
-        cancel: CancelToken::default(),
-        sink: Box::new(move |ev| {
-            if !matches!(ev, OpenerEvent::Word(_)) {
-                let _ = tx.send(ev);
-            }
-        }),
-    };
     let failed = |error: String| RunRecord {
         start_s,
         end_s: origin.elapsed().as_secs_f64(),
@@ -56,12 +44,10 @@ pub fn run_one(engine: &Engine, query: &str, options: &OpenerOptions, origin: In
         opener_ms: 0.0,
         total_ms: 0.0,
     };
-    if let Err((e, _)) = engine.submit(job) {
-        return failed(e.to_string());
-    }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    match rx.recv() {
-        Ok(OpenerEvent::Done(o)) => RunRecord {
+    let result = engine.submit(&Prompt::question(query), options.clone(), arrived, CancellationToken::new()).and_then(|events| events.wait(|_| {}));
+    match result {
+        Ok(o) => RunRecord {
             start_s,
             end_s: origin.elapsed().as_secs_f64(),
             ok: true,
@@ -75,8 +61,7 @@ pub fn run_one(engine: &Engine, query: &str, options: &OpenerOptions, origin: In
             opener_ms: ms(o.timings.opener),
             total_ms: ms(o.timings.total),
         },
-        Ok(OpenerEvent::Error(e)) => failed(e.to_string()),
-        Ok(OpenerEvent::Word(_)) | Err(_) => failed("the engine stopped without a terminal event".into()),
+        Err(e) => failed(e.to_string()),
     }
 }
 

@@ -2,17 +2,27 @@
 //! eventsource-stream, every event checked for an error object, truncation detected, retries
 //! with backoff (honouring Retry-After) only before the first continuation token, and a
 //! connection pool kept warm so the hand-off pays no handshake.
+//!
+//! Whatever the provider sends, memory stays bounded: the raw stream is cut at a total and
+//! per-event size, and the continuation passed on at `max_output_bytes` / `max_output_chunks`
+//! (the answer then ends with the text so far, and the stream is dropped).
 
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::config::CloudConfig;
-use super::prompt::{messages, RecoveryMode};
+use super::prompt::messages;
+use super::provider::{self, clean, error_message, error_text};
+use crate::config::RecoveryMode;
 
 /// Why a continuation failed. Messages never contain the API key.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -33,8 +43,12 @@ pub enum CloudError {
     Stream(String),
     #[error("the cloud sent a malformed event: {0}")]
     Malformed(String),
+    #[error("the cloud sent too much: {0}")]
+    Oversize(String),
     #[error("cancelled")]
     Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl CloudError {
@@ -50,21 +64,17 @@ impl CloudError {
             Self::Truncated => "truncated",
             Self::Stream(_) => "stream_error",
             Self::Malformed(_) => "malformed_event",
+            Self::Oversize(_) => "oversize",
             Self::Cancelled => "cancelled",
+            Self::Internal(_) => "internal",
         }
     }
 
-    /// The same error with every occurrence of `secret` in its text replaced.
-    fn without(self, secret: &str) -> Self {
-        let clean = |s: String| if secret.is_empty() { s } else { s.replace(secret, "[redacted]") };
-        match self {
-            Self::Connect(s) => Self::Connect(clean(s)),
-            Self::Http { status, message, retry_after } => Self::Http { status, message: clean(message), retry_after },
-            Self::Stream(s) => Self::Stream(clean(s)),
-            Self::Malformed(s) => Self::Malformed(clean(s)),
-            other => other,
-        }
-    }
+    /// Every code [`CloudError::code`] can return.
+    pub const CODES: &'static [&'static str] = &[
+        "connect", "rate_limited", "http_error", "first_token_timeout", "stalled", "total_timeout", "truncated", "stream_error",
+        "malformed_event", "oversize", "cancelled", "internal",
+    ];
 
     fn retryable(&self) -> bool {
         match self {
@@ -84,17 +94,65 @@ pub struct CloudSummary {
     /// From the call to the first continuation text.
     #[serde(skip)]
     pub first_token: Option<Duration>,
+    /// The provider's (`stop`, `length`, …), or `output_cap` when mulmd stopped reading.
     pub finish_reason: Option<String>,
+    /// Which cap ended the continuation, when one did.
+    pub capped: Option<String>,
     pub completion_tokens: Option<u64>,
     pub prompt_tokens: Option<u64>,
 }
 
 /// A failure, and whether any text had already been passed on (then it was not retried).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failure {
     pub error: CloudError,
     pub forwarded: bool,
     pub attempts: u32,
+}
+
+/// What a continuation stream yields: text to append, then exactly one `End`.
+#[derive(Debug, Clone)]
+pub enum CloudEvent {
+    Delta(String),
+    End(Result<CloudSummary, Failure>),
+}
+
+/// What the cloud is asked to continue.
+#[derive(Debug, Clone)]
+pub struct ContinuationRequest {
+    pub query: String,
+    pub opener: String,
+    pub mode: RecoveryMode,
+}
+
+/// A continuation in progress: a stream of [`CloudEvent`]s ending with one `End`. Dropping it
+/// stops the request.
+pub struct Continuation {
+    rx: mpsc::Receiver<CloudEvent>,
+    ended: bool,
+    _stop: DropGuard,
+}
+
+impl Stream for Continuation {
+    type Item = CloudEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<CloudEvent>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let ev = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(ev)) => ev,
+            // The request task ended without its End (it panicked): still one End.
+            Poll::Ready(None) => CloudEvent::End(Err(Failure {
+                error: CloudError::Internal("the continuation stopped unexpectedly".into()),
+                forwarded: true,
+                attempts: 0,
+            })),
+        };
+        self.ended = matches!(ev, CloudEvent::End(_));
+        Poll::Ready(Some(ev))
+    }
 }
 
 pub struct CloudClient {
@@ -103,21 +161,26 @@ pub struct CloudClient {
     last_used: Mutex<Option<Instant>>,
 }
 
+/// The HTTP client could not be built (a TLS set-up problem).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the cloud's HTTP client: {0}")]
+pub struct BuildError(String);
+
 /// Connections idle longer than this may have been dropped by a proxy: warm them again.
 const WARM_AFTER: Duration = Duration::from_secs(30);
 /// Retry-After values beyond this are not waited for: the user would rather have the fallback.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
-
-/// Installs the process-wide TLS crypto provider (idempotent). Call before building any
-/// other reqwest client.
-pub fn install_crypto() {
-    // rustls needs one process-wide provider; ring keeps the build free of C toolchains.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+/// Deltas read ahead of the answer's consumer; beyond them reading waits (TCP backpressure).
+const READ_AHEAD: usize = 16;
+/// The longest SSE event read; eventsource-stream holds an event whole until it ends.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Raw stream bytes allowed besides 64 per byte of output cap (JSON framing, usage chunks,
+/// keep-alive comments): a stream of empty events cannot run on for ever either.
+const RESPONSE_BYTES_BASE: usize = 4 << 20;
 
 impl CloudClient {
-    pub fn new(cfg: CloudConfig) -> Result<Self, String> {
-        install_crypto();
+    pub fn new(cfg: CloudConfig) -> Result<Self, BuildError> {
+        crate::host::tls::install_crypto();
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(300))
@@ -125,62 +188,67 @@ impl CloudClient {
             .tcp_nodelay(true)
             .user_agent(concat!("mulmd/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| BuildError(e.to_string()))?;
         Ok(Self { http, cfg, last_used: Mutex::new(None) })
     }
 
-    /// Providers sometimes quote the key they were sent in an error body ("invalid key
-    /// sk-…"); that text becomes a log line and a reply, so the key is cut out first.
-    fn scrub(&self, e: CloudError) -> CloudError {
-        match &self.cfg.api_key {
-            Some(k) => e.without(k.expose()),
-            None => e,
-        }
+    /// The key, for cutting it out of whatever the provider sends back: providers sometimes
+    /// quote the key they were sent in an error body ("invalid key sk-…"), and that text
+    /// becomes a log line and a reply.
+    fn key(&self) -> Option<&str> {
+        self.cfg.api_key.as_ref().map(|k| k.expose())
     }
 
     pub fn config(&self) -> &CloudConfig {
         &self.cfg
     }
 
+    fn touch(&self) -> bool {
+        let mut last = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = last.is_none_or(|t| t.elapsed() > WARM_AFTER);
+        *last = Some(Instant::now());
+        stale
+    }
+
     /// Opens (or refreshes) a pooled connection, TLS included, if none was used recently.
     /// Cheap to call at the start of every request, concurrently with the opener.
     pub async fn warm(&self) {
-        let stale = self.last_used.lock().unwrap().is_none_or(|t| t.elapsed() > WARM_AFTER);
-        if !stale {
+        if !self.touch() {
             return;
         }
-        *self.last_used.lock().unwrap() = Some(Instant::now());
         let mut req = self.http.get(format!("{}/models", self.cfg.base_url)).timeout(self.cfg.connect_timeout * 2);
-        if let Some(k) = &self.cfg.api_key {
-            req = req.bearer_auth(k.expose());
+        if let Some(k) = self.key() {
+            req = req.bearer_auth(k);
         }
         if let Err(e) = req.send().await {
-            tracing::debug!(error = %redact(&e.to_string()), "warming the cloud connection failed");
+            tracing::debug!(error = %clean(&redact(&e.to_string()), self.key(), false), "warming the cloud connection failed");
         }
     }
 
-    /// Streams the continuation of `opener`, calling `on_delta` with each piece of text.
-    /// Retries only while nothing has been passed on.
-    pub async fn continue_answer(
-        &self,
-        query: &str,
-        opener: &str,
-        mode: RecoveryMode,
-        cancel: &CancellationToken,
-        mut on_delta: impl FnMut(&str) + Send,
-    ) -> Result<CloudSummary, Failure> {
+    /// Starts the continuation of `req.opener`: deltas as they arrive, then one `End`.
+    /// Retries only while nothing has been passed on. `cancel` (or dropping the stream) stops
+    /// the request.
+    pub fn continuation(self: &Arc<Self>, req: ContinuationRequest, cancel: &CancellationToken) -> Continuation {
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        let stop = cancel.child_token();
+        let (me, token) = (self.clone(), stop.clone());
+        tokio::spawn(async move {
+            let end = me.run(&req, &token, &tx).await;
+            let _ = tx.send(CloudEvent::End(end)).await;
+        });
+        Continuation { rx, ended: false, _stop: stop.drop_guard() }
+    }
+
+    async fn run(&self, req: &ContinuationRequest, cancel: &CancellationToken, tx: &mpsc::Sender<CloudEvent>) -> Result<CloudSummary, Failure> {
         let started = Instant::now();
         let deadline = started + self.cfg.total_timeout;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut forwarded = false;
-            let mut forward = |t: &str| {
-                forwarded = true;
-                on_delta(t)
-            };
-            let result = self.attempt(query, opener, mode, cancel, deadline, started, &mut forward).await.map_err(|e| self.scrub(e));
-            *self.last_used.lock().unwrap() = Some(Instant::now());
+            let mut out = Output { tx, forwarded: false, bytes: 0, chunks: 0 };
+            let result = self.attempt(req, cancel, deadline, started, &mut out).await;
+            self.touch();
+            let forwarded = out.forwarded;
             match result {
                 Ok(mut s) => {
                     s.attempts = attempt;
@@ -194,7 +262,7 @@ impl CloudClient {
                         CloudError::Http { retry_after: Some(d), .. } => *d,
                         _ => backoff(attempt),
                     };
-                    if wait > MAX_RETRY_WAIT || Instant::now() + wait >= deadline {
+                    if wait > MAX_RETRY_WAIT || Instant::now().checked_add(wait).is_none_or(|t| t >= deadline) {
                         return Err(Failure { error, forwarded, attempts: attempt });
                     }
                     tracing::info!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying the cloud request");
@@ -207,21 +275,18 @@ impl CloudClient {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
-        query: &str,
-        opener: &str,
-        mode: RecoveryMode,
+        req: &ContinuationRequest,
         cancel: &CancellationToken,
         deadline: Instant,
         started: Instant,
-        on_delta: &mut (dyn FnMut(&str) + Send),
+        out: &mut Output<'_>,
     ) -> Result<CloudSummary, CloudError> {
         let total = self.cfg.total_timeout;
         let mut body = serde_json::json!({
             "model": self.cfg.model,
-            "messages": messages(query, opener, mode),
+            "messages": messages(&req.query, &req.opener, req.mode),
             "stream": true,
             "max_tokens": self.cfg.max_tokens,
         });
@@ -231,30 +296,31 @@ impl CloudClient {
         if self.cfg.include_usage {
             body["stream_options"] = serde_json::json!({ "include_usage": true });
         }
-        let mut req = self.http.post(format!("{}/chat/completions", self.cfg.base_url)).json(&body);
-        if let Some(k) = &self.cfg.api_key {
-            req = req.bearer_auth(k.expose());
+        let mut request = self.http.post(format!("{}/chat/completions", self.cfg.base_url)).json(&body);
+        if let Some(k) = self.key() {
+            request = request.bearer_auth(k);
         }
         for (name, value) in &self.cfg.extra_headers {
-            req = req.header(name, value);
+            request = request.header(name, value);
         }
         let first_deadline = (Instant::now() + self.cfg.first_token_timeout).min(deadline);
-        let send = tokio::time::timeout_at(first_deadline.into(), req.send());
+        let send = tokio::time::timeout_at(first_deadline.into(), request.send());
         let response = tokio::select! {
             _ = cancel.cancelled() => return Err(CloudError::Cancelled),
             r = send => match r {
                 Err(_) => return Err(timeout_error(first_deadline, deadline, self.cfg.first_token_timeout, total)),
-                Ok(Err(e)) => return Err(CloudError::Connect(redact(&e.to_string()))),
+                Ok(Err(e)) => return Err(CloudError::Connect(clean(&redact(&e.to_string()), self.key(), false))),
                 Ok(Ok(r)) => r,
             },
         };
         let status = response.status();
         if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let text = tokio::time::timeout(Duration::from_secs(2), response.text()).await.ok().and_then(|r| r.ok()).unwrap_or_default();
-            return Err(CloudError::Http { status: status.as_u16(), message: error_message(&text), retry_after });
+            let retry_after = provider::retry_after(response.headers());
+            let (body, cut) = read_capped(response, provider::MAX_ERROR_BODY, Duration::from_secs(2)).await;
+            return Err(CloudError::Http { status: status.as_u16(), message: error_message(&body, self.key(), cut), retry_after });
         }
-        let mut events = response.bytes_stream().eventsource();
+        let limit = RESPONSE_BYTES_BASE + 64 * self.cfg.max_output_bytes;
+        let mut events = bounded(response.bytes_stream(), limit, MAX_EVENT_BYTES).eventsource();
         let mut summary = CloudSummary::default();
         let mut got_text = false;
         loop {
@@ -270,42 +336,182 @@ impl CloudClient {
                 Err(_) => return Err(timeout_error(first_deadline, deadline, self.cfg.first_token_timeout, total)),
                 Ok(None) if summary.finish_reason.is_some() => return Ok(summary),
                 Ok(None) => return Err(CloudError::Truncated),
-                Ok(Some(Err(e))) => return Err(CloudError::Malformed(redact(&e.to_string()))),
+                Ok(Some(Err(eventsource_stream::EventStreamError::Transport(BodyError::Oversize(what))))) => return Err(CloudError::Oversize(what)),
+                Ok(Some(Err(e))) => return Err(CloudError::Malformed(clean(&redact(&e.to_string()), self.key(), false))),
                 Ok(Some(Ok(ev))) => ev,
             };
-            let data = event.data.trim();
-            if data.is_empty() {
-                continue;
-            }
-            if data == "[DONE]" {
+            let Some(read) = read_event(&event.data, self.key())? else {
                 return Ok(summary);
+            };
+            if let Some(u) = read.usage {
+                (summary.completion_tokens, summary.prompt_tokens) = u;
             }
-            let v: serde_json::Value = serde_json::from_str(data)
-                .map_err(|e| CloudError::Malformed(format!("{e} in {:?}", data.chars().take(80).collect::<String>())))?;
-            if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-                return Err(CloudError::Stream(error_text(err)));
-            }
-            if v.get("object").and_then(|o| o.as_str()) == Some("error") {
-                return Err(CloudError::Stream(error_text(&v)));
-            }
-            if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
-                summary.completion_tokens = usage.get("completion_tokens").and_then(|x| x.as_u64());
-                summary.prompt_tokens = usage.get("prompt_tokens").and_then(|x| x.as_u64());
-            }
-            for choice in v.get("choices").and_then(|c| c.as_array()).into_iter().flatten() {
-                if let Some(text) = choice.pointer("/delta/content").and_then(|c| c.as_str()).filter(|t| !t.is_empty()) {
-                    if !got_text {
-                        got_text = true;
-                        summary.first_token = Some(started.elapsed());
-                    }
-                    on_delta(text);
+            for text in read.texts {
+                if !got_text {
+                    got_text = true;
+                    summary.first_token = Some(started.elapsed());
                 }
-                if let Some(reason) = choice.get("finish_reason").and_then(|r| r.as_str()) {
-                    summary.finish_reason = Some(reason.to_string());
+                if let Passed::Capped(why) = out.pass(&text, &self.cfg).await? {
+                    summary.finish_reason = Some("output_cap".into());
+                    summary.capped = Some(why);
+                    return Ok(summary);
                 }
+            }
+            if read.finish_reason.is_some() {
+                summary.finish_reason = read.finish_reason;
             }
         }
     }
+}
+
+/// What one SSE event of a chat-completions stream says.
+#[derive(Debug, Default, PartialEq)]
+struct Read {
+    /// Non-empty `delta.content` pieces, in choice order.
+    texts: Vec<String>,
+    finish_reason: Option<String>,
+    /// (completion_tokens, prompt_tokens) from a usage object.
+    usage: Option<(Option<u64>, Option<u64>)>,
+}
+
+/// One event's data: None for `[DONE]`, an error for an error object or data that is not
+/// JSON (text scrubbed of `key`), else what it carries (possibly nothing: comments, empty
+/// events and chunks without content are normal).
+fn read_event(data: &str, key: Option<&str>) -> Result<Option<Read>, CloudError> {
+    let data = data.trim();
+    if data.is_empty() {
+        return Ok(Some(Read::default()));
+    }
+    if data == "[DONE]" {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_str(data).map_err(|e| {
+        let excerpt: String = clean(data, key, false).chars().take(80).collect();
+        CloudError::Malformed(format!("{e} in {excerpt:?}"))
+    })?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        return Err(CloudError::Stream(clean(&error_text(err), key, false)));
+    }
+    if v.get("object").and_then(|o| o.as_str()) == Some("error") {
+        return Err(CloudError::Stream(clean(&error_text(&v), key, false)));
+    }
+    let mut read = Read::default();
+    if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
+        read.usage = Some((usage.get("completion_tokens").and_then(|x| x.as_u64()), usage.get("prompt_tokens").and_then(|x| x.as_u64())));
+    }
+    for choice in v.get("choices").and_then(|c| c.as_array()).into_iter().flatten() {
+        if let Some(text) = choice.pointer("/delta/content").and_then(|c| c.as_str()).filter(|t| !t.is_empty()) {
+            read.texts.push(text.to_string());
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(|r| r.as_str()) {
+            read.finish_reason = Some(clean(reason, key, false));
+        }
+    }
+    Ok(Some(read))
+}
+
+/// Where one attempt's text goes, and how much of it has gone.
+struct Output<'a> {
+    tx: &'a mpsc::Sender<CloudEvent>,
+    forwarded: bool,
+    bytes: usize,
+    chunks: usize,
+}
+
+enum Passed {
+    All,
+    /// A cap was reached (what was allowed went out); why, for the answer's end.
+    Capped(String),
+}
+
+impl Output<'_> {
+    /// Passes `text` on, as much of it as the caps allow.
+    async fn pass(&mut self, text: &str, cfg: &CloudConfig) -> Result<Passed, CloudError> {
+        if self.chunks >= cfg.max_output_chunks {
+            return Ok(Passed::Capped(format!("the continuation reached {} chunks (cloud.max_output_chunks)", cfg.max_output_chunks)));
+        }
+        let room = cfg.max_output_bytes.saturating_sub(self.bytes);
+        let capped = text.len() > room;
+        let piece = if capped { floor_char(text, room) } else { text };
+        if !piece.is_empty() {
+            self.forwarded = true;
+            self.bytes += piece.len();
+            self.chunks += 1;
+            if self.tx.send(CloudEvent::Delta(piece.to_string())).await.is_err() {
+                return Err(CloudError::Cancelled);
+            }
+        }
+        Ok(if capped {
+            Passed::Capped(format!("the continuation reached {} bytes (cloud.max_output_bytes)", cfg.max_output_bytes))
+        } else {
+            Passed::All
+        })
+    }
+}
+
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary.
+fn floor_char(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Why the raw response stream was cut.
+#[derive(Debug)]
+enum BodyError {
+    Transport(String),
+    Oversize(String),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transport(e) | Self::Oversize(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The response body, ended with an error once it passes `total` bytes or an SSE event (the
+/// bytes since the last blank line) passes `event` bytes.
+fn bounded(
+    body: impl Stream<Item = reqwest::Result<Bytes>>,
+    total: usize,
+    event: usize,
+) -> impl Stream<Item = Result<Bytes, BodyError>> {
+    // (bytes so far, bytes since the last event boundary, last byte other than '\r', failed)
+    let state = (0usize, 0usize, 0u8, false);
+    body.scan(state, move |(seen, since, last, failed), item| {
+        if *failed {
+            return std::future::ready(None);
+        }
+        let out = match item {
+            Err(e) => Err(BodyError::Transport(redact(&e.to_string()))),
+            Ok(bytes) => {
+                *seen += bytes.len();
+                for &b in bytes.iter() {
+                    match b {
+                        b'\r' => {}
+                        b'\n' if *last == b'\n' => *since = 0,
+                        _ => *since += 1,
+                    }
+                    if b != b'\r' {
+                        *last = b;
+                    }
+                }
+                if *seen > total {
+                    Err(BodyError::Oversize(format!("the stream passed {} MiB", total >> 20)))
+                } else if *since > event {
+                    Err(BodyError::Oversize(format!("an event passed {} KiB", event >> 10)))
+                } else {
+                    Ok(bytes)
+                }
+            }
+        };
+        *failed = out.is_err();
+        std::future::ready(Some(out))
+    })
 }
 
 fn timeout_error(first_deadline: Instant, deadline: Instant, first: Duration, total: Duration) -> CloudError {
@@ -318,35 +524,27 @@ fn timeout_error(first_deadline: Instant, deadline: Instant, first: Duration, to
 
 /// Exponential backoff from 0.5 s, capped at 8 s, with up to 25% jitter.
 fn backoff(attempt: u32) -> Duration {
-    let base = 0.5 * 2f64.powi(attempt.saturating_sub(1) as i32);
+    let base = 0.5 * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
     let jitter = 1.0 - 0.25 * rand::random::<f64>();
     Duration::from_secs_f64(base.min(8.0) * jitter)
 }
 
-/// `retry-after-ms`, else `Retry-After` in seconds.
-fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).and_then(|v| v.parse::<f64>().ok());
-    get("retry-after-ms").map(|ms| Duration::from_secs_f64(ms / 1e3)).or_else(|| get("retry-after").map(Duration::from_secs_f64))
-}
-
-fn error_text(err: &serde_json::Value) -> String {
-    match err {
-        serde_json::Value::String(s) => s.clone(),
-        v => {
-            let msg = v.get("message").and_then(|m| m.as_str()).unwrap_or("(no message)");
-            match v.get("code").or_else(|| v.get("type")).and_then(|c| c.as_str()) {
-                Some(code) => format!("{msg} ({code})"),
-                None => msg.to_string(),
+/// Up to `max` bytes of an error body, read for at most `wait`; true when the body was longer
+/// (or did not end in time), so the text stops mid-way.
+async fn read_capped(mut response: reqwest::Response, max: usize, wait: Duration) -> (String, bool) {
+    let mut body = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = max - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() > room {
+                return true;
             }
         }
-    }
-}
-
-fn error_message(body: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(body) {
-        Ok(v) if v.get("error").is_some() => error_text(&v["error"]),
-        _ => body.chars().take(200).collect::<String>().trim().to_string(),
-    }
+        false
+    };
+    let cut = tokio::time::timeout(wait, read).await.unwrap_or(true);
+    (String::from_utf8_lossy(&body).into_owned(), cut)
 }
 
 /// reqwest errors may quote the URL; a key is never in it, but query strings could carry
@@ -355,5 +553,43 @@ fn redact(s: &str) -> String {
     match s.find('?') {
         Some(i) => format!("{}?…", &s[..i]),
         None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn feed(chunks: &[&[u8]], total: usize, event: usize) -> Vec<Result<usize, String>> {
+        let body = futures_util::stream::iter(chunks.iter().map(|c| Ok::<_, reqwest::Error>(Bytes::copy_from_slice(c))).collect::<Vec<_>>());
+        let out = bounded(body, total, event).collect::<Vec<_>>().await;
+        out.into_iter().map(|r| r.map(|b| b.len()).map_err(|e| e.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn the_raw_stream_is_cut_at_its_total_and_at_any_long_event() {
+        let ok = feed(&[b"data: a\n\n", b"data: b\r\n\r\n"], 100, 10).await;
+        assert!(ok.iter().all(|r| r.is_ok()), "{ok:?}");
+        let long_event = feed(&[b"data: 0123", b"456789abc", b"\n\ndata: x\n\n"], 100, 10).await;
+        assert_eq!(long_event.len(), 2, "nothing after the error: {long_event:?}");
+        assert!(long_event[1].as_ref().unwrap_err().contains("event"));
+        // Many short lines without a blank line between them are still one event.
+        let lines = feed(&[b"data: a\n", b"data: b\n", b"data: c\n"], 100, 20).await;
+        assert!(lines.last().unwrap().is_err(), "{lines:?}");
+        let total = feed(&[b"data: a\n\n".as_slice(); 5], 30, 20).await;
+        assert!(total[3].as_ref().unwrap_err().contains("stream"), "{total:?}");
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_character() {
+        assert_eq!(floor_char("añb", 2), "a");
+        assert_eq!(floor_char("añb", 3), "añ");
+        assert_eq!(floor_char("ab", 9), "ab");
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_capped_for_any_attempt() {
+        assert!(backoff(1) <= Duration::from_millis(500));
+        assert!(backoff(u32::MAX) <= Duration::from_secs(8));
     }
 }

@@ -1,24 +1,11 @@
-//! Settings of the OpenAI-compatible endpoint, and the API key (from a file or a systemd
-//! credential, never from the config file and never printed).
+//! Settings of the OpenAI-compatible endpoint, and where its API key comes from (a file or a
+//! systemd credential, never the config file, never printed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-/// The API key. Its Debug and Display never show it.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(redacted)")
-    }
-}
+use crate::config::CloudSection;
+use crate::host::secrets::{load_word, Secret, SecretError};
 
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
@@ -40,6 +27,10 @@ pub struct CloudConfig {
     pub temperature: Option<f32>,
     /// Ask for the usage chunk (`stream_options.include_usage`); some providers reject it.
     pub include_usage: bool,
+    /// The most continuation text passed on, in bytes: the stream is dropped at the cap.
+    pub max_output_bytes: usize,
+    /// The most continuation chunks (about one token each) passed on.
+    pub max_output_chunks: usize,
 }
 
 impl CloudConfig {
@@ -57,6 +48,27 @@ impl CloudConfig {
             max_tokens: 400,
             temperature: None,
             include_usage: true,
+            max_output_bytes: 16384,
+            max_output_chunks: 1600,
+        }
+    }
+
+    /// The settings a `[cloud]` section describes (the key is loaded separately, see
+    /// [`load_api_key`]).
+    pub fn from_section(s: &CloudSection) -> Self {
+        let ms = Duration::from_millis;
+        Self {
+            connect_timeout: ms(s.connect_timeout_ms),
+            first_token_timeout: ms(s.first_token_timeout_ms),
+            idle_timeout: ms(s.idle_timeout_ms),
+            total_timeout: ms(s.total_timeout_ms),
+            max_retries: s.max_retries,
+            max_tokens: s.max_tokens,
+            include_usage: s.include_usage,
+            extra_headers: s.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            max_output_bytes: s.max_output_bytes,
+            max_output_chunks: s.max_output_chunks,
+            ..Self::new(&s.base_url, &s.model)
         }
     }
 }
@@ -65,35 +77,8 @@ impl CloudConfig {
 pub const CREDENTIAL_NAME: &str = "cloud_api_key";
 
 /// The key from `file`, else from `$CREDENTIALS_DIRECTORY/cloud_api_key`, else none.
-pub fn load_api_key(file: Option<&Path>) -> Result<Option<Secret>, String> {
-    let key = load_secret(file, CREDENTIAL_NAME, "API key file")?;
-    if key.as_ref().is_some_and(|k| k.0.contains(char::is_whitespace)) {
-        let path = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(CREDENTIAL_NAME));
-        return Err(format!("API key file {} holds more than one word; it must contain only the key", path.display()));
-    }
-    Ok(key)
-}
-
-/// A secret from `file`, else from `$CREDENTIALS_DIRECTORY/<credential>` when that exists,
-/// else none. The line ending is dropped. An empty named file is an error naming the file
-/// (`what` says what it is for); an empty credential is "no secret", because the Debian
-/// package installs empty placeholders so that the unit's `LoadCredential=` always finds
-/// its source.
-pub fn load_secret(file: Option<&Path>, credential: &str, what: &str) -> Result<Option<Secret>, String> {
-    let (path, explicit) = match file {
-        Some(f) => (f.to_path_buf(), true),
-        None => match std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(credential)).filter(|p| p.is_file()) {
-            Some(p) => (p, false),
-            None => return Ok(None),
-        },
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    let secret = text.trim_end_matches(['\n', '\r']).trim();
-    match (secret.is_empty(), explicit) {
-        (true, true) => Err(format!("{what} {} is empty; put the secret on its first line", path.display())),
-        (true, false) => Ok(None),
-        (false, _) => Ok(Some(Secret(secret.to_string()))),
-    }
+pub fn load_api_key(file: Option<&Path>) -> Result<Option<Secret>, SecretError> {
+    load_word(file, CREDENTIAL_NAME, "API key file")
 }
 
 #[cfg(test)]
@@ -105,12 +90,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("key");
         std::fs::write(&f, "sk-very-secret-123\n").unwrap();
-        let key = load_api_key(Some(&f)).unwrap().unwrap();
-        assert_eq!(key.expose(), "sk-very-secret-123");
-        let mut cfg = CloudConfig::new("http://x/v1", "m");
-        cfg.api_key = Some(key);
+        let mut cfg = CloudConfig::from_section(&crate::config::Config::default().cloud);
+        cfg.api_key = load_api_key(Some(&f)).unwrap();
+        assert_eq!(cfg.api_key.as_ref().unwrap().expose(), "sk-very-secret-123");
         assert!(!format!("{cfg:?}").contains("very-secret"));
-        std::fs::write(&f, "  \n").unwrap();
-        assert!(load_api_key(Some(&f)).unwrap_err().contains("empty"));
+        assert_eq!((cfg.max_output_bytes, cfg.max_output_chunks), (16384, 1600));
     }
 }

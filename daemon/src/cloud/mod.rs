@@ -1,12 +1,14 @@
 //! The cloud side: the only module that speaks HTTP to the continuation model. Prompts for the
-//! recovery modes, the streaming client, and the seam between opener and continuation.
+//! recovery modes, the streaming client (a bounded stream of deltas), what the provider's
+//! text and headers may do, and the seam between opener and continuation.
 
 mod client;
 mod config;
 mod prompt;
+mod provider;
 mod seam;
 
-pub use client::{install_crypto, CloudClient, CloudError, CloudSummary, Failure};
-pub use config::{load_api_key, load_secret, CloudConfig, Secret, CREDENTIAL_NAME};
-pub use prompt::{messages, RecoveryMode, CORRECTION_MARKER};
+pub use client::{BuildError, CloudClient, CloudError, CloudEvent, CloudSummary, Continuation, ContinuationRequest, Failure};
+pub use config::{load_api_key, CloudConfig, CREDENTIAL_NAME};
+pub use prompt::{messages, CORRECTION_MARKER};
 pub use seam::{Seam, SeamOutput};

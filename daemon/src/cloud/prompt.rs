@@ -2,32 +2,7 @@
 //! appended to an opener the user has already seen, so it must pick up mid-sentence, never
 //! restate or remark on the opener, and repair a wrong start in the chosen style.
 
-use serde::{Deserialize, Serialize};
-
-/// How the cloud model repairs an opener that went wrong.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RecoveryMode {
-    /// Steer away from the error without flagging it (the paper's users preferred this).
-    #[default]
-    Natural,
-    /// One short corrective sentence, then the answer.
-    Explicit,
-    /// Treat the slip as a light joke, then answer properly.
-    Humor,
-}
-
-impl std::str::FromStr for RecoveryMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "natural" => Ok(Self::Natural),
-            "explicit" => Ok(Self::Explicit),
-            "humor" => Ok(Self::Humor),
-            other => Err(format!("recovery mode {other:?} is not natural, explicit or humor")),
-        }
-    }
-}
+use crate::config::RecoveryMode;
 
 /// Put by the cloud model at the very start of its text when it had to redirect a wrong
 /// opener; mulmd removes it and reports a correction event instead.
@@ -94,7 +69,5 @@ mod tests {
         let explicit = messages("q", "o", RecoveryMode::Explicit)[0]["content"].as_str().unwrap().to_string();
         let humor = messages("q", "o", RecoveryMode::Humor)[0]["content"].as_str().unwrap().to_string();
         assert!(explicit.contains("sets the record straight") && humor.contains("joke"));
-        assert_eq!("humor".parse::<RecoveryMode>().unwrap(), RecoveryMode::Humor);
-        assert!("loud".parse::<RecoveryMode>().is_err());
     }
 }

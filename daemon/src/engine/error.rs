@@ -29,8 +29,8 @@ pub enum RequestError {
     EmptyQuery,
     #[error("the query has {chars} characters, more than the {limit} allowed (opener.max_query_chars); shorten it")]
     QueryTooLong { chars: usize, limit: usize },
-    #[error("the prompt is {tokens} tokens but the model's context holds {limit}; shorten the query")]
-    PromptTooLong { tokens: usize, limit: usize },
+    #[error("the prompt is {tokens} tokens, more than the {limit} allowed ({setting}); shorten the query")]
+    PromptTooLong { tokens: usize, limit: usize, setting: &'static str },
     #[error("invalid options: {0}")]
     InvalidOptions(String),
     #[error("all {capacity} queue places are taken; retry shortly or raise engine.queue_depth")]

@@ -3,26 +3,20 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::DimLike;
 
-use super::error::LoadError;
-use super::heap::LoadingHeap;
+use super::error::{LoadError, RequestError};
+use super::forward::{empty_cache, feed};
+use super::load::heap::LoadingHeap;
+use super::load::plan::{load_plan, Plan};
 use super::manifest::Manifest;
-use super::onnx_file;
-use super::f32_products;
-use super::attention_products;
+use super::prompt::Prompt;
 use super::prefix::{self, Prefix};
-use super::rope;
-use super::softmax;
 use super::template::{ChatTemplate, Message};
-use super::w4a8;
-
-pub type Plan = Arc<TypedRunnableModel>;
+use super::words::ends_sentence;
 
 pub struct Model {
     pub dir: PathBuf,
@@ -119,9 +113,9 @@ impl Model {
             path: onnx_path.to_path_buf(),
             detail: format!("running the chat template's head through the model: {e:#}"),
         };
-        let past = super::session::empty_cache(self).map_err(err)?;
+        let past = empty_cache(&self.manifest.architecture).map_err(err)?;
         let mut state = self.plan.spawn().map_err(err)?;
-        let mut outputs = super::session::feed(&mut state, &mut Vec::new(), &ids, past, None).map_err(err)?;
+        let mut outputs = feed(&mut state, &mut Vec::new(), &ids, past, None).map_err(err)?;
         outputs.remove(0);
         Ok(Prefix::new(ids, outputs))
     }
@@ -149,6 +143,22 @@ impl Model {
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(self.bos_id);
         ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The token ids of `prompt`: its question rendered with the chat template, then any text
+    /// to continue. Empty when that text already ends a sentence (nothing to finish).
+    pub fn tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, RequestError> {
+        if prompt.query.trim().is_empty() {
+            return Err(RequestError::EmptyQuery);
+        }
+        let mut ids = self.prompt_ids(prompt.system.as_deref(), &prompt.query).map_err(RequestError::Inference)?;
+        if let Some(shown) = &prompt.continue_from {
+            if shown.trim().is_empty() || ends_sentence(shown) {
+                return Ok(Vec::new());
+            }
+            ids.extend(self.encode_text(shown).map_err(RequestError::Inference)?);
+        }
         Ok(ids)
     }
 
@@ -181,143 +191,4 @@ fn load_tokenizer(dir: &Path, manifest: &Manifest) -> Result<Tokenizer, LoadErro
         });
     }
     Ok(tokenizer)
-}
-
-fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, LoadError> {
-    let path = dir.join("model.onnx");
-    if !path.is_file() {
-        return Err(LoadError::MissingFile { path, problem: "is missing".into() });
-    }
-    let bad = |e: TractError| LoadError::BadOnnx { path: path.clone(), detail: format!("{e:#}") };
-    let model = onnx_file::read_onnx(&path).map_err(bad)?;
-    let a = &manifest.architecture;
-    let expected_inputs = 1 + 2 * a.num_layers;
-    if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
-        return Err(LoadError::ShapeMismatch {
-            path,
-            problem: format!(
-                "it has {} inputs and {} outputs, a {}-layer model needs {expected_inputs} of each",
-                model.inputs.len(),
-                model.outputs.len(),
-                a.num_layers
-            ),
-        });
-    }
-    let typed = model.into_typed().map_err(bad)?;
-    check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
-    assert_lengths(&typed).map_err(bad)?;
-    let mut typed = typed.into_decluttered().map_err(bad)?;
-    // tract-transformers recognises RMSNorm, rotary embedding and attention patterns in the
-    // decluttered graph and swaps in fused ops; the KV cache it folds into stateful ops is
-    // unfolded again so the cache stays an explicit input/output the session owns. Measured
-    // on SmolLM2-135M f32 (bench/RESULTS.md): decode 12 -> 23 tok/s, load 2.0 -> 1.4 s.
-    for name in ["transformers_detect_all", "unfold_kv_cache"] {
-        let transform = tract_onnx::tract_core::transform::get_transform(name)
-            .map_err(bad)?
-            .ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("tract lacks the {name} transform") })?;
-        transform.transform(&mut typed).map_err(bad)?;
-    }
-    give_matmuls_own_constants(&mut typed).map_err(bad)?;
-    // Rotary embedding in one pass (see `rope`).
-    let replaced = rope::use_rope(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "rotary embeddings on the one-pass kernel");
-    // And attention's softmax, row by row (see `softmax`).
-    let replaced = softmax::use_masked_softmax(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "attention softmax on the row kernel");
-    // 4-bit products run on the engine's integer kernels (see `w4a8`), not tract's float ones.
-    let replaced = w4a8::use_w4a8_products(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "4-bit matrix products on W4A8 kernels");
-    // So do float32 products of a constant weight (see `f32_products`).
-    let replaced = f32_products::use_f32_products(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "float32 matrix products on panel kernels");
-    // And attention's products of two activations (see `attention_products`).
-    let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "attention products on direct kernels");
-    let optimized = typed.into_optimized().map_err(bad)?;
-    let mut options = RunOptions::default();
-    if threads > 1 {
-        options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
-    }
-    optimized.into_runnable_with_options(&options).map_err(bad)
-}
-
-/// Gives every matrix product that reads a shared constant a constant node of its own (the
-/// same `Arc`'d tensor, no copy).
-///
-/// Why: tract packs a constant weight into its kernel layout once, at optimisation, only when
-/// the product is the constant's sole reader. A tied output head shares the embedding table
-/// with the token lookup, so without this the 12,288 × 512 table was repacked on every decode
-/// step: 54% of mulm-28m's f32 step time (6.5 of 12 ms, per-op timing of a 100-step run). The
-/// cost is one packed copy of the head beside the table the lookup keeps reading.
-fn give_matmuls_own_constants(model: &mut TypedModel) -> TractResult<()> {
-    use tract_onnx::tract_core::ops::einsum::EinSum;
-    use tract_onnx::tract_core::ops::konst::Const;
-    let shared: Vec<(usize, Vec<InletId>)> = model
-        .nodes()
-        .iter()
-        .filter(|n| n.op_is::<Const>() && n.outputs[0].successors.len() > 1)
-        .map(|n| {
-            let matmuls = n.outputs[0].successors.iter().filter(|i| model.node(i.node).op_is::<EinSum>());
-            (n.id, matmuls.copied().collect())
-        })
-        .collect();
-    for (konst, readers) in shared {
-        let value = model.node(konst).op_as::<Const>().map(|c| c.val().clone()).expect("filtered on Const");
-        for inlet in readers {
-            let name = format!("{}.for_{}", model.node(konst).name, model.node(inlet.node).name);
-            // add_node, not add_const: add_const hands back the existing node for an equal value.
-            let fact = TypedFact::try_from(value.clone())?;
-            let own: OutletId = model.add_node(name, Const::new(value.clone())?, tvec!(fact))?.into();
-            model.add_edge(own, inlet)?;
-        }
-    }
-    Ok(())
-}
-
-/// Tells tract what every caller guarantees about the graph's symbolic lengths: a pass feeds
-/// at least one token, and a cache holds zero or more.
-///
-/// Why: tract replaces an element-wise op by its vectorized kernel only when it can prove the
-/// op covers at least 32 elements. Without `sequence >= 1`, `576 · sequence` proves nothing,
-/// so the residual adds and SwiGLU's product ran tract's generic broadcasting loop.
-fn assert_lengths(model: &TypedModel) -> TractResult<()> {
-    let mut assertions = Vec::new();
-    if let Some(TDim::Sym(s)) = model.input_fact(0)?.shape.get(1) {
-        assertions.push(format!("{s}>=1"));
-    }
-    for i in 1..model.inputs.len() {
-        if let Some(TDim::Sym(s)) = model.input_fact(i)?.shape.get(2) {
-            assertions.push(format!("{s}>=0"));
-        }
-    }
-    assertions.sort();
-    assertions.dedup();
-    for a in assertions {
-        model.symbols.add_assertion(a)?;
-    }
-    Ok(())
-}
-
-/// The graph's declared tensor shapes against the manifest's architecture.
-fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
-    let a = &manifest.architecture;
-    let ids = model.input_fact(0).map_err(|e| e.to_string())?;
-    if !ids.datum_type.is_integer() || ids.rank() != 2 {
-        return Err(format!("input 0 should be int64 token ids [1, sequence], found {ids:?}"));
-    }
-    for i in 1..model.inputs.len() {
-        let f = model.input_fact(i).map_err(|e| e.to_string())?;
-        let dims: Vec<Option<usize>> = f.shape.iter().map(|d| d.to_usize().ok()).collect();
-        if dims.len() != 4 || dims[1] != Some(a.num_kv_heads) || dims[3] != Some(a.head_dim) {
-            return Err(format!(
-                "KV-cache input {i} has shape {:?}, the manifest says [1, {}, past, {}]",
-                f.shape, a.num_kv_heads, a.head_dim
-            ));
-        }
-    }
-    let logits = model.output_fact(0).map_err(|e| e.to_string())?;
-    if logits.shape.last().and_then(|d| d.to_usize().ok()) != Some(a.vocab_size) {
-        return Err(format!("logits have shape {:?}, the manifest's vocabulary is {}", logits.shape, a.vocab_size));
-    }
-    Ok(())
 }

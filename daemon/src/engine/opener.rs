@@ -1,15 +1,17 @@
 //! Writing one opener: prompt → prefill → decode, words streamed as they complete.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::error::RequestError;
 use super::model::Model;
+use super::prompt::Prompt;
 use super::sampling::{Sampler, Sampling};
-use super::session::{logits, Session};
+use super::forward::logits;
+use super::session::Session;
 use super::words::{StopReason, Word, WordSplitter};
 
 /// What the caller may choose per request.
@@ -21,12 +23,6 @@ pub struct OpenerOptions {
     /// Hard cap on generated tokens, whatever the word count.
     pub max_tokens: usize,
     pub sampling: Sampling,
-    /// A system turn placed before the question (None: the template's own default).
-    pub system_prompt: Option<String>,
-    /// Text already shown as the start of the answer: generation continues after it and
-    /// stops at the end of the current sentence (at most `max_words` words). Used to finish
-    /// a sentence locally when the cloud cannot.
-    pub continue_from: Option<String>,
 }
 
 impl Default for OpenerOptions {
@@ -37,8 +33,6 @@ impl Default for OpenerOptions {
             max_words: 8,
             max_tokens: 48,
             sampling: Sampling::default(),
-            system_prompt: None,
-            continue_from: None,
         }
     }
 }
@@ -127,57 +121,69 @@ fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
-/// A flag the caller sets to stop a request; checked between tokens.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Runs one request to completion on the calling thread, sending words through `emit` as they
 /// complete. Returns the opener, or the error that ended it (the caller turns either into the
-/// request's one terminal event).
+/// request's one terminal event). Checked with `cancel` between forward passes.
 pub fn write_opener(
     model: &Arc<Model>,
     session: &mut Session,
-    query: &str,
+    prompt: &Prompt,
     opts: &OpenerOptions,
     arrived: Instant,
-    cancel: &CancelToken,
+    cancel: &CancellationToken,
+    emit: impl FnMut(WordEvent),
+) -> Result<Opener, RequestError> {
+    let t = Instant::now();
+    let ids = model.tokens(prompt)?;
+    let pass = Pass { chunk: usize::MAX, cancel, beat: &|| {} };
+    let mut opener = write(model, session, &ids, prompt.continue_from.is_some(), opts, arrived, &pass, emit)?;
+    opener.timings.tokenize = t.elapsed();
+    Ok(opener)
+}
+
+/// How a request is run pass by pass: prompts are fed `chunk` tokens at a time, and between
+/// any two forward passes `cancel` is checked and `beat` called (the watchdog's heartbeat).
+pub(crate) struct Pass<'a> {
+    pub chunk: usize,
+    pub cancel: &'a CancellationToken,
+    pub beat: &'a dyn Fn(),
+}
+
+impl Pass<'_> {
+    /// Whether to go on; reports progress either way.
+    fn proceed(&self) -> bool {
+        (self.beat)();
+        !self.cancel.is_cancelled()
+    }
+}
+
+/// The work of [`write_opener`] on a tokenized prompt (`finish`: the prompt ends with text
+/// already shown, to be finished to the end of its sentence).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write(
+    model: &Arc<Model>,
+    session: &mut Session,
+    prompt: &[u32],
+    finish: bool,
+    opts: &OpenerOptions,
+    arrived: Instant,
+    pass: &Pass,
     mut emit: impl FnMut(WordEvent),
 ) -> Result<Opener, RequestError> {
-    let mut timings = OpenerTimings { queued: arrived.elapsed(), ..Default::default() };
-    if query.trim().is_empty() {
-        return Err(RequestError::EmptyQuery);
-    }
+    let timings = OpenerTimings { queued: arrived.elapsed(), ..Default::default() };
     opts.validate()?;
-    let t = Instant::now();
-    let mut prompt = model.prompt_ids(opts.system_prompt.as_deref(), query).map_err(RequestError::Inference)?;
-    if let Some(prefix) = &opts.continue_from {
-        if super::words::ends_sentence(prefix) || prefix.trim().is_empty() {
-            timings.total = arrived.elapsed();
-            let stop = if prefix.trim().is_empty() { StopReason::EndOfText } else { StopReason::SentenceEnd };
-            return Ok(Opener { text: String::new(), words: Vec::new(), stop, timings, prompt_tokens: 0, reused_tokens: 0, generated_tokens: 0 });
-        }
-        prompt.extend(model.encode_text(prefix).map_err(RequestError::Inference)?);
+    if prompt.is_empty() {
+        // A finish with nothing left to finish (see `Model::tokens`).
+        let timings = OpenerTimings { total: arrived.elapsed(), ..timings };
+        return Ok(Opener { text: String::new(), words: Vec::new(), stop: StopReason::SentenceEnd, timings, prompt_tokens: 0, reused_tokens: 0, generated_tokens: 0 });
     }
-    timings.tokenize = t.elapsed();
     let limit = model.context_length();
     if prompt.len() + 1 >= limit {
-        return Err(RequestError::PromptTooLong { tokens: prompt.len(), limit });
+        return Err(RequestError::PromptTooLong { tokens: prompt.len(), limit, setting: "the model's context" });
     }
     let inference = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut splitter = match opts.continue_from {
-        Some(_) => WordSplitter::to_sentence_end(opts.max_words),
-        None => WordSplitter::new(opts.min_words, opts.max_words),
-    };
+    let mut splitter = if finish { WordSplitter::to_sentence_end(opts.max_words) } else { WordSplitter::new(opts.min_words, opts.max_words) };
     let mut words: Vec<WordEvent> = Vec::with_capacity(opts.max_words);
     let mut text = String::new();
     let mut on_word = |w: Word, words: &mut Vec<WordEvent>| {
@@ -190,8 +196,11 @@ pub fn write_opener(
         words.push(ev);
     };
 
+    let mut timings = timings;
     let t = Instant::now();
-    let (out, reused_tokens) = session.prefill(&prompt).map_err(inference)?;
+    let Some((out, reused_tokens)) = session.prefill(prompt, pass.chunk, &mut || pass.proceed()).map_err(inference)? else {
+        return Err(RequestError::Cancelled);
+    };
     timings.prefill = t.elapsed();
     let mut token = sampler.pick(logits(&out).map_err(inference)?);
     timings.ttft = arrived.elapsed();
@@ -199,7 +208,7 @@ pub fn write_opener(
     let mut generated: Vec<u32> = Vec::with_capacity(opts.max_tokens);
     let mut decoded_len = 0usize;
     let stop = loop {
-        if cancel.is_cancelled() {
+        if !pass.proceed() {
             return Err(RequestError::Cancelled);
         }
         if model.stop_ids.contains(&token) {

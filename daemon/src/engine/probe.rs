@@ -9,7 +9,8 @@ use serde::Serialize;
 use super::model::Model;
 use super::profile::OpProfile;
 use super::sampling::argmax;
-use super::session::{logits, Session};
+use super::forward::logits;
+use super::session::Session;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeRun {
@@ -61,7 +62,7 @@ pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, opts: Probe
     session.profile = profile.then(OpProfile::default);
     let t = Instant::now();
     let (out, reused_tokens) = if reuse_head {
-        session.prefill(&prompt)
+        session.prefill(&prompt, usize::MAX, &mut || true).and_then(|fed| fed.ok_or_else(|| tract_onnx::prelude::TractError::msg("the prompt is empty")))
     } else {
         session.reset().and_then(|_| session.step(&prompt)).map(|out| (out, 0))
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use super::forward::{empty_cache, feed, logits};
 use super::model::Model;
 use super::profile::OpProfile;
 
@@ -28,7 +29,7 @@ impl Session {
 
     /// Forgets every token fed so far.
     pub(crate) fn reset(&mut self) -> TractResult<()> {
-        self.past = empty_cache(&self.model)?;
+        self.past = empty_cache(&self.model.manifest.architecture)?;
         self.len = 0;
         Ok(())
     }
@@ -52,7 +53,8 @@ impl Session {
     /// Starts over with `prompt` as the daemon does (reusing the prefilled template head,
     /// see [`Session::prefill`]) and returns a copy of the last position's logits.
     pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, String> {
-        let (out, _) = self.prefill(prompt).map_err(|e| format!("{e:#}"))?;
+        let fed = self.prefill(prompt, usize::MAX, &mut || true).map_err(|e| format!("{e:#}"))?;
+        let (out, _) = fed.ok_or("the prompt is empty")?;
         logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
     }
 
@@ -68,9 +70,12 @@ impl Session {
     }
 
     /// Starts over with `prompt`: the part the model's prefilled template head covers comes
-    /// from its shared cache, the rest is fed. Returns the last prompt token's logits and how
-    /// many prompt tokens came from the cache.
-    pub(crate) fn prefill(&mut self, prompt: &[u32]) -> TractResult<(TValue, usize)> {
+    /// from its shared cache, the rest is fed `chunk` tokens per pass. Before every pass
+    /// `proceed` is asked whether to go on; when it says no, the prefill stops and returns
+    /// None. Otherwise returns the last prompt token's logits and how many prompt tokens came
+    /// from the cache. Chunks change the logits only by float rounding (the same products,
+    /// blocked differently).
+    pub(crate) fn prefill(&mut self, prompt: &[u32], chunk: usize, proceed: &mut dyn FnMut() -> bool) -> TractResult<Option<(TValue, usize)>> {
         let reused = self.model.prefix.reusable(prompt);
         if reused == 0 {
             self.reset()?;
@@ -78,45 +83,15 @@ impl Session {
             self.past = self.model.prefix.kv(reused)?;
             self.len = reused;
         }
-        Ok((self.step(&prompt[reused..])?, reused))
+        let mut out = None;
+        for piece in prompt[reused..].chunks(chunk.max(1)) {
+            if !proceed() {
+                return Ok(None);
+            }
+            out = Some(self.step(piece)?);
+        }
+        Ok(out.map(|o| (o, reused)))
     }
-}
-
-/// A KV cache holding no tokens: `[1, kv_heads, 0, head_dim]` per layer and kind.
-pub(crate) fn empty_cache(model: &Model) -> TractResult<TVec<TValue>> {
-    let a = &model.manifest.architecture;
-    let empty: TValue = Tensor::zero::<f32>(&[1, a.num_kv_heads, 0, a.head_dim])?.into_tvalue();
-    Ok((0..2 * a.num_layers).map(|_| empty.clone()).collect())
-}
-
-/// One forward pass of `ids` (through `scratch`, reused to spare an allocation) after the
-/// cache `past`; returns the logits followed by the new cache. With `profile`, each op's
-/// evaluation is timed into it.
-pub(crate) fn feed(
-    state: &mut TypedSimpleState,
-    scratch: &mut Vec<i64>,
-    ids: &[u32],
-    past: TVec<TValue>,
-    profile: Option<&mut OpProfile>,
-) -> TractResult<TVec<TValue>> {
-    scratch.clear();
-    scratch.extend(ids.iter().map(|&i| i as i64));
-    let input = Tensor::from_shape(&[1, ids.len()], scratch)?.into_tvalue();
-    let mut inputs: TVec<TValue> = tvec!(input);
-    inputs.extend(past);
-    let Some(profile) = profile else { return state.run(inputs) };
-    profile.passes += 1;
-    state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
-        let t = std::time::Instant::now();
-        let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-        profile.add(&node.op.name(), t.elapsed());
-        out
-    })
-}
-
-/// The logits a `Session::step` returned, as a flat slice over the vocabulary.
-pub(crate) fn logits(value: &TValue) -> TractResult<&[f32]> {
-    value.try_as_plain_ram()?.as_slice::<f32>()
 }
 
 impl Model {

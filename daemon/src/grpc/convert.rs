@@ -5,10 +5,10 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::pb;
-use crate::cloud::RecoveryMode;
-use crate::limits::RequestOptions;
+use super::service::saturate;
+use crate::answer::{Answer, AnswerEvent, RequestOptions, Source};
+use crate::config::RecoveryMode;
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
-use crate::pipeline::{Answer, AnswerEvent, Source};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -34,7 +34,7 @@ pub fn options(o: &pb::Options) -> RequestOptions {
 }
 
 pub fn word(w: &WordEvent) -> pb::Word {
-    pb::Word { index: w.index as u32, text: w.text.clone(), leading: w.leading.clone(), at_ms: ms(w.at) }
+    pb::Word { index: saturate(w.index), text: w.text.clone(), leading: w.leading.clone(), at_ms: ms(w.at) }
 }
 
 pub fn opener_timings(t: &OpenerTimings) -> pb::OpenerTimings {
@@ -65,9 +65,11 @@ fn final_message(a: &Answer) -> pb::Final {
             cloud_first_token_ms: a.timings.cloud_first_token_ms,
             total_ms: a.timings.total_ms,
         }),
-        prompt_tokens: a.prompt_tokens as u32,
-        local_tokens: a.local_tokens as u32,
+        prompt_tokens: saturate(a.prompt_tokens),
+        local_tokens: saturate(a.local_tokens),
         cloud_tokens: a.cloud_tokens,
+        finish_reason: a.finish_reason.clone(),
+        finish_detail: a.finish_detail.clone().unwrap_or_default(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The gRPC front: `mulm.v1.Answerer` over TCP or a Unix socket, with grpc.health.v1 and
-//! server reflection (v1 and v1alpha) so grpcurl works untold. It only translates the
-//! pipeline's events; it never reimplements the pipeline.
+//! server reflection (v1 and v1alpha) so grpcurl works untold. It only translates the answer
+//! service's events; it never composes an answer itself.
 
 mod convert;
 mod service;
@@ -11,30 +11,56 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mulm_v1_descriptor.bin"));
 }
 
-pub use crate::limits::Limits;
 pub use service::AnswerService;
 
 use std::future::Future;
+use std::time::Duration;
 
 use tonic::transport::server::Router;
 use tonic_health::server::HealthReporter;
 
+/// Why the gRPC front could not be set up or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+/// HTTP/2 PINGs on idle connections, so a peer that vanished (a phone that left the Wi-Fi) is
+/// noticed and its streams dropped instead of held.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a call may take before its response starts: reading the request and, for
+/// `Open`, the whole opener. A stream that opens and never sends its request is dropped after
+/// this instead of held. An `Answer`'s events flow after its response starts, so the bound is
+/// not theirs (the cloud's own timeouts bound those).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Streams one connection may have open at once.
+const MAX_STREAMS: u32 = 64;
+
 /// The complete router: the Answerer service, health and reflection. The health reporter is
 /// returned so the caller can flip it to NOT_SERVING before draining.
-pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), String> {
+pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::answerer_server::AnswererServer<AnswerService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| format!("reflection: {e}"))?;
+        .map_err(|e| GrpcError::Reflection(e.to_string()))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| format!("reflection: {e}"))?;
+        .map_err(|e| GrpcError::Reflection(e.to_string()))?;
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        .timeout(CALL_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -49,18 +75,15 @@ pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), 
 /// the response headers still awaited the client's (delayed) ACK sat in the kernel for ~30 ms:
 /// bench/grpc_latency.py measured mulm-28m's first word reaching the client 30 ms after the
 /// engine emitted it. tonic sets the option only on listeners it binds itself.
-pub async fn serve_tcp(router: Router, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+pub async fn serve_tcp(router: Router, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| format!("gRPC server: {e}"))
+    router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| GrpcError::Serve(e.to_string()))
 }
 
 /// Serves on a Unix socket until `shutdown` resolves.
-pub async fn serve_unix(router: Router, listener: tokio::net::UnixListener, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+pub async fn serve_unix(router: Router, listener: tokio::net::UnixListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     router
         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| format!("gRPC server: {e}"))
+        .map_err(|e| GrpcError::Serve(e.to_string()))
 }

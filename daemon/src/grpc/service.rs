@@ -1,64 +1,105 @@
 //! `mulm.v1.Answerer`: requests checked against the configured limits, the answer stream, and
 //! cancellation when the client goes away or its deadline passes.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::Stream;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::pb;
-use crate::cloud::CloudClient;
-use crate::engine::Engine;
-use crate::limits::Limits;
-use crate::pipeline::{self, AnswerRequest, Front};
+use crate::answer::{new_request_id, AnswerRequest, Answerer, Events, Front};
 
 #[derive(Clone)]
 pub struct AnswerService {
-    engine: Arc<Engine>,
-    cloud: Option<Arc<CloudClient>>,
-    limits: Limits,
+    answerer: Arc<Answerer>,
 }
 
 impl AnswerService {
-    pub fn new(engine: Arc<Engine>, cloud: Option<Arc<CloudClient>>, limits: Limits) -> Self {
-        Self { engine, cloud, limits }
+    pub fn new(answerer: Arc<Answerer>) -> Self {
+        Self { answerer }
     }
 
-    /// Checks the query and options within the limits, with the request's id: the caller's
-    /// `x-request-id` when it sent a usable one, else a fresh one.
-    fn request<T>(&self, req: &Request<T>, query: &str, options: Option<&pb::Options>) -> Result<AnswerRequest, Status> {
+    /// Checks the query and options, with the request's id: the caller's `x-request-id` when
+    /// it sent a usable one, else a fresh one.
+    fn admit<T>(&self, req: &Request<T>, arrived: Instant, query: &str, options: Option<&pb::Options>) -> Result<AnswerRequest, Status> {
         let id = req
             .metadata()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_string)
-            .unwrap_or_else(pipeline::new_request_id);
+            .unwrap_or_else(new_request_id);
         let opt = options.map(convert::options).unwrap_or_default();
-        self.limits.request(id, Front::Grpc, query.to_string(), &opt).map_err(|e| convert::status(&e))
+        self.answerer.admit(id, Front::Grpc, arrived, query.to_string(), &opt).map_err(|e| convert::status(&e))
     }
 }
 
-/// The client's deadline from the `grpc-timeout` header (e.g. "250m", "3S").
+/// The client's deadline from the `grpc-timeout` header (e.g. "250m", "3S"): at most 8 digits
+/// and a unit, per the gRPC spec. Anything else (or a time the clock cannot hold) means no
+/// deadline of the client's own; the answer still ends by the cloud's and engine's bounds.
 fn deadline<T>(req: &Request<T>) -> Option<tokio::time::Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    tokio::time::Instant::now().checked_add(grpc_timeout(v)?)
+}
+
+fn grpc_timeout(v: &str) -> Option<Duration> {
+    if !v.is_ascii() {
+        return None;
+    }
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    Some(tokio::time::Instant::now() + d)
+    match unit {
+        "H" => Some(Duration::from_secs(n * 3600)),
+        "M" => Some(Duration::from_secs(n * 60)),
+        "S" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_millis(n)),
+        "u" => Some(Duration::from_micros(n)),
+        "n" => Some(Duration::from_nanos(n)),
+        _ => None,
+    }
+}
+
+/// The answer's events on the wire, ended early with DEADLINE_EXCEEDED when the client's
+/// deadline passes. It ends after the terminal event; dropping it (the client hung up) drops
+/// the answer, which cancels decoding and the cloud request.
+struct Wire {
+    events: Events,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+}
+
+impl Stream for Wire {
+    type Item = Result<pb::AnswerEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(d) = self.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                self.done = true;
+                return Poll::Ready(Some(Err(Status::deadline_exceeded("the deadline passed before the answer was complete"))));
+            }
+        }
+        let ev = match self.events.poll_next_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(ev)) => ev,
+        };
+        self.done = ev.is_terminal();
+        Poll::Ready(Some(convert::event(ev)))
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AnswerEvent, Status>> + Send>>;
@@ -70,60 +111,46 @@ impl pb::answerer_server::Answerer for AnswerService {
     async fn answer(&self, req: Request<pb::AnswerRequest>) -> Result<Response<EventStream>, Status> {
         let arrived = Instant::now();
         let deadline = deadline(&req);
-        let request = self.request(&req, &req.get_ref().query, req.get_ref().options.as_ref())?;
-        let cancel = CancellationToken::new();
-        let (events_tx, mut events) = mpsc::unbounded_channel();
-        tokio::spawn(pipeline::answer(self.engine.clone(), self.cloud.clone(), request, arrived, events_tx, cancel.clone()));
-        let (out_tx, out_rx) = mpsc::channel::<Result<pb::AnswerEvent, Status>>(64);
-        tokio::spawn(async move {
-            let expired = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(expired);
-            loop {
-                tokio::select! {
-                    // The client hung up: stop decoding and drop the cloud stream.
-                    _ = out_tx.closed() => { cancel.cancel(); break; }
-                    _ = &mut expired => {
-                        cancel.cancel();
-                        let _ = out_tx.send(Err(Status::deadline_exceeded("the deadline passed before the answer was complete"))).await;
-                        break;
-                    }
-                    ev = events.recv() => {
-                        let Some(ev) = ev else { break };
-                        let item = convert::event(ev);
-                        let last = item.is_err() || matches!(&item, Ok(pb::AnswerEvent { event: Some(pb::answer_event::Event::Final(_)) }));
-                        if out_tx.send(item).await.is_err() {
-                            cancel.cancel();
-                            break;
-                        }
-                        if last { break; }
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+        let request = self.admit(&req, arrived, &req.get_ref().query, req.get_ref().options.as_ref())?;
+        let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        Ok(Response::new(Box::pin(Wire { events: self.answerer.answer(request), deadline, done: false })))
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
         let arrived = Instant::now();
-        let request = self.request(&req, &req.get_ref().query, req.get_ref().options.as_ref())?;
-        // Dropping this future (client gone, deadline) drops the guard, which cancels decoding.
-        let cancel = CancellationToken::new();
-        let _guard = cancel.clone().drop_guard();
-        let o = pipeline::opener_only(&self.engine, &request.query, request.opener, arrived, &cancel, |_| true)
-            .await
-            .map_err(|e| convert::status(&e))?;
+        let request = self.admit(&req, arrived, &req.get_ref().query, req.get_ref().options.as_ref())?;
+        // Dropping this future (client gone, deadline) cancels decoding.
+        let o = self.answerer.open(request).await.map_err(|e| convert::status(&e))?;
         Ok(Response::new(pb::OpenResponse {
             opener: o.text.clone(),
             words: o.words.iter().map(convert::word).collect(),
             stop_reason: convert::stop_reason(o.stop),
             timings: Some(convert::opener_timings(&o.timings)),
-            prompt_tokens: o.prompt_tokens as u32,
-            generated_tokens: o.generated_tokens as u32,
+            prompt_tokens: saturate(o.prompt_tokens),
+            generated_tokens: saturate(o.generated_tokens),
         }))
+    }
+}
+
+/// A count as the wire's u32 (counts here are far below, but never wrap).
+pub(super) fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_within_the_spec_and_nothing_else_does() {
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        for bad in ["", "S", "123456789S", "18446744073709551615H", "-1S", "+5S", "1.5S", "10x", "٣S", "1٣"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        // The longest legal value still gives a deadline (or none), never a panic.
+        let mut req = Request::new(());
+        req.metadata_mut().insert("grpc-timeout", "99999999H".parse().unwrap());
+        let _ = deadline(&req);
     }
 }

@@ -1,24 +1,10 @@
 //! Home Assistant MQTT discovery: one device per daemon with a few sensors read from the
-//! retained state topic, all tied to the availability topic so they go "unavailable" when
-//! the daemon does.
+//! retained state topic (the answer service's `StatsSnapshot`), all tied to the availability
+//! topic so they go "unavailable" when the daemon does.
 
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::topics::Topics;
-
-/// The figures of the last answer, published retained on the state topic.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct State {
-    pub requests: u64,
-    pub ttft_ms: Option<f64>,
-    pub opener_ms: Option<f64>,
-    /// Opener tokens per second of decoding (after the first token).
-    pub tokens_per_s: Option<f64>,
-    /// "ok", "off", or the last fallback's reason.
-    pub cloud: String,
-    pub cloud_first_token_ms: Option<f64>,
-}
 
 /// One sensor: (key in the state, name, unit, device_class, state_class).
 type Sensor = (&'static str, &'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>);
@@ -71,12 +57,11 @@ pub fn configs(t: &Topics, model: &str) -> Vec<(String, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MqttSection;
 
     #[test]
     fn every_sensor_reads_a_field_of_the_state() {
-        let t = Topics::new(&MqttSection::default(), "pi5");
-        let state = serde_json::to_value(State::default()).unwrap();
+        let t = Topics::new(&crate::config::Config::default().mqtt, "pi5");
+        let state = serde_json::to_value(crate::answer::StatsSnapshot::default()).unwrap();
         let configs = configs(&t, "mulm-28m");
         assert_eq!(configs.len(), SENSORS.len());
         for (topic, c) in configs {

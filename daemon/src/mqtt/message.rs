@@ -12,8 +12,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::limits::RequestOptions;
-use crate::pipeline::{AnswerEvent, Source};
+use crate::answer::{AnswerEvent, RequestOptions, Source};
 
 /// A request that parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,8 +68,10 @@ fn id_of(v: &Value) -> Result<String, String> {
 pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request, Rejected> {
     let reject = |id, reply_to, message: String| Rejected { id, reply_to, message };
     if payload.len() > max_bytes {
-        // Too big to read for routing fields either; only an MQTT 5 response topic can help.
-        return Err(reject(None, None, format!("the request is {} bytes, more than the {max_bytes} allowed (mqtt.max_request_bytes)", payload.len())));
+        // Not answered, but its route fields are still read (the broker bounds the payload at
+        // mqtt.max_packet_bytes), so the error reaches the asker where it can.
+        let (id, reply_to) = route_fields(payload);
+        return Err(reject(id, reply_to, format!("the request is {} bytes, more than the {max_bytes} allowed (mqtt.max_request_bytes)", payload.len())));
     }
     let text = std::str::from_utf8(payload)
         .map_err(|e| reject(None, None, format!("the request is not valid UTF-8 (byte {}); {SHAPE}", e.valid_up_to())))?;
@@ -89,7 +90,20 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request, Rejected> {
     Ok(Request { id, query: wire.query, reply_to: wire.reply_to, options: wire.options.unwrap_or_default(), stream: wire.stream.unwrap_or(true) })
 }
 
-/// The reply for one pipeline event, or None when this request does not get that event.
+/// `id` and `reply_to` of a payload, read leniently (each only when present and usable).
+fn route_fields(payload: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct Route {
+        id: Option<Value>,
+        reply_to: Option<Value>,
+    }
+    match serde_json::from_slice::<Route>(payload) {
+        Ok(r) => (r.id.as_ref().and_then(|v| id_of(v).ok()), r.reply_to.and_then(|v| v.as_str().map(str::to_string))),
+        Err(_) => (None, None),
+    }
+}
+
+/// The reply for one answer event, or None when this request does not get that event.
 /// The bool is true for the terminal reply (sent with QoS 1).
 pub fn reply(id: &str, node: &str, ev: &AnswerEvent, stream: bool, words: bool) -> Option<(Value, bool)> {
     let mut body = match ev {
@@ -144,5 +158,8 @@ mod tests {
         assert!(parse(b"{not json", 8192).unwrap_err().message.contains("not JSON"));
         assert!(parse(b"[1, 2]", 8192).unwrap_err().message.contains("object"));
         assert!(parse(&[b' '; 100], 10).unwrap_err().message.contains("mqtt.max_request_bytes"));
+        let big = format!(r#"{{"id": "q9", "reply_to": "home/a", "query": "{}"}}"#, "x".repeat(100));
+        let e = parse(big.as_bytes(), 50).unwrap_err();
+        assert_eq!((e.id.as_deref(), e.reply_to.as_deref()), (Some("q9"), Some("home/a")), "an oversize request keeps its route");
     }
 }

@@ -18,7 +18,7 @@ pub mod discovery;
 pub mod message;
 pub mod topics;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,31 +27,31 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Transport;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::cloud::{load_secret, CloudClient, Secret};
+use crate::answer::{new_request_id, AnswerEvent, Answerer, Front};
 use crate::config::MqttSection;
-use crate::engine::Engine;
-use crate::limits::Limits;
-use crate::pipeline::{self, AnswerEvent, Front};
-use discovery::State;
+use crate::host::secrets::{load_word, Secret, SecretError};
 use topics::Topics;
 
 /// The systemd credential name of the broker password.
 pub const PASSWORD_CREDENTIAL: &str = "mqtt_password";
 
-/// Debian's CA bundle: trusted for `tls = true` when no `ca_file` is given.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Why the MQTT front could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error(transparent)]
+    Password(#[from] SecretError),
+    #[error("{0}")]
+    Tls(String),
+}
 
 pub struct MqttFront {
     cfg: MqttSection,
     topics: Topics,
-    engine: Arc<Engine>,
-    cloud: Option<Arc<CloudClient>>,
-    limits: Limits,
+    answerer: Arc<Answerer>,
     password: Option<Secret>,
-    state: Mutex<State>,
 }
 
 /// Where one request's replies go.
@@ -63,12 +63,11 @@ struct Route {
 
 impl MqttFront {
     /// Reads the password (file or credential) now, so a bad one stops start-up.
-    pub fn new(cfg: &MqttSection, engine: Arc<Engine>, cloud: Option<Arc<CloudClient>>, limits: Limits) -> Result<Self, String> {
+    pub fn new(cfg: &MqttSection, answerer: Arc<Answerer>) -> Result<Self, MqttError> {
         let file = (!cfg.password_file.as_os_str().is_empty()).then_some(cfg.password_file.as_path());
-        let password = load_secret(file, PASSWORD_CREDENTIAL, "MQTT password file")?;
+        let password = load_word(file, PASSWORD_CREDENTIAL, "MQTT password file")?;
         let node = if cfg.node_id.is_empty() { topics::default_node_id() } else { cfg.node_id.clone() };
-        let state = State { cloud: if cloud.is_some() { "ok" } else { "off" }.into(), ..Default::default() };
-        let front = Self { topics: Topics::new(cfg, &node), cfg: cfg.clone(), engine, cloud, limits, password, state: Mutex::new(state) };
+        let front = Self { topics: Topics::new(cfg, &node), cfg: cfg.clone(), answerer, password };
         front.options()?; // a missing CA file is a start-up error, not a reconnect loop
         Ok(front)
     }
@@ -77,7 +76,7 @@ impl MqttFront {
         &self.topics
     }
 
-    fn options(&self) -> Result<MqttOptions, String> {
+    fn options(&self) -> Result<MqttOptions, MqttError> {
         let c = &self.cfg;
         let client_id = if c.client_id.is_empty() { format!("mulmd-{}", self.topics.node) } else { c.client_id.clone() };
         let mut o = MqttOptions::new(client_id, c.host.clone(), c.port);
@@ -98,9 +97,8 @@ impl MqttFront {
             o.set_credentials(c.username.clone(), self.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
         }
         if c.tls {
-            crate::cloud::install_crypto();
-            let ca_path = if c.ca_file.as_os_str().is_empty() { std::path::PathBuf::from(SYSTEM_CA_BUNDLE) } else { c.ca_file.clone() };
-            let ca = std::fs::read(&ca_path).map_err(|e| format!("mqtt.ca_file {}: {e}; install ca-certificates or set mqtt.ca_file", ca_path.display()))?;
+            crate::host::tls::install_crypto();
+            let ca = crate::host::tls::read_ca(&c.ca_file, "mqtt.ca_file").map_err(MqttError::Tls)?;
             o.set_transport(Transport::tls(ca, None, None));
         }
         Ok(o)
@@ -108,10 +106,10 @@ impl MqttFront {
 
     /// Serves until `stop`, then stops taking requests, lets in-flight answers finish within
     /// `grace`, publishes `offline` and disconnects.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, grace: Duration) -> Result<(), String> {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, grace: Duration) -> Result<(), MqttError> {
         let (client, mut events) = AsyncClient::new(self.options()?, 256);
-        // Every answer task holds a clone; when all are dropped, `in_flight` closes.
-        let (task_guard, mut in_flight) = mpsc::channel::<()>(1);
+        // Every answer runs as a task of this tracker, so the stop can wait for them.
+        let answers = TaskTracker::new();
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
         let mut failures = 0u32;
         loop {
@@ -128,7 +126,7 @@ impl MqttFront {
                         backoff.reset();
                         tokio::spawn(self.clone().on_connected(client.clone()));
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.dispatch(p, &client, &task_guard),
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.dispatch(p, &client, &answers),
                     Ok(_) => {}
                     Err(e) => {
                         failures += 1;
@@ -152,9 +150,9 @@ impl MqttFront {
         if let Some(f) = &self.topics.fleet_filter {
             let _ = client.try_unsubscribe(f.clone());
         }
-        drop(task_guard);
+        answers.close();
         let deadline = tokio::time::Instant::now() + grace;
-        let drained = pump_until(&mut events, deadline, async { in_flight.recv().await; }).await;
+        let drained = pump_until(&mut events, deadline, answers.wait()).await;
         if !drained {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "MQTT answers outlived the grace period");
         }
@@ -190,18 +188,18 @@ impl MqttFront {
     }
 
     async fn publish_discovery(&self, client: &AsyncClient) {
-        for (topic, config) in discovery::configs(&self.topics, &self.engine.model().manifest.name) {
+        for (topic, config) in discovery::configs(&self.topics, &self.answerer.model_name()) {
             let _ = client.publish(topic, QoS::AtLeastOnce, true, config.to_string()).await;
         }
     }
 
     async fn publish_state(&self, client: &AsyncClient) {
-        let body = serde_json::to_string(&*self.state.lock().unwrap()).unwrap_or_default();
+        let body = serde_json::to_string(&self.answerer.stats().snapshot()).unwrap_or_default();
         let _ = client.publish(self.topics.state.clone(), QoS::AtMostOnce, true, body).await;
     }
 
     /// Handles one incoming publish without blocking the event loop.
-    fn dispatch(self: &Arc<Self>, p: Publish, client: &AsyncClient, task_guard: &mpsc::Sender<()>) {
+    fn dispatch(self: &Arc<Self>, p: Publish, client: &AsyncClient, answers: &TaskTracker) {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         if topic == self.topics.birth {
             if self.cfg.discovery && p.payload.as_ref() == b"online" {
@@ -217,34 +215,37 @@ impl MqttFront {
         let arrived = Instant::now();
         let props = p.properties.unwrap_or_default();
         let v5_route = props.response_topic.filter(|t| topics::check_reply_topic(t, &self.topics).is_ok()).map(|topic| Route { topic, correlation: props.correlation_data.clone() });
-        let node = self.topics.node.clone();
-        let parsed = message::parse(&p.payload, self.cfg.max_request_bytes);
-        let (me, client, guard) = (self.clone(), client.clone(), task_guard.clone());
-        match parsed {
+        let (me, client) = (self.clone(), client.clone());
+        let (request, route) = match message::parse(&p.payload, self.cfg.max_request_bytes) {
             Err(bad) => {
                 let route = v5_route.or_else(|| me.payload_route(bad.reply_to.as_deref(), bad.id.as_deref()).ok());
-                tracing::warn!(topic = %topic, reply_sent = route.is_some(), error = %bad.message, "rejected an MQTT request");
+                tracing::warn!(topic = %topic, bytes = p.payload.len(), reply_sent = route.is_some(), error = %bad.message, "rejected an MQTT request");
                 if let Some(route) = route {
-                    let body = message::error_body(bad.id.as_deref().unwrap_or(""), &node, "bad_request", &bad.message);
-                    tokio::spawn(async move { publish(&client, &route, body, true).await });
+                    let body = message::error_body(bad.id.as_deref().unwrap_or(""), &me.topics.node, "bad_request", &bad.message);
+                    answers.spawn(async move { publish(&client, &route, body, true).await });
                 }
+                return;
             }
             Ok(req) => {
                 let route = match v5_route {
                     Some(r) => Ok(r),
                     None => me.payload_route(req.reply_to.as_deref(), req.id.as_deref()),
                 };
-                let route = match route {
-                    Ok(r) => r,
-                    Err(why) => {
-                        tracing::warn!(topic = %topic, error = %why, "rejected an MQTT request: no way to reply");
-                        return;
-                    }
-                };
-                tokio::spawn(async move {
-                    me.answer(req, route, arrived, &client).await;
-                    drop(guard);
-                });
+                (req, route)
+            }
+        };
+        match route {
+            Ok(route) => {
+                answers.spawn(async move { me.answer(request, route, arrived, &client).await });
+            }
+            Err(why) => {
+                // The reply_to was refused; the id's own answer topic still reaches the asker.
+                let fallback = request.id.as_deref().map(|id| Route { topic: me.topics.default_reply(id), correlation: None });
+                tracing::warn!(topic = %topic, reply_sent = fallback.is_some(), error = %why, "rejected an MQTT request");
+                if let Some(route) = fallback {
+                    let body = message::error_body(request.id.as_deref().unwrap_or(""), &me.topics.node, "bad_request", &why);
+                    answers.spawn(async move { publish(&client, &route, body, true).await });
+                }
             }
         }
     }
@@ -259,37 +260,17 @@ impl MqttFront {
     }
 
     async fn answer(&self, req: message::Request, route: Route, arrived: Instant, client: &AsyncClient) {
-        let id = req.id.clone().unwrap_or_else(pipeline::new_request_id);
+        let id = req.id.clone().unwrap_or_else(new_request_id);
         let node = &self.topics.node;
-        let request = match self.limits.request(id.clone(), Front::Mqtt, req.query, &req.options) {
+        let request = match self.answerer.admit(id.clone(), Front::Mqtt, arrived, req.query, &req.options) {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(id = %id, code = e.code(), error = %e, "refused an MQTT request");
                 return publish(client, &route, message::error_body(&id, node, e.code(), &e.to_string()), true).await;
             }
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let cancel = CancellationToken::new();
-        tokio::spawn(pipeline::answer(self.engine.clone(), self.cloud.clone(), request, arrived, tx, cancel));
-        let mut opener_speed = None;
-        while let Some(ev) = rx.recv().await {
-            if let AnswerEvent::OpenerDone { timings, tokens, .. } = &ev {
-                let decode = timings.opener.saturating_sub(timings.ttft).as_secs_f64();
-                opener_speed = (*tokens > 1 && decode > 0.0).then(|| (*tokens - 1) as f64 / decode);
-            }
-            if let AnswerEvent::Done(a) = &ev {
-                let mut s = self.state.lock().unwrap();
-                s.requests += 1;
-                s.ttft_ms = Some(a.timings.ttft_ms);
-                s.opener_ms = Some(a.timings.opener_ms);
-                s.tokens_per_s = opener_speed.or(s.tokens_per_s);
-                s.cloud_first_token_ms = a.timings.cloud_first_token_ms.or(s.cloud_first_token_ms);
-                s.cloud = match (&a.fallback, &self.cloud) {
-                    (None, _) => "ok".into(),
-                    (Some(_), None) => "off".into(),
-                    (Some(f), Some(_)) => f.reason.clone(),
-                };
-            }
+        let mut events = self.answerer.answer(request);
+        while let Some(ev) = events.next().await {
             let done = matches!(ev, AnswerEvent::Done(_));
             if let Some((body, terminal)) = message::reply(&id, node, &ev, req.stream, self.cfg.stream_words) {
                 publish(client, &route, body, terminal).await;

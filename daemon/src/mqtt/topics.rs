@@ -24,6 +24,7 @@ pub struct Topics {
     pub state: String,
     pub discovery_prefix: String,
     pub birth: String,
+    prefix: String,
     answer_base: String,
 }
 
@@ -39,6 +40,7 @@ impl Topics {
             state: format!("{p}/{node}/state"),
             discovery_prefix: c.discovery_prefix.clone(),
             birth: format!("{}/status", c.discovery_prefix),
+            prefix: p.clone(),
             answer_base: format!("{p}/{node}/answer"),
         }
     }
@@ -53,6 +55,11 @@ impl Topics {
         topic == self.request || topic == self.fleet
     }
 
+    /// True for any `<prefix>/…/ask`: some daemon's request topic, or one like it.
+    pub fn is_any_request(&self, topic: &str) -> bool {
+        topic.strip_prefix(&self.prefix).and_then(|r| r.strip_prefix('/')).is_some_and(|rest| rest == "ask" || rest.ends_with("/ask"))
+    }
+
     pub fn discovery(&self, key: &str) -> String {
         format!("{}/sensor/{}/{key}/config", self.discovery_prefix, self.node)
     }
@@ -60,9 +67,7 @@ impl Topics {
 
 /// This machine's name as one topic level: lower-case letters, digits, '-' and '_'.
 pub fn default_node_id() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
+    let raw = crate::host::sys::host_name().unwrap_or_default();
     let id: String = raw
         .trim()
         .chars()
@@ -80,7 +85,9 @@ pub fn check_reply_topic(topic: &str, topics: &Topics) -> Result<(), String> {
     if topic.contains(['+', '#', '\0']) || topic.starts_with('$') {
         return Err(format!("reply_to {topic:?} must be a plain topic: no wildcards '+'/'#' and no leading '$'"));
     }
-    if topics.is_request(topic) {
+    // Any daemon's request topic, not only this one's: replies there would be read as
+    // requests by every board of the fleet.
+    if topics.is_request(topic) || topics.is_any_request(topic) {
         return Err(format!("reply_to {topic:?} is a request topic; replies there would be read as requests"));
     }
     // A request must not be able to make the daemon overwrite its own announcements or
@@ -97,14 +104,17 @@ mod tests {
 
     #[test]
     fn layout_and_reply_topic_rules() {
-        let c = MqttSection { share_group: "kitchen".into(), ..Default::default() };
+        let c = MqttSection { share_group: "kitchen".into(), ..crate::config::Config::default().mqtt };
         let t = Topics::new(&c, "pi5");
         assert_eq!(t.request, "mulmd/pi5/ask");
         assert_eq!(t.fleet_filter.as_deref(), Some("$share/kitchen/mulmd/ask"));
         assert_eq!(t.default_reply("42"), "mulmd/pi5/answer/42");
         assert_eq!(t.discovery("ttft"), "homeassistant/sensor/pi5/ttft/config");
         assert!(check_reply_topic("home/answers", &t).is_ok());
-        for bad in ["", "a/+/b", "a/#", "$SYS/x", "mulmd/pi5/ask", "mulmd/ask", "mulmd/pi5/status", "mulmd/pi5/state", "homeassistant/sensor/x/config"] {
+        assert!(check_reply_topic("mulmd/pi5/answer/ask", &t).is_err(), "any .../ask under the prefix");
+        assert!(check_reply_topic("other/pi5/ask", &t).is_ok());
+        assert!(check_reply_topic("mulmd/pi5/asking", &t).is_ok());
+        for bad in ["", "a/+/b", "a/#", "$SYS/x", "mulmd/pi5/ask", "mulmd/ask", "mulmd/kitchen/ask", "mulmd/pi5/status", "mulmd/pi5/state", "homeassistant/sensor/x/config"] {
             assert!(check_reply_topic(bad, &t).is_err(), "{bad}");
         }
         let id = default_node_id();

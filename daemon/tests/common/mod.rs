@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod fake_cloud;
 
 use std::path::PathBuf;
 use std::sync::Arc;

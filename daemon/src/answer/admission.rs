@@ -1,24 +1,27 @@
 //! What a request may ask for, shared by every front end: the query is checked and the wire
-//! options are turned into engine options within the configured bounds, so gRPC and MQTT
-//! accept and refuse exactly the same requests with the same messages.
+//! options are turned into engine options within the configured bounds, so every front
+//! accepts and refuses exactly the same requests with the same messages. (The prompt's
+//! length in tokens is checked when the engine takes it: only the engine can count them.)
+
+use std::time::Instant;
 
 use serde::Deserialize;
 
-use crate::cloud::RecoveryMode;
-use crate::engine::{OpenerOptions, RequestError, Sampling};
-use crate::pipeline::{AnswerRequest, Front};
+use super::request::{AnswerRequest, Front};
+use crate::config::{Config, RecoveryMode};
+use crate::engine::{OpenerOptions, Prompt, RequestError, Sampling};
 
 /// The configured bounds (the [opener] and [cloud] sections).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct Admission {
     pub defaults: OpenerOptions,
     pub max_words_limit: usize,
     pub max_query_chars: usize,
     pub recovery: RecoveryMode,
 }
 
-impl Limits {
-    pub fn from_config(c: &crate::config::Config) -> Self {
+impl Admission {
+    pub fn from_config(c: &Config) -> Self {
         Self {
             defaults: OpenerOptions {
                 min_words: c.opener.min_words,
@@ -49,9 +52,9 @@ pub struct RequestOptions {
     pub seed: Option<u64>,
 }
 
-impl Limits {
+impl Admission {
     /// Checks the query and the options; the error says what to change.
-    pub fn request(&self, id: String, front: Front, query: String, opt: &RequestOptions) -> Result<AnswerRequest, RequestError> {
+    pub fn admit(&self, id: String, front: Front, arrived: Instant, query: String, opt: &RequestOptions) -> Result<AnswerRequest, RequestError> {
         if query.trim().is_empty() {
             return Err(RequestError::EmptyQuery);
         }
@@ -82,7 +85,8 @@ impl Limits {
         Ok(AnswerRequest {
             id,
             front,
-            query,
+            arrived,
+            prompt: Prompt::question(query),
             opener: o,
             recovery: opt.recovery.unwrap_or(self.recovery),
             use_cloud: opt.cloud.unwrap_or(true),
@@ -94,12 +98,8 @@ impl Limits {
 mod tests {
     use super::*;
 
-    fn limits() -> Limits {
-        Limits::from_config(&crate::config::Config::default())
-    }
-
     fn req(query: &str, opt: RequestOptions) -> Result<AnswerRequest, RequestError> {
-        limits().request("r1".into(), Front::Grpc, query.into(), &opt)
+        Admission::from_config(&Config::default()).admit("r1".into(), Front::Grpc, Instant::now(), query.into(), &opt)
     }
 
     #[test]

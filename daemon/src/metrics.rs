@@ -1,6 +1,6 @@
-//! Counters and histograms of the answers mulmd gives, exported on an opt-in Prometheus
-//! endpoint (`[metrics] listen`). Without the endpoint the `metrics` macros record into
-//! nothing, so the request path never branches on it.
+//! What a Prometheus scrape shows: the metrics described in `describe`, recorded from each
+//! request's [`Outcome`] by the tap on the answer stream (`answer::tap`). The endpoint is
+//! opt-in (`[metrics] listen`); without it the `metrics` macros record into nothing.
 //!
 //! Label values are fixed names (front, outcome, fallback reason) — never request text, ids
 //! or anything that came from the cloud, so nothing secret or unbounded reaches a label.
@@ -14,8 +14,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
-use crate::engine::RequestError;
-use crate::pipeline::{Answer, Front};
+use crate::cloud::CloudError;
 
 /// Latency buckets in seconds: an opener is milliseconds, a cloud first token up to seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0];
@@ -29,7 +28,7 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Makes this process's `metrics` recorder the one the endpoint reads, and returns the
 /// endpoint: `GET /metrics` in Prometheus text format on `listener`, served until `shutdown`
-/// resolves.
+/// resolves. `queue_depth` is read at each scrape, so the gauge is live when nothing moves.
 ///
 /// mulmd binds the listener itself (in `server::bind`, with the gRPC sockets), so a taken
 /// port fails the start before anything is announced, and `listen = "127.0.0.1:0"` works:
@@ -37,12 +36,13 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub fn install(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+    queue_depth: impl Fn() -> usize + Send + Sync + 'static,
+) -> Result<impl Future<Output = Result<(), EndpointError>> + Send + 'static, EndpointError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| EndpointError::Recorder(e.to_string()))?
         .install_recorder()
-        .map_err(|e| format!("metrics: {e}"))?;
+        .map_err(|e| EndpointError::Recorder(e.to_string()))?;
     describe();
     Ok(async move {
         let upkeep = handle.clone();
@@ -53,12 +53,25 @@ pub fn install(
                 upkeep.run_upkeep();
             }
         });
-        let render = move || std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()));
+        let queue_depth = std::sync::Arc::new(queue_depth);
+        let render = move || {
+            metrics::gauge!("mulmd_queue_depth").set(queue_depth() as f64);
+            std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()))
+        };
         let app = Router::new().route("/metrics", get(render));
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         upkeep.abort();
-        served.map_err(|e| format!("metrics endpoint: {e}"))
+        served.map_err(|e| EndpointError::Serve(e.to_string()))
     })
+}
+
+/// Why the metrics endpoint could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("metrics: {0}")]
+    Recorder(String),
+    #[error("metrics endpoint: {0}")]
+    Serve(String),
 }
 
 fn describe() {
@@ -72,44 +85,66 @@ fn describe() {
     describe_counter!("mulmd_fallbacks_total", "Answers finished on the device, by reason.");
     describe_gauge!("mulmd_queue_depth", "Requests waiting for an inference worker.");
     describe_gauge!("mulmd_requests_in_flight", "Answers being produced now.");
+    describe_counter!("mulmd_output_caps_total", "Answers whose cloud continuation was cut at cloud.max_output_bytes or max_output_chunks.");
 }
 
-/// A request entered the pipeline.
-pub fn started(queue_depth: usize) {
+/// How one request ended, in the terms metrics record.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome<'a> {
+    /// "done", or the request error's code.
+    pub code: &'static str,
+    pub ttft_ms: Option<f64>,
+    pub opener_ms: Option<f64>,
+    pub cloud_first_token_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    pub corrected: bool,
+    /// The fallback reason, when the device finished the answer.
+    pub fallback: Option<&'a str>,
+    /// The answer was cut at one of the cloud output caps.
+    pub capped: bool,
+}
+
+/// A request began (the in-flight gauge rises until [`request_ended`]).
+pub fn request_started(queue_depth: usize) {
     metrics::gauge!("mulmd_requests_in_flight").increment(1.0);
     metrics::gauge!("mulmd_queue_depth").set(queue_depth as f64);
 }
 
-/// A request's terminal event.
-pub fn finished(front: Front, outcome: Result<&Answer, &RequestError>) {
+/// A request ended, whether or not it reached an [`Outcome`].
+pub fn request_ended() {
     metrics::gauge!("mulmd_requests_in_flight").decrement(1.0);
-    let label = match outcome {
-        Ok(_) => "done",
-        Err(e) => e.code(),
-    };
-    metrics::counter!("mulmd_requests_total", "front" => front.name(), "outcome" => label).increment(1);
-    let Ok(a) = outcome else { return };
-    let t = &a.timings;
-    metrics::histogram!("mulmd_ttft_seconds").record(t.ttft_ms / 1e3);
-    metrics::histogram!("mulmd_opener_seconds").record(t.opener_ms / 1e3);
-    metrics::histogram!("mulmd_answer_seconds").record(t.total_ms / 1e3);
-    if let Some(ms) = t.cloud_first_token_ms {
-        metrics::histogram!("mulmd_cloud_first_token_seconds").record(ms / 1e3);
+}
+
+/// Records how a request through `front` ended.
+pub fn record(front: &'static str, o: &Outcome) {
+    metrics::counter!("mulmd_requests_total", "front" => front, "outcome" => o.code).increment(1);
+    let seconds = |ms: Option<f64>| ms.map(|ms| ms / 1e3);
+    if let Some(s) = seconds(o.ttft_ms) {
+        metrics::histogram!("mulmd_ttft_seconds").record(s);
     }
-    if a.corrected {
+    if let Some(s) = seconds(o.opener_ms) {
+        metrics::histogram!("mulmd_opener_seconds").record(s);
+    }
+    if let Some(s) = seconds(o.total_ms) {
+        metrics::histogram!("mulmd_answer_seconds").record(s);
+    }
+    if let Some(s) = seconds(o.cloud_first_token_ms) {
+        metrics::histogram!("mulmd_cloud_first_token_seconds").record(s);
+    }
+    if o.corrected {
         metrics::counter!("mulmd_corrections_total").increment(1);
     }
-    if let Some(f) = &a.fallback {
-        metrics::counter!("mulmd_fallbacks_total", "reason" => fallback_label(&f.reason)).increment(1);
+    if let Some(f) = o.fallback {
+        metrics::counter!("mulmd_fallbacks_total", "reason" => fallback_label(f)).increment(1);
+    }
+    if o.capped {
+        metrics::counter!("mulmd_output_caps_total").increment(1);
     }
 }
 
 /// Fallback reasons are a fixed set of names; anything else is folded so a label can never
 /// carry unexpected text.
-fn fallback_label(reason: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "not_configured", "disabled", "connect", "rate_limited", "http_error", "first_token_timeout", "stalled",
-        "total_timeout", "truncated", "stream_error", "malformed_event", "cancelled",
-    ];
-    KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("other")
+pub fn fallback_label(reason: &str) -> &'static str {
+    const LOCAL: &[&str] = &["not_configured", "disabled"];
+    LOCAL.iter().chain(CloudError::CODES).find(|k| **k == reason).copied().unwrap_or("other")
 }

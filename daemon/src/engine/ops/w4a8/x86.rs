@@ -185,7 +185,7 @@ pub(super) mod rows8 {
             /// # Safety
             /// The CPU must have this module's extensions; `a.k == w.k`.
             pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-                debug_assert_eq!(w.layout, crate::engine::w4a8::Layout::Rows8);
+                debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows8);
                 run_group_tiles(w, a, &out, $wide, groups::<$wide>, groups::<1>)
             }
 
@@ -277,7 +277,7 @@ pub(super) mod rows16 {
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VNNI ([`available`]); `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        debug_assert_eq!(w.layout, crate::engine::w4a8::Layout::Rows16);
+        debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows16);
         run_group_tiles(w, a, &out, 8, groups::<8>, groups::<1>)
     }
 

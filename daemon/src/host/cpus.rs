@@ -6,8 +6,10 @@
 
 use std::path::Path;
 
-/// How `engine.cpu_affinity` chose the inference cores.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How `engine.cpu_affinity` chose the inference cores. In the configuration it is a string:
+/// "auto", "off" or a CPU list such as "4-7".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Affinity {
     /// Fast cores of a heterogeneous SoC; nothing on a uniform machine.
     Auto,
@@ -22,6 +24,23 @@ impl std::str::FromStr for Affinity {
             "auto" => Ok(Self::Auto),
             "off" => Ok(Self::Off),
             list => parse_list(list).map(Self::List),
+        }
+    }
+}
+
+impl TryFrom<String> for Affinity {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Affinity> for String {
+    fn from(a: Affinity) -> String {
+        match a {
+            Affinity::Auto => "auto".into(),
+            Affinity::Off => "off".into(),
+            Affinity::List(l) => l.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
         }
     }
 }
@@ -83,22 +102,15 @@ pub fn resolve(a: &Affinity, root: &Path) -> Option<Vec<usize>> {
 /// Restricts the calling thread, and every thread it starts from now on, to `cpus`.
 /// Returns the previous set so it can be restored.
 pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data; the calls get its exact size and a valid pointer.
-    unsafe {
-        let mut old: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let previous = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &old)).collect();
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(previous)
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let old = sched_getaffinity(None)?;
+    let previous = (0..CpuSet::MAX_CPU).filter(|&c| old.is_set(c)).collect();
+    let mut set = CpuSet::new();
+    for &c in cpus.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+        set.set(c);
     }
+    sched_setaffinity(None, &set)?;
+    Ok(previous)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use tract_onnx::tract_core::tract_data::dyn_eq::DynEq;
 use tract_linalg::block_quant::{BlockQuantStorage, Q4_0};
 
 use super::Weights;
-use crate::engine::product_rewrite::{replace_products, WeightMatrix};
+use crate::engine::ops::product_rewrite::{replace_products, WeightMatrix};
 
 impl WeightMatrix for Weights {
     const OP_NAME: &'static str = "W4A8MatMul";
@@ -26,7 +26,7 @@ impl WeightMatrix for Weights {
 
 /// Replaces every product of a float32 activation with a constant Q4_0 weight (what
 /// tract-onnx makes of a MatMulNBits with 4 bits and blocks of 32) stored `[n, k]` by a
-/// [`WeightProduct`](crate::engine::product_rewrite::WeightProduct) of these [`Weights`]
+/// [`WeightProduct`](crate::engine::ops::product_rewrite::WeightProduct) of these [`Weights`]
 /// (`W4A8MatMul` in profiles). Returns how many it replaced; products of any other form are
 /// left to tract.
 pub fn use_w4a8_products(model: &mut TypedModel) -> TractResult<usize> {

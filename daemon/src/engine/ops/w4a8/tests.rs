@@ -2,7 +2,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::engine::shares::PARALLEL_PRODUCT;
+use crate::engine::ops::shares::PARALLEL_PRODUCT;
 
 /// A random Q4_0 weight in GGML block bytes, and the float weight it stands for.
 fn random_weight(rng: &mut ChaCha8Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {

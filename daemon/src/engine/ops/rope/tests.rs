@@ -2,7 +2,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::engine::op_swap::testing::{self, assert_swap_is_bit_equal, one_op_model, run};
+use crate::engine::ops::op_swap::testing::{self, assert_swap_is_bit_equal, one_op_model, run};
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
     testing::random(rng, shape, 2.0)

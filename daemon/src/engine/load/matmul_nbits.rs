@@ -11,7 +11,7 @@
 //! points, no bias: what `mulm-export` writes) out of the protobuf before parsing. Each
 //! becomes a node of its own type whose builder wires what tract-onnx would have wired: a cast
 //! to f32, the Q4_0 constant, the `…k,gnk->…n` product and a cast back. The graph tract then
-//! optimizes, and the products [`super::w4a8`] replaces, are the same. Other MatMulNBits nodes
+//! optimizes, and the products [`crate::engine::ops::w4a8`] replaces, are the same. Other MatMulNBits nodes
 //! are left to tract-onnx.
 
 use std::cell::RefCell;

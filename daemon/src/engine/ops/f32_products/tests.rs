@@ -4,8 +4,8 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ndarray::Dimension;
 
 use super::*;
-use crate::engine::product_rewrite::WeightProduct;
-use crate::engine::shares::PARALLEL_PRODUCT;
+use crate::engine::ops::product_rewrite::WeightProduct;
+use crate::engine::ops::shares::PARALLEL_PRODUCT;
 
 fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()

@@ -28,10 +28,10 @@ const SERVING_TRIM_THRESHOLD: libc::c_int = 64 * 1024 * 1024;
 ///
 /// The settings are process-wide: another thread allocating during a load gets the loading
 /// threshold too, which costs it speed, never correctness.
-pub(super) struct LoadingHeap(());
+pub(crate) struct LoadingHeap(());
 
 impl LoadingHeap {
-    pub(super) fn begin() -> Self {
+    pub(crate) fn begin() -> Self {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only changes allocator parameters; no memory is touched.
         unsafe {

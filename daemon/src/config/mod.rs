@@ -1,0 +1,443 @@
+//! One typed configuration (`/etc/mulmd/mulmd.toml`). The commented file `default.toml` is
+//! the one place defaults are written: `print-config` prints it, [`Config::default`] is it
+//! parsed, and a file on disk is read as that file with its keys overriding. Checking lists
+//! every problem with its key and the fix, before anything binds or loads.
+
+mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+pub use crate::host::cpus::Affinity;
+pub use types::{FileMode, LogFormat, RecoveryMode};
+
+pub const DEFAULT_PATH: &str = "/etc/mulmd/mulmd.toml";
+
+/// The full default configuration with comments: what `mulmd print-config` prints.
+pub const TEMPLATE: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub engine: EngineSection,
+    pub opener: OpenerSection,
+    pub cloud: CloudSection,
+    pub grpc: GrpcSection,
+    pub mqtt: MqttSection,
+    pub metrics: MetricsSection,
+    pub log: LogSection,
+}
+
+impl Default for Config {
+    /// `default.toml`, parsed.
+    fn default() -> Self {
+        parse(TEMPLATE).expect("the built-in default configuration is valid (a unit test checks it)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Empty: $MULMD_MODEL_DIR or ~/.cache/mulmd/models/smollm2-135m-instruct.
+    pub dir: PathBuf,
+    pub threads: usize,
+}
+
+impl ModelSection {
+    /// The model directory this section names, or the default one.
+    pub fn dir(&self) -> PathBuf {
+        if self.dir.as_os_str().is_empty() {
+            crate::host::paths::default_model_dir()
+        } else {
+            self.dir.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    pub workers: usize,
+    pub queue_depth: usize,
+    pub cpu_affinity: Affinity,
+    /// Prompt tokens fed per forward pass; cancellation and the watchdog are checked between.
+    pub prefill_chunk_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenerSection {
+    pub min_words: usize,
+    pub max_words: usize,
+    pub max_tokens: usize,
+    /// The most words a request may ask for.
+    pub max_words_limit: usize,
+    /// Longest accepted question, in characters.
+    pub max_query_chars: usize,
+    /// Longest accepted prompt (chat template and question), in the model's tokens.
+    pub max_prompt_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSection {
+    pub enabled: bool,
+    pub base_url: String,
+    pub model: String,
+    /// Empty: $CREDENTIALS_DIRECTORY/cloud_api_key (systemd LoadCredential), if present.
+    pub api_key_file: PathBuf,
+    pub recovery: RecoveryMode,
+    pub connect_timeout_ms: u64,
+    pub first_token_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+    pub max_retries: u32,
+    pub max_tokens: u32,
+    /// The most continuation text shown, in bytes; the cloud stream is dropped at the cap.
+    pub max_output_bytes: usize,
+    /// The most continuation chunks (about one token each) read.
+    pub max_output_chunks: usize,
+    pub include_usage: bool,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl CloudSection {
+    /// `api_key_file` when set, else None (the credential directory is then looked up).
+    pub fn key_file(&self) -> Option<&Path> {
+        (!self.api_key_file.as_os_str().is_empty()).then_some(self.api_key_file.as_path())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSection {
+    /// TCP address; empty disables TCP.
+    pub listen: String,
+    /// Unix socket path; empty disables it.
+    pub unix_socket: PathBuf,
+    pub unix_socket_mode: FileMode,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub grace_period_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Names this daemon in topics; empty: the host name.
+    pub node_id: String,
+    /// First level of every topic.
+    pub prefix: String,
+    /// Empty: "mulmd-<node_id>".
+    pub client_id: String,
+    pub username: String,
+    /// Empty: $CREDENTIALS_DIRECTORY/mqtt_password when present.
+    pub password_file: PathBuf,
+    pub tls: bool,
+    /// PEM bundle to trust instead of the system's roots (with tls).
+    pub ca_file: PathBuf,
+    pub keep_alive_s: u64,
+    /// Largest MQTT packet accepted from the broker (announced in CONNECT).
+    pub max_packet_bytes: u32,
+    /// Largest request payload answered; larger ones get an error reply.
+    pub max_request_bytes: usize,
+    /// Non-empty: also take requests from `$share/<group>/<prefix>/ask`.
+    pub share_group: String,
+    /// Publish every opener word as it completes (besides the opener, deltas and final).
+    pub stream_words: bool,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Home Assistant MQTT discovery of this daemon's sensors.
+    pub discovery: bool,
+    pub discovery_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus endpoint (GET /metrics); empty: off.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// tracing's filter syntax: "info", "mulmd=debug,warn", ...
+    pub level: String,
+}
+
+/// One thing wrong with a configuration (or, from [`warnings`], worth a second look).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn problem(key: &str, message: impl Into<String>) -> Problem {
+    Problem { key: key.into(), message: message.into() }
+}
+
+/// Parses `text` as overrides of `default.toml` and checks the values; on failure returns
+/// every problem found. Files named in it are not looked at (see [`load`]).
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let given: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![problem("(file)", format!("not valid TOML: {}", e.message()))])?;
+    let defaults: toml::Table = TEMPLATE.parse().expect("default.toml is TOML");
+    let mut problems = Vec::new();
+    let mut merged = defaults.clone();
+    for (section, value) in &given {
+        let Some(toml::Value::Table(base)) = defaults.get(section) else {
+            let known: Vec<&str> = defaults.keys().map(String::as_str).collect();
+            problems.push(problem(section, format!("unknown section or key; known sections: {}", known.join(", "))));
+            continue;
+        };
+        let toml::Value::Table(keys) = value else {
+            problems.push(problem(section, format!("must be a table, e.g. [{section}]")));
+            continue;
+        };
+        let table = overlay(section, base, keys, &mut problems);
+        merged.insert(section.clone(), toml::Value::Table(table));
+    }
+    let config: Config = match toml::Value::Table(merged).try_into() {
+        Ok(c) => c,
+        Err(e) => {
+            // overlay() kept only values that deserialize; reaching here is a bug in it.
+            problems.push(problem("(file)", toml::de::Error::message(&e)));
+            return Err(problems);
+        }
+    };
+    problems.extend(validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// `base` (a section of the defaults) with every key of `given` that is known and of the right
+/// type put over it; each other key becomes a problem naming `section.key`.
+fn overlay(section: &str, base: &toml::Table, given: &toml::Table, problems: &mut Vec<Problem>) -> toml::Table {
+    let mut table = base.clone();
+    for (key, value) in given {
+        let name = format!("{section}.{key}");
+        if !base.contains_key(key) {
+            let known: Vec<&str> = base.keys().map(String::as_str).collect();
+            problems.push(problem(&name, format!("unknown key; known keys: {}", known.join(", "))));
+            continue;
+        }
+        let mut candidate = table.clone();
+        candidate.insert(key.clone(), value.clone());
+        match check_section(section, candidate) {
+            Ok(()) => {
+                table.insert(key.clone(), value.clone());
+            }
+            Err(message) => problems.push(problem(&name, message)),
+        }
+    }
+    table
+}
+
+/// Whether `table` deserializes as the section called `section`.
+fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
+    fn check<T: DeserializeOwned>(table: toml::Table) -> Result<(), String> {
+        table.try_into::<T>().map(|_| ()).map_err(|e| toml::de::Error::message(&e).to_string())
+    }
+    match section {
+        "model" => check::<ModelSection>(table),
+        "engine" => check::<EngineSection>(table),
+        "opener" => check::<OpenerSection>(table),
+        "cloud" => check::<CloudSection>(table),
+        "grpc" => check::<GrpcSection>(table),
+        "mqtt" => check::<MqttSection>(table),
+        "metrics" => check::<MetricsSection>(table),
+        "log" => check::<LogSection>(table),
+        other => Err(format!("no section {other}")),
+    }
+}
+
+/// Reads and checks a file, including the files and directories it names (see [`check_files`]).
+pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![problem("(file)", format!("cannot read {}: {e}", path.display()))])?;
+    let config = parse(&text)?;
+    let missing = check_files(&config);
+    if missing.is_empty() {
+        Ok(config)
+    } else {
+        Err(missing)
+    }
+}
+
+/// The checks of values alone (ranges, addresses, names); each names its key and the fix.
+pub fn validate(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    if c.model.threads > 64 {
+        p.push(problem("model.threads", "must be 0..=64: 0 for one per fast core, else the number of threads"));
+    }
+    if !(1..=16).contains(&c.engine.workers) {
+        p.push(problem("engine.workers", "must be 1..=16; each worker holds a KV cache and uses model.threads cores"));
+    }
+    if !(1..=1024).contains(&c.engine.queue_depth) {
+        p.push(problem("engine.queue_depth", "must be 1..=1024"));
+    }
+    if !(16..=4096).contains(&c.engine.prefill_chunk_tokens) {
+        p.push(problem("engine.prefill_chunk_tokens", "must be 16..=4096 tokens"));
+    }
+    let o = &c.opener;
+    if o.min_words == 0 || o.min_words > o.max_words {
+        p.push(problem("opener.min_words", format!("must be at least 1 and at most opener.max_words ({})", o.max_words)));
+    }
+    if o.max_words > o.max_words_limit || o.max_words_limit > 64 {
+        p.push(problem("opener.max_words", format!("must not exceed opener.max_words_limit ({}), which is at most 64", o.max_words_limit)));
+    }
+    if !(1..=512).contains(&o.max_tokens) {
+        p.push(problem("opener.max_tokens", "must be 1..=512"));
+    }
+    if o.max_query_chars == 0 {
+        p.push(problem("opener.max_query_chars", "must be positive"));
+    }
+    if !(16..=131_072).contains(&o.max_prompt_tokens) {
+        p.push(problem("opener.max_prompt_tokens", "must be 16..=131072 tokens (the model's context is a further bound)"));
+    }
+    let cl = &c.cloud;
+    if cl.enabled {
+        if !(cl.base_url.starts_with("http://") || cl.base_url.starts_with("https://")) {
+            p.push(problem("cloud.base_url", format!("{:?} must start with http:// or https://", cl.base_url)));
+        }
+        if cl.model.trim().is_empty() {
+            p.push(problem("cloud.model", "is empty; name the model the endpoint should run"));
+        }
+    }
+    for (key, v) in [
+        ("cloud.connect_timeout_ms", cl.connect_timeout_ms),
+        ("cloud.first_token_timeout_ms", cl.first_token_timeout_ms),
+        ("cloud.idle_timeout_ms", cl.idle_timeout_ms),
+        ("cloud.total_timeout_ms", cl.total_timeout_ms),
+    ] {
+        if !(100..=600_000).contains(&v) {
+            p.push(problem(key, "must be between 100 and 600000 milliseconds"));
+        }
+    }
+    if cl.first_token_timeout_ms > cl.total_timeout_ms {
+        p.push(problem("cloud.first_token_timeout_ms", "must not exceed cloud.total_timeout_ms"));
+    }
+    if !(1..=100_000).contains(&cl.max_tokens) {
+        p.push(problem("cloud.max_tokens", "must be 1..=100000"));
+    }
+    if !(256..=1 << 20).contains(&cl.max_output_bytes) {
+        p.push(problem("cloud.max_output_bytes", "must be 256..=1048576 bytes"));
+    }
+    if cl.max_output_chunks < cl.max_tokens as usize || cl.max_output_chunks > 1_000_000 {
+        p.push(problem("cloud.max_output_chunks", format!("must be at least cloud.max_tokens ({}) and at most 1000000", cl.max_tokens)));
+    }
+    for (name, value) in &cl.headers {
+        if name.eq_ignore_ascii_case("authorization") {
+            p.push(problem("cloud.headers", "must not set Authorization: put the key in cloud.api_key_file or a systemd credential"));
+        } else if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            p.push(problem("cloud.headers", format!("{name:?} is not a valid header name")));
+        } else if value.chars().any(|c| c.is_control() && c != '\t') {
+            // Such a value cannot be sent: every request would fail and fall back.
+            p.push(problem(&format!("cloud.headers.{name}"), "holds a control character (a line break?); header values are one line of text"));
+        }
+    }
+    let g = &c.grpc;
+    if !g.listen.is_empty() && g.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem("grpc.listen", format!("{:?} is not an address like 127.0.0.1:50051 (\"\" disables TCP)", g.listen)));
+    }
+    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() && !c.mqtt.enabled {
+        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty and MQTT is off; enable at least one front end"));
+    }
+    if g.grace_period_ms > 600_000 {
+        p.push(problem("grpc.grace_period_ms", "must be at most 600000 (10 minutes)"));
+    }
+    let m = &c.mqtt;
+    if m.enabled {
+        if m.host.trim().is_empty() {
+            p.push(problem("mqtt.host", "is empty; name the broker, e.g. \"127.0.0.1\""));
+        }
+        if m.port == 0 {
+            p.push(problem("mqtt.port", "must be a port number, usually 1883 (8883 with tls)"));
+        }
+    }
+    for (key, v) in [("mqtt.node_id", &m.node_id), ("mqtt.prefix", &m.prefix), ("mqtt.share_group", &m.share_group), ("mqtt.discovery_prefix", &m.discovery_prefix)] {
+        if v.contains(['+', '#', '/']) || v.starts_with('$') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            p.push(problem(key, format!("{v:?} must be one topic level: no '/', '+', '#', spaces or leading '$'")));
+        }
+    }
+    if m.prefix.is_empty() || m.discovery_prefix.is_empty() {
+        p.push(problem("mqtt.prefix", "and mqtt.discovery_prefix must not be empty"));
+    }
+    if !(5..=3600).contains(&m.keep_alive_s) {
+        p.push(problem("mqtt.keep_alive_s", "must be 5..=3600 seconds"));
+    }
+    if !(1024..=268_435_455).contains(&m.max_packet_bytes) {
+        p.push(problem("mqtt.max_packet_bytes", "must be between 1024 and 268435455 (MQTT's limit)"));
+    }
+    if m.max_request_bytes == 0 || m.max_request_bytes as u64 >= m.max_packet_bytes as u64 {
+        p.push(problem("mqtt.max_request_bytes", format!("must be positive and below mqtt.max_packet_bytes ({})", m.max_packet_bytes)));
+    }
+    if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms || m.reconnect_max_ms > 600_000 {
+        p.push(problem("mqtt.reconnect_min_ms", "must be positive, at most mqtt.reconnect_max_ms, which is at most 600000"));
+    }
+    if !c.metrics.listen.is_empty() && c.metrics.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem("metrics.listen", format!("{:?} is not an address like 127.0.0.1:9464 (\"\" turns metrics off)", c.metrics.listen)));
+    }
+    p
+}
+
+/// The checks against this machine: every file or directory the configuration names exists.
+pub fn check_files(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let dir = c.model.dir();
+    if !dir.is_dir() {
+        let fix = if c.model.dir.as_os_str().is_empty() {
+            "prepare the default model with `export/mulm-export default-model` or set model.dir"
+        } else {
+            "set model.dir to a model directory made by export/mulm-export"
+        };
+        p.push(problem("model.dir", format!("{} is not a directory; {fix}", dir.display())));
+    }
+    let files = [
+        ("cloud.api_key_file", &c.cloud.api_key_file, c.cloud.enabled, "create it (key only) or leave it empty"),
+        ("mqtt.password_file", &c.mqtt.password_file, c.mqtt.enabled, "create it (password only) or leave it empty"),
+        ("mqtt.ca_file", &c.mqtt.ca_file, c.mqtt.enabled && c.mqtt.tls, "point it at the broker's CA certificate (PEM) or leave it empty"),
+    ];
+    for (key, path, used, fix) in files {
+        if used && !path.as_os_str().is_empty() && !path.is_file() {
+            p.push(problem(key, format!("{} does not exist; {fix}", path.display())));
+        }
+    }
+    p
+}
+
+/// Settings that are valid but worth a second look: listeners reachable beyond this machine
+/// with nothing to check who connects.
+pub fn warnings(c: &Config) -> Vec<Problem> {
+    let mut w = Vec::new();
+    for (key, addr) in [("grpc.listen", &c.grpc.listen), ("metrics.listen", &c.metrics.listen)] {
+        if let Ok(a) = addr.parse::<SocketAddr>() {
+            if !a.ip().is_loopback() {
+                w.push(problem(
+                    key,
+                    format!("{addr} is reachable from other machines and nothing checks who connects; bind it to 127.0.0.1 (or a Unix socket) unless a firewall guards the port"),
+                ));
+            }
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests;

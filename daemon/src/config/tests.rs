@@ -1,0 +1,113 @@
+use super::*;
+
+#[test]
+fn the_printed_template_is_the_defaults_and_overrides_only_what_a_file_names() {
+    let d = Config::default();
+    assert_eq!(parse("").unwrap(), d);
+    let c = parse("[opener]\nmax_words = 6\n").unwrap();
+    assert_eq!(c.opener.max_words, 6);
+    assert_eq!(Config { opener: OpenerSection { max_words: 8, ..c.opener.clone() }, ..c }, d);
+    assert_eq!(d.engine.cpu_affinity, Affinity::Auto);
+    assert_eq!(d.grpc.unix_socket_mode, FileMode(0o660));
+    assert_eq!(d.log.format, LogFormat::Text);
+    assert!(warnings(&d).is_empty(), "the defaults stay on loopback");
+}
+
+#[test]
+fn every_problem_is_listed_with_its_key() {
+    let text = r#"
+        colour = "blue"
+        [model]
+        threads = 999
+        typo_key = 1
+        [engine]
+        cpu_affinity = "fast ones"
+        workers = "two"
+        [opener]
+        min_words = 9
+        max_words = 3
+        [cloud]
+        enabled = true
+        base_url = "ftp://x"
+        recovery = "sarcasm"
+        [cloud.headers]
+        Authorization = "Bearer sk-123"
+        [grpc]
+        unix_socket_mode = "999"
+        [log]
+        format = "xml"
+    "#;
+    let problems = parse(text).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for want in [
+        "colour",
+        "model.typo_key",
+        "model.threads",
+        "engine.cpu_affinity",
+        "engine.workers",
+        "opener.min_words",
+        "cloud.base_url",
+        "cloud.recovery",
+        "cloud.headers",
+        "grpc.unix_socket_mode",
+        "log.format",
+    ] {
+        assert!(keys.contains(&want), "{want} missing from {problems:?}");
+    }
+    let says = |key: &str, what: &str| problems.iter().any(|p| p.key == key && p.message.contains(what));
+    assert!(says("cloud.recovery", "sarcasm"), "{problems:?}");
+    assert!(says("engine.cpu_affinity", "CPU list"), "{problems:?}");
+    assert!(says("grpc.unix_socket_mode", "octal"), "{problems:?}");
+    assert!(says("cloud.headers", "api_key_file"), "{problems:?}");
+    assert!(!problems.iter().any(|p| p.to_string().contains("sk-123")), "a key must never be echoed");
+}
+
+#[test]
+fn header_values_that_cannot_be_sent_are_refused() {
+    let p = parse("[cloud.headers]\nX-Org = \"home\\r\\nX-Evil: 1\"\n").unwrap_err();
+    assert_eq!(p[0].key, "cloud.headers.X-Org");
+    assert!(p[0].message.contains("control character"), "{p:?}");
+    assert!(parse("[cloud.headers]\nX-Org = \"home\tlab\"\n").is_ok());
+}
+
+#[test]
+fn the_packaged_config_differs_from_the_defaults_only_where_a_board_needs_it() {
+    let packaged = parse(include_str!("../../../packaging/mulmd.toml")).unwrap();
+    let mut expected = Config::default();
+    expected.model.dir = "/var/lib/mulmd/models/default".into();
+    expected.model.threads = 0;
+    expected.grpc.unix_socket = "/run/mulmd/api.sock".into();
+    assert_eq!(packaged, expected);
+}
+
+#[test]
+fn broken_toml_is_reported_as_such() {
+    let p = parse("[model\nthreads = ").unwrap_err();
+    assert_eq!(p[0].key, "(file)");
+    assert!(p[0].message.contains("TOML"));
+}
+
+#[test]
+fn named_files_and_the_model_directory_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let text = format!(
+        "[model]\ndir = {m:?}\n[cloud]\nenabled = true\napi_key_file = {m:?}\n[mqtt]\nenabled = true\npassword_file = {m:?}\n",
+        m = missing.display().to_string()
+    );
+    let c = parse(&text).unwrap();
+    let keys: Vec<String> = check_files(&c).into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, ["model.dir", "cloud.api_key_file", "mqtt.password_file"]);
+    let mut c = Config::default();
+    c.model.dir = dir.path().to_path_buf();
+    assert!(check_files(&c).is_empty());
+}
+
+#[test]
+fn a_listener_beyond_loopback_is_warned_about() {
+    let c = parse("[grpc]\nlisten = \"0.0.0.0:50051\"\n[metrics]\nlisten = \"[::1]:9464\"\n").unwrap();
+    let w = warnings(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].key, "grpc.listen");
+    assert!(w[0].message.contains("127.0.0.1"));
+}

@@ -1,0 +1,8 @@
+//! Reading a model file into a runnable plan with bounded memory: the ONNX file streamed
+//! ([`onnx_file`], [`matmul_nbits`]), the allocator told to give memory back while loading
+//! ([`heap`]), and the graph rewritten onto the engine's ops and optimized ([`plan`]).
+
+pub(crate) mod heap;
+pub(crate) mod matmul_nbits;
+pub(crate) mod onnx_file;
+pub(crate) mod plan;

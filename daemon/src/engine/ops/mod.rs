@@ -1,0 +1,23 @@
+//! Why decode is fast: the engine's own ops and kernels, swapped into tract's optimized graph
+//! at load (see `load::plan`). Each op states its contract in its module doc and is checked
+//! against the tract op it replaces (or onnxruntime) in its tests.
+//!
+//! - [`w4a8`]: 4-bit weights × 8-bit activations on integer dot products (AVX-512 VNNI,
+//!   AVX-VNNI, AVX2, `sdot`, NEON), chosen at run time.
+//! - [`f32_products`]: float32 weights streamed in 16-output panels.
+//! - [`attention_products`]: attention's products of two activations.
+//! - [`rope`], [`softmax`]: rotary embedding and attention's masked softmax in one pass.
+//! - [`product_rewrite`], [`op_swap`]: how the above replace tract's ops in a graph.
+//! - [`shares`], [`team`], [`aligned`]: splitting a product over threads, the helper team,
+//!   cache-aligned buffers.
+
+pub(crate) mod aligned;
+pub(crate) mod attention_products;
+pub(crate) mod f32_products;
+pub(crate) mod op_swap;
+pub(crate) mod product_rewrite;
+pub(crate) mod rope;
+pub(crate) mod shares;
+pub(crate) mod softmax;
+pub(crate) mod team;
+pub(crate) mod w4a8;
