@@ -219,3 +219,98 @@ async fn health_and_reflection_answer_untold() {
     assert!(names.contains(&"mulm.v1.Answerer".to_string()) && names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
     d.stop().await;
 }
+
+/// The code a streaming call ends with: its status, or Ok after its last event.
+async fn outcome(c: &mut AnswererClient<tonic::transport::Channel>, req: impl tonic::IntoRequest<AnswerRequest>) -> Result<Vec<Event>, tonic::Status> {
+    let mut s = c.answer(req).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = s.message().await? {
+        events.extend(ev.event);
+    }
+    Ok(events)
+}
+
+#[tokio::test]
+async fn a_query_within_the_character_limit_but_too_many_tokens_is_refused_naming_the_limit() {
+    let Some(d) = Daemon::start("smollm2", |_| {}).await else { return };
+    let mut c = d.client().await;
+    // 1,500 CJK characters: within opener.max_query_chars (2,000), far past 1,024 tokens.
+    let e = outcome(&mut c, ask(&"日本語の長い質問".repeat(188))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("opener.max_prompt_tokens"), "{}", e.message());
+    // Refused before it took a worker: the next question is answered at once.
+    let r = c.open(OpenRequest { query: "What is the capital of France?".into(), options: None }).await.unwrap();
+    assert_eq!(r.into_inner().opener, "The capital of France is Paris.");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn requests_whose_deadline_passed_while_queued_give_their_place_back() {
+    let Some(d) = Daemon::start("smollm2", |c| {
+        c.engine.workers = 1;
+        c.engine.queue_depth = 1;
+        c.opener.max_words_limit = 64;
+    })
+    .await
+    else {
+        return;
+    };
+    // One long answer holds the only worker (64 words, no early stop).
+    let long = AnswerRequest {
+        query: "How do I remove odor from inside my shoes?".into(),
+        options: Some(Options { min_words: Some(64), max_words: Some(64), cloud: Some(false), ..Default::default() }),
+    };
+    let mut holder = d.client().await.answer(long).await.unwrap().into_inner();
+    assert!(matches!(holder.message().await.unwrap().unwrap().event, Some(Event::Word(_))), "the worker has it");
+    // Five callers in turn take the only queue place and give up after 50 ms.
+    let mut c = d.client().await;
+    for _ in 0..5 {
+        let mut req = tonic::Request::new(ask("What is the capital of France?"));
+        req.set_timeout(Duration::from_millis(50));
+        let code = outcome(&mut c, req).await.unwrap_err().code();
+        assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
+    }
+    // Their places are free again: the next caller waits its turn instead of being refused.
+    let events = outcome(&mut c, ask("What is the capital of France?")).await.expect("not refused as busy");
+    assert!(matches!(events.last(), Some(Event::Final(_))));
+    while holder.message().await.unwrap().is_some() {}
+    d.stop().await;
+}
+
+/// A raw HTTP/2 call of `Answer` with the given `grpc-timeout`, as no well-behaved client
+/// would send it; returns the response's status code and gRPC status.
+async fn raw_answer(addr: &str, grpc_timeout: &str) -> (u16, Option<String>) {
+    use http_body_util::{BodyExt, Full};
+    use prost::Message;
+    let stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let msg = AnswerRequest { query: "What is the capital of France?".into(), options: Some(Options { cloud: Some(false), ..Default::default() }) }.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let req = hyper::Request::post(format!("{addr}/mulm.v1.Answerer/Answer"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", grpc_timeout)
+        .body(Full::new(bytes::Bytes::from(framed)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let header_status = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailer_status = collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.to_str().unwrap().to_string());
+    (status, trailer_status.or(header_status))
+}
+
+#[tokio::test]
+async fn grpc_timeouts_no_client_would_send_never_panic_the_handler() {
+    let Some(d) = Daemon::start("smollm2", |_| {}).await else { return };
+    for v in ["123456789S", "18446744073709551615H", "99999999H", "-5S", "5x", ""] {
+        let (http, grpc) = raw_answer(&d.addr, v).await;
+        assert_eq!(http, 200, "{v:?}");
+        // Answered in full (the header ignored, or a deadline far away): status OK.
+        assert_eq!(grpc.as_deref(), Some("0"), "grpc-timeout {v:?}");
+    }
+    d.stop().await;
+}

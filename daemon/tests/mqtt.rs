@@ -299,6 +299,17 @@ async fn malformed_payloads_get_error_replies_and_the_daemon_keeps_answering() {
     assert_eq!(errors["wrong-type"]["id"], "w1");
     assert_eq!(errors["wrong-type"]["code"], "bad_request");
     assert_eq!(errors["bad-option"]["code"], "invalid_options");
+    // An oversize request with only an id: its error goes to the id's own answer topic.
+    c.send("mulmd/pi5/ask", json!({"id": "big2", "query": "x".repeat(2000)}).to_string());
+    let v = c.on("mulmd/pi5/answer/big2").await.json();
+    assert!(v["type"] == "error" && v["message"].as_str().unwrap().contains("mqtt.max_request_bytes"), "{v}");
+    // A reply_to that is another daemon's request topic is refused; the asker still hears why.
+    c.send("mulmd/pi5/ask", json!({"id": "r1", "query": "Hi?", "reply_to": "mulmd/kitchen/ask"}).to_string());
+    let v = c.on("mulmd/pi5/answer/r1").await.json();
+    assert!(v["type"] == "error" && v["message"].as_str().unwrap().contains("request topic"), "{v}");
+    // Larger than mqtt.max_packet_bytes: MQTT 5 has the broker drop it before it reaches
+    // mulmd (no reply is possible); the connection stays up.
+    c.send("mulmd/pi5/ask", json!({"id": "huge", "query": "x".repeat(70_000)}).to_string());
     // A payload with no route at all is only logged; the loop goes on and answers the next.
     c.send("mulmd/pi5/ask", b"garbage".to_vec());
     c.send("mulmd/pi5/ask", json!({"id": "ok", "query": SHOES, "stream": false}).to_string());

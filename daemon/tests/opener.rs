@@ -157,11 +157,11 @@ fn a_long_prompt_is_fed_in_chunks_that_a_cancel_stops() {
     let Some(model) = common::load("smollm2") else { return };
     let config = EngineConfig { prefill_chunk: 16, max_prompt_tokens: 2000, ..EngineConfig::default() };
     let engine = Engine::start(model, config).unwrap();
-    let question = format!("{} What did I just say?", "The quick brown fox jumps over the lazy dog. ".repeat(100));
+    let question = format!("{} What did I just say?", "The quick brown fox jumps over the lazy dog. ".repeat(30));
     // Whole, in chunks of 16: the same opener as fed at once (chunks change only rounding).
     let chunked = drain(submit(&engine, &question, opts(4, 8), CancellationToken::new()));
     let Some(OpenerEvent::Done(o)) = chunked.last() else { panic!("{chunked:?}") };
-    assert!(o.prompt_tokens > 1000, "{}", o.prompt_tokens);
+    assert!(o.prompt_tokens > 300, "{}", o.prompt_tokens);
     let whole = write(engine.model(), &question, &opts(4, 8)).unwrap();
     assert_eq!(o.text, whole.text);
     // Cancelled at once: stopped between chunks (or before it began), with no word written.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mulmd::grpc::pb::answer_event::Event;
 use mulmd::grpc::pb::answerer_client::AnswererClient;
-use mulmd::grpc::pb::AnswerRequest;
+use mulmd::grpc::pb::{AnswerRequest, OpenRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -90,7 +90,8 @@ impl Drop for Serve {
     }
 }
 
-/// An endpoint that refuses every request the way some providers do: quoting the key.
+/// An endpoint that refuses every request the way some providers do: quoting the key, here
+/// twice: whole, and again where the 300-character cap on a provider's text cuts it.
 async fn key_quoting_cloud() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -99,7 +100,9 @@ async fn key_quoting_cloud() -> String {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let _ = sock.read(&mut buf).await;
-                let body = serde_json::json!({"error": {"message": format!("Incorrect API key provided: {KEY}."), "type": "invalid_request_error"}}).to_string();
+                let quoted = format!("Incorrect API key provided: {KEY}. ");
+                let message = format!("{quoted}{}{KEY}", "-".repeat(297 - quoted.len()));
+                let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error"}}).to_string();
                 let head = format!("HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
                 let _ = sock.write_all(format!("{head}{body}").as_bytes()).await;
             });
@@ -167,26 +170,42 @@ level = "debug"
     let fallback = f.fallback.expect("the rejected key makes the device finish");
     assert_eq!(fallback.reason, "http_error");
     assert!(fallback.message.contains("401") && fallback.message.contains("[redacted]"), "{}", fallback.message);
-    assert!(!fallback.message.contains(KEY), "the key reached a reply: {}", fallback.message);
+    assert_no_key(&fallback.message, "a reply");
+
+    // An opener-only call is a request like any other: counted, and logged with its id.
+    let mut open = tonic::Request::new(OpenRequest { query: "What is the capital of France?".into(), options: None });
+    open.metadata_mut().insert("x-request-id", "open-7".parse().unwrap());
+    let opened = client.open(open).await.unwrap_or_else(|e| panic!("{e:?}; mulmd's log:\n{}", log())).into_inner();
+    assert_eq!(opened.opener, "The capital of France is Paris.");
 
     let metrics = http_get(&serve.addr("metrics http://"), "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("content-type: text/plain; version=0.0.4"), "{metrics}");
-    assert!(metrics.contains(r#"mulmd_requests_total{front="grpc",outcome="done"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"mulmd_requests_total{front="grpc",outcome="done"} 2"#), "the answer and the opener: {metrics}");
     assert!(metrics.contains(r#"mulmd_fallbacks_total{reason="http_error"} 1"#), "{metrics}");
     assert!(metrics.contains("mulmd_ttft_seconds_bucket"), "{metrics}");
-    assert!(metrics.contains("mulmd_opener_seconds_count 1"), "{metrics}");
-    assert!(!metrics.contains(KEY));
+    assert!(metrics.contains("mulmd_opener_seconds_count 2"), "{metrics}");
+    assert!(metrics.contains("mulmd_queue_depth 0"), "{metrics}");
+    assert_no_key(&metrics, "/metrics");
 
     // systemd's stop: SIGTERM, then an orderly exit with the socket file removed.
     let (exit, log) = tokio::task::spawn_blocking(move || serve.stop()).await.unwrap();
     assert!(exit.success(), "exit status {exit}:\n{log}");
     assert!(!socket.exists(), "the Unix socket file is removed on exit");
-    assert!(!log.contains(KEY), "the key reached the log:\n{log}");
+    assert_no_key(&log, "the log");
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))).collect();
     let answered = lines.iter().find(|l| l["fields"]["message"] == "answered").expect("an 'answered' line");
     assert_eq!(answered["span"]["id"], "trace-me-42", "{answered}");
     assert_eq!(answered["fields"]["fallback"], "http_error");
+    let opened = lines.iter().find(|l| l["fields"]["message"] == "opened").expect("an 'opened' line");
+    assert_eq!(opened["span"]["id"], "open-7", "{opened}");
     assert!(lines.iter().any(|l| l["fields"]["message"] == "shutting down"));
+}
+
+/// No run of six or more of the key's first characters in `text`.
+fn assert_no_key(text: &str, what: &str) {
+    for n in 6..=KEY.len() {
+        assert!(!text.contains(&KEY[..n]), "{:?} of the key reached {what}:\n{text}", &KEY[..n]);
+    }
 }
 
 /// systemd's side of `Type=notify`: a datagram socket in `$NOTIFY_SOCKET` and a watchdog

@@ -592,4 +592,37 @@ mod tests {
         assert!(backoff(1) <= Duration::from_millis(500));
         assert!(backoff(u32::MAX) <= Duration::from_secs(8));
     }
+
+    #[test]
+    fn events_say_what_they_carry() {
+        let chunk = r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+        assert_eq!(read_event(chunk, None).unwrap().unwrap().texts, ["Hi"]);
+        assert_eq!(read_event("[DONE]", None).unwrap(), None);
+        assert_eq!(read_event("", None).unwrap(), Some(Read::default()));
+        let usage = r#"{"choices":[],"usage":{"completion_tokens":7,"prompt_tokens":-1}}"#;
+        assert_eq!(read_event(usage, None).unwrap().unwrap().usage, Some((Some(7), None)));
+        let e = read_event(r#"{"error":{"message":"boom sk-secret-key-1"}}"#, Some("sk-secret-key-1")).unwrap_err();
+        assert_eq!(e, CloudError::Stream("boom [redacted]".into()));
+        assert!(matches!(read_event("{nope", None), Err(CloudError::Malformed(_))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_event_data_is_read_or_refused_without_a_panic(data in "\\PC{0,200}") {
+            let _ = read_event(&data, Some("sk-abcdef123"));
+        }
+
+        #[test]
+        fn any_json_event_is_read_or_refused_without_a_panic(
+            content in proptest::option::of(".{0,20}"),
+            finish in proptest::option::of("[a-z_]{0,10}"),
+            tokens in proptest::option::of(proptest::num::i64::ANY),
+            n in 0usize..3,
+        ) {
+            let choice = serde_json::json!({"delta": {"content": content}, "finish_reason": finish});
+            let v = serde_json::json!({"choices": vec![choice; n], "usage": {"completion_tokens": tokens}});
+            let read = read_event(&v.to_string(), None).unwrap().unwrap();
+            proptest::prop_assert_eq!(read.texts.len(), if content.as_deref().is_some_and(|c| !c.is_empty()) { n } else { 0 });
+        }
+    }
 }

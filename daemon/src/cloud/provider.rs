@@ -177,4 +177,27 @@ mod tests {
         assert_eq!(error_text(&serde_json::json!({"message": null, "type": "server_error"})), "(no message) (server_error)");
         assert_eq!(error_text(&serde_json::json!("plain")), "plain");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn no_six_characters_of_any_key_survive_any_text(pre in "\\PC{0,400}", post in "\\PC{0,40}", key in "[a-zA-Z0-9_-]{6,40}", cut in proptest::bool::ANY) {
+            let text = format!("{pre}{key}{post}");
+            let shown = clean(&text, Some(&key), cut);
+            for n in MIN_KEY_PREFIX..=key.len() {
+                proptest::prop_assert!(!shown.contains(&key[..n]), "{:?} holds {:?}", shown, &key[..n]);
+            }
+            proptest::prop_assert!(shown.chars().count() <= MAX_TEXT_CHARS + 1);
+        }
+
+        #[test]
+        fn any_retry_hint_is_a_bounded_wait_or_none(value in "\\PC{0,30}") {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                for name in ["retry-after", "retry-after-ms"] {
+                    let mut h = HeaderMap::new();
+                    h.insert(name, v.clone());
+                    proptest::prop_assert!(retry_after(&h).is_none_or(|d| d <= MAX_HINT));
+                }
+            }
+        }
+    }
 }

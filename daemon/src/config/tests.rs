@@ -111,3 +111,22 @@ fn a_listener_beyond_loopback_is_warned_about() {
     assert_eq!(w[0].key, "grpc.listen");
     assert!(w[0].message.contains("127.0.0.1"));
 }
+
+proptest::proptest! {
+    #[test]
+    fn any_text_is_a_config_or_a_list_of_problems(text in "\\PC{0,300}") {
+        if let Err(problems) = parse(&text) {
+            proptest::prop_assert!(!problems.is_empty());
+        }
+    }
+
+    #[test]
+    fn any_value_for_any_key_is_taken_or_named(section in "(model|engine|opener|cloud|grpc|mqtt|metrics|log)", key in "[a-z_]{1,24}", value in "(\"[^\"\\\\\\p{Cc}]{0,12}\"|-?[0-9]{1,22}|true|false|\\[\\]|[0-9]\\.[0-9])") {
+        let text = format!("[{section}]\n{key} = {value}\n");
+        if let Err(problems) = parse(&text) {
+            // Either the value is not TOML at all, or the problem names its key.
+            let named = problems.iter().all(|p| p.key == "(file)" || p.key.starts_with(&section));
+            proptest::prop_assert!(named, "{text} gave {problems:?}");
+        }
+    }
+}

@@ -153,4 +153,11 @@ mod tests {
         req.metadata_mut().insert("grpc-timeout", "99999999H".parse().unwrap());
         let _ = deadline(&req);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_grpc_timeout_header_is_a_duration_or_none(v in "\\PC{0,24}") {
+            let _ = grpc_timeout(&v);
+        }
+    }
 }

@@ -127,6 +127,41 @@ pub fn reply(id: &str, node: &str, ev: &AnswerEvent, stream: bool, words: bool) 
     Some((body, matches!(ev, AnswerEvent::Done(_))))
 }
 
+/// `body` as JSON text of at most `limit` bytes. A reply that would be longer (only a final
+/// or a delta of a cloud at its caps, escaped to several times its size) loses first the
+/// copies a final repeats (`opener`, `continuation`: `text` holds both), then the end of its
+/// `text`, and says so with `"cut": true`.
+pub fn encode(mut body: Value, limit: usize) -> String {
+    let text = body.to_string();
+    if text.len() <= limit {
+        return text;
+    }
+    if let Some(map) = body.as_object_mut() {
+        map.remove("opener");
+        map.remove("continuation");
+        map.insert("cut".into(), true.into());
+    }
+    loop {
+        let text = body.to_string();
+        let over = text.len().saturating_sub(limit);
+        if over == 0 {
+            return text;
+        }
+        if !matches!(body.get("text"), Some(Value::String(t)) if !t.is_empty()) {
+            let message = "the reply does not fit mqtt.max_packet_bytes";
+            return json!({"type": "error", "code": "too_large", "message": message, "id": body.get("id"), "node": body.get("node")}).to_string();
+        }
+        if let Some(Value::String(t)) = body.get_mut("text") {
+            // Keep the share of the text that fits, as if it were escaped evenly, less 5%;
+            // at least one character goes each round.
+            let chars = t.chars().count();
+            let share = limit as f64 / text.len() as f64 * 0.95;
+            let keep = ((chars as f64 * share) as usize).min(chars - 1);
+            *t = t.chars().take(keep).collect();
+        }
+    }
+}
+
 /// An error reply: `code` is stable (`bad_request`, `busy`, `shutting_down`, ...).
 pub fn error_body(id: &str, node: &str, code: &str, message: &str) -> Value {
     json!({"type": "error", "id": id, "node": node, "code": code, "message": message})
@@ -160,6 +195,60 @@ mod tests {
         assert!(parse(&[b' '; 100], 10).unwrap_err().message.contains("mqtt.max_request_bytes"));
         let big = format!(r#"{{"id": "q9", "reply_to": "home/a", "query": "{}"}}"#, "x".repeat(100));
         let e = parse(big.as_bytes(), 50).unwrap_err();
+        assert!(e.message.contains("mqtt.max_request_bytes"));
         assert_eq!((e.id.as_deref(), e.reply_to.as_deref()), (Some("q9"), Some("home/a")), "an oversize request keeps its route");
+    }
+
+    #[test]
+    fn a_reply_never_passes_the_packet_limit() {
+        let small = json!({"type": "delta", "text": "hi", "id": "a", "node": "n"});
+        assert_eq!(encode(small.clone(), 1000), small.to_string());
+        let text = "\u{1}".repeat(10_000); // escaped to six bytes each
+        let fin = json!({"type": "final", "text": text, "opener": "o", "continuation": text, "id": "a", "node": "n"});
+        let out = encode(fin, 4096);
+        assert!(out.len() <= 4096, "{}", out.len());
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((v["type"].as_str(), v["cut"].as_bool()), (Some("final"), Some(true)));
+        assert!(v.get("opener").is_none() && v["text"].as_str().unwrap().len() > 100);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_payload_is_taken_or_refused_without_a_panic(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512), max in 1usize..600) {
+            if let Ok(r) = parse(&payload, max) {
+                proptest::prop_assert!(payload.len() <= max);
+                if let Some(id) = r.id {
+                    proptest::prop_assert!(id_of(&Value::String(id)).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn any_json_object_is_taken_or_refused_without_a_panic(
+            id in proptest::option::of(".{0,70}"),
+            query in ".{0,40}",
+            reply_to in proptest::option::of(".{0,20}"),
+            extra in proptest::option::of("[a-z_]{1,8}"),
+            max_words in proptest::option::of(proptest::num::i64::ANY),
+        ) {
+            let mut v = json!({"query": query});
+            if let Some(id) = &id { v["id"] = id.clone().into(); }
+            if let Some(r) = &reply_to { v["reply_to"] = r.clone().into(); }
+            if let Some(k) = &extra { v[k.as_str()] = 1.into(); }
+            if let Some(n) = max_words { v["options"] = json!({"max_words": n}); }
+            let text = v.to_string();
+            match parse(text.as_bytes(), 8192) {
+                Ok(r) => proptest::prop_assert_eq!(r.query, query),
+                Err(e) => proptest::prop_assert!(!e.message.is_empty()),
+            }
+        }
+
+        #[test]
+        fn an_encoded_reply_is_json_within_its_limit(text in ".{0,3000}", limit in 256usize..4096) {
+            let body = json!({"type": "final", "text": text, "opener": "o", "continuation": text, "id": "a", "node": "n"});
+            let out = encode(body, limit);
+            proptest::prop_assert!(out.len() <= limit, "{} > {}", out.len(), limit);
+            proptest::prop_assert!(serde_json::from_str::<Value>(&out).is_ok());
+        }
     }
 }

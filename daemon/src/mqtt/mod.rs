@@ -222,7 +222,7 @@ impl MqttFront {
                 tracing::warn!(topic = %topic, bytes = p.payload.len(), reply_sent = route.is_some(), error = %bad.message, "rejected an MQTT request");
                 if let Some(route) = route {
                     let body = message::error_body(bad.id.as_deref().unwrap_or(""), &me.topics.node, "bad_request", &bad.message);
-                    answers.spawn(async move { publish(&client, &route, body, true).await });
+                    answers.spawn(async move { publish(&client, &route, body, true, me.cfg.max_packet_bytes).await });
                 }
                 return;
             }
@@ -244,7 +244,7 @@ impl MqttFront {
                 tracing::warn!(topic = %topic, reply_sent = fallback.is_some(), error = %why, "rejected an MQTT request");
                 if let Some(route) = fallback {
                     let body = message::error_body(request.id.as_deref().unwrap_or(""), &me.topics.node, "bad_request", &why);
-                    answers.spawn(async move { publish(&client, &route, body, true).await });
+                    answers.spawn(async move { publish(&client, &route, body, true, me.cfg.max_packet_bytes).await });
                 }
             }
         }
@@ -266,14 +266,14 @@ impl MqttFront {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(id = %id, code = e.code(), error = %e, "refused an MQTT request");
-                return publish(client, &route, message::error_body(&id, node, e.code(), &e.to_string()), true).await;
+                return publish(client, &route, message::error_body(&id, node, e.code(), &e.to_string()), true, self.cfg.max_packet_bytes).await;
             }
         };
         let mut events = self.answerer.answer(request);
         while let Some(ev) = events.next().await {
             let done = matches!(ev, AnswerEvent::Done(_));
             if let Some((body, terminal)) = message::reply(&id, node, &ev, req.stream, self.cfg.stream_words) {
-                publish(client, &route, body, terminal).await;
+                publish(client, &route, body, terminal, self.cfg.max_packet_bytes).await;
             }
             if done {
                 self.publish_state(client).await;
@@ -282,8 +282,9 @@ impl MqttFront {
     }
 }
 
-/// Publishes one reply: QoS 1 for terminal replies, QoS 0 otherwise; never retained.
-async fn publish(client: &AsyncClient, route: &Route, body: Value, terminal: bool) {
+/// Publishes one reply: QoS 1 for terminal replies, QoS 0 otherwise; never retained; at most
+/// `max_packet` bytes in all (see `message::encode`).
+async fn publish(client: &AsyncClient, route: &Route, body: Value, terminal: bool, max_packet: u32) {
     let props = PublishProperties {
         payload_format_indicator: Some(1),
         content_type: Some("application/json".into()),
@@ -291,7 +292,9 @@ async fn publish(client: &AsyncClient, route: &Route, body: Value, terminal: boo
         ..Default::default()
     };
     let qos = if terminal { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-    if let Err(e) = client.publish_with_properties(route.topic.clone(), qos, false, body.to_string(), props).await {
+    // The packet's topic and properties take room beside the payload.
+    let limit = (max_packet as usize).saturating_sub(route.topic.len() + 512);
+    if let Err(e) = client.publish_with_properties(route.topic.clone(), qos, false, message::encode(body, limit), props).await {
         tracing::warn!(topic = %route.topic, error = %e, "MQTT reply could not be queued");
     }
 }

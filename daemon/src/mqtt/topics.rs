@@ -120,4 +120,17 @@ mod tests {
         let id = default_node_id();
         assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{id}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn an_accepted_reply_topic_is_plain_and_not_a_request_or_our_own(topic in "\\PC{0,40}") {
+            let c = MqttSection { share_group: "kitchen".into(), ..crate::config::Config::default().mqtt };
+            let t = Topics::new(&c, "pi5");
+            if check_reply_topic(&topic, &t).is_ok() {
+                proptest::prop_assert!(!topic.contains(['+', '#', '\0']) && !topic.starts_with('$'));
+                proptest::prop_assert!(!t.is_request(&topic) && !t.is_any_request(&topic));
+                proptest::prop_assert!(topic != t.status && topic != t.state && !topic.starts_with("homeassistant/"));
+            }
+        }
+    }
 }
