@@ -185,7 +185,7 @@ fn a_prompt_over_the_token_limit_is_refused_before_it_queues() {
 }
 
 #[test]
-fn a_full_queue_answers_busy_at_once_and_a_cancelled_request_frees_its_place() {
+fn with_a_request_running_a_full_queue_is_busy_and_a_cancelled_one_frees_its_place() {
     let Some(model) = common::load("smollm2") else { return };
     let engine = Engine::start(model, EngineConfig { workers: 1, queue_depth: 1, ..EngineConfig::default() }).unwrap();
     // The first request holds the only worker for 64 words; the second waits in the queue.

@@ -126,20 +126,20 @@ impl Model {
     }
 
     /// The prompt text for a single-turn question, as the model's chat template renders it.
-    pub fn render_prompt(&self, system: Option<&str>, query: &str) -> Result<String, String> {
+    pub fn render_prompt(&self, system: Option<&str>, query: &str) -> Result<String, RequestError> {
         let mut messages = Vec::with_capacity(2);
         if let Some(s) = system {
             messages.push(Message { role: "system", content: s });
         }
         messages.push(Message { role: "user", content: query });
-        self.template.render(&messages).map_err(|e| format!("chat template: {e}"))
+        self.template.render(&messages).map_err(|e| RequestError::Inference(format!("chat template: {e}")))
     }
 
     /// The prompt token ids for a single-turn question. Special-token text inside the query is
     /// matched like the template's own markers, as Hugging Face's tokenizer does.
-    pub fn prompt_ids(&self, system: Option<&str>, query: &str) -> Result<Vec<u32>, String> {
+    pub fn prompt_ids(&self, system: Option<&str>, query: &str) -> Result<Vec<u32>, RequestError> {
         let text = self.render_prompt(system, query)?;
-        let enc = self.tokenizer.encode(text, false).map_err(|e| format!("tokenizer: {e}"))?;
+        let enc = self.tokenizer.encode(text, false).map_err(|e| RequestError::Inference(format!("tokenizer: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(self.bos_id);
         ids.extend_from_slice(enc.get_ids());
@@ -152,19 +152,19 @@ impl Model {
         if prompt.query.trim().is_empty() {
             return Err(RequestError::EmptyQuery);
         }
-        let mut ids = self.prompt_ids(prompt.system.as_deref(), &prompt.query).map_err(RequestError::Inference)?;
+        let mut ids = self.prompt_ids(prompt.system.as_deref(), &prompt.query)?;
         if let Some(shown) = &prompt.continue_from {
             if shown.trim().is_empty() || ends_sentence(shown) {
                 return Ok(Vec::new());
             }
-            ids.extend(self.encode_text(shown).map_err(RequestError::Inference)?);
+            ids.extend(self.encode_text(shown)?);
         }
         Ok(ids)
     }
 
     /// Token ids of plain text (no template, special-token text matched as such).
-    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec())
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RequestError> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| RequestError::Inference(format!("tokenizer: {e}")))?.get_ids().to_vec())
     }
 
     pub fn context_length(&self) -> usize {

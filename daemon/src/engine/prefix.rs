@@ -49,7 +49,7 @@ impl Prefix {
 /// starts with: the common prefix of two renderings whose questions differ from their first
 /// character. Tokens where the template's last marker could merge with the question are thus
 /// left out.
-pub(crate) fn head_ids(prompt_ids: impl Fn(&str) -> Result<Vec<u32>, String>) -> Result<Vec<u32>, String> {
+pub(crate) fn head_ids<E>(prompt_ids: impl Fn(&str) -> Result<Vec<u32>, E>) -> Result<Vec<u32>, E> {
     let a = prompt_ids("What is the time?")?;
     let b = prompt_ids("7 times 8")?;
     let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn the_head_stops_where_the_questions_begin() {
         // A fake tokenizer: one id per character of "<head>" + question.
-        let ids = |q: &str| Ok(format!("<s>user:{q}").chars().map(|c| c as u32).collect());
+        let ids = |q: &str| Ok::<_, ()>(format!("<s>user:{q}").chars().map(|c| c as u32).collect());
         assert_eq!(head_ids(ids).unwrap().len(), "<s>user:".len());
     }
 }

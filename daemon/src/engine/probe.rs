@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::error::RequestError;
 use super::model::Model;
 use super::profile::OpProfile;
 use super::sampling::argmax;
@@ -49,15 +50,15 @@ pub struct ProbeOptions {
 }
 
 /// Renders `query` with the chat template, then decodes `opts.tokens` tokens greedily.
-pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, opts: ProbeOptions) -> Result<ProbeRun, String> {
+pub fn probe(model: &Arc<Model>, session: &mut Session, query: &str, opts: ProbeOptions) -> Result<ProbeRun, RequestError> {
     let ProbeOptions { tokens: n, reuse_head, profile } = opts;
-    let err = |e: tract_onnx::prelude::TractError| format!("{e:#}");
+    let err = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
     let start = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let prompt = model.prompt_ids(None, query)?;
     let tokenize_ms = ms(start);
     if prompt.len() + n >= model.context_length() {
-        return Err(format!("{} prompt + {n} generated tokens exceed the context", prompt.len()));
+        return Err(RequestError::PromptTooLong { tokens: prompt.len() + n, limit: model.context_length(), setting: "the model's context (prompt and --tokens)" });
     }
     session.profile = profile.then(OpProfile::default);
     let t = Instant::now();

@@ -112,3 +112,65 @@ impl JobQueue {
         self.ready.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(cancel: &CancellationToken) -> (Job, mpsc::UnboundedReceiver<OpenerEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            ids: vec![1, 2, 3],
+            finish: false,
+            options: OpenerOptions::default(),
+            arrived: Instant::now(),
+            tokenize: Duration::ZERO,
+            cancel: cancel.clone(),
+            tx,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_a_cancelled_job_gives_its_place_back() {
+        let q = JobQueue::new(1);
+        let first = CancellationToken::new();
+        let (a, mut a_events) = job(&first);
+        assert!(q.push(a).is_ok());
+        let (b, _) = job(&CancellationToken::new());
+        let (e, _) = q.push(b).err().unwrap();
+        assert_eq!(e, RequestError::Busy { capacity: 1 });
+        assert_eq!(q.depth(), 1);
+        // The waiting job's client goes away: it no longer counts, and the next push takes
+        // its place and ends it with its one terminal event.
+        first.cancel();
+        assert_eq!(q.depth(), 0);
+        let (c, _) = job(&CancellationToken::new());
+        assert!(q.push(c).is_ok());
+        assert_eq!(a_events.try_recv().unwrap(), OpenerEvent::Error(RequestError::Cancelled));
+        assert!(a_events.try_recv().is_err(), "exactly one event");
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[test]
+    fn closing_ends_the_waiting_jobs_and_refuses_new_ones() {
+        let q = JobQueue::new(4);
+        let (a, mut a_events) = job(&CancellationToken::new());
+        q.push(a).ok().unwrap();
+        q.close();
+        assert_eq!(a_events.try_recv().unwrap(), OpenerEvent::Error(RequestError::ShuttingDown));
+        assert!(q.pop().is_none() && q.is_closed());
+        let (b, _) = job(&CancellationToken::new());
+        assert_eq!(q.push(b).err().unwrap().0, RequestError::ShuttingDown);
+    }
+
+    #[test]
+    fn pop_waits_for_a_job() {
+        let q = std::sync::Arc::new(JobQueue::new(2));
+        let q2 = q.clone();
+        let worker = std::thread::spawn(move || q2.pop().map(|j| j.ids));
+        let (a, _) = job(&CancellationToken::new());
+        q.push(a).ok().unwrap();
+        assert_eq!(worker.join().unwrap(), Some(vec![1, 2, 3]));
+    }
+}

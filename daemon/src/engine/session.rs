@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use super::error::RequestError;
 use super::forward::{empty_cache, feed, logits};
 use super::model::Model;
 use super::profile::OpProfile;
@@ -45,17 +46,17 @@ impl Session {
 
     /// Feeds `ids` and returns a copy of the last position's logits (for tests and tools;
     /// the decode loop reads them in place through `step`).
-    pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, String> {
-        let out = self.step(ids).map_err(|e| format!("{e:#}"))?;
-        logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
+    pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, RequestError> {
+        let out = self.step(ids).map_err(inference)?;
+        logits(&out).map(|l| l.to_vec()).map_err(inference)
     }
 
     /// Starts over with `prompt` as the daemon does (reusing the prefilled template head,
     /// see [`Session::prefill`]) and returns a copy of the last position's logits.
-    pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, String> {
-        let fed = self.prefill(prompt, usize::MAX, &mut || true).map_err(|e| format!("{e:#}"))?;
-        let (out, _) = fed.ok_or("the prompt is empty")?;
-        logits(&out).map(|l| l.to_vec()).map_err(|e| format!("{e:#}"))
+    pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, RequestError> {
+        let fed = self.prefill(prompt, usize::MAX, &mut || true).map_err(inference)?;
+        let (out, _) = fed.ok_or(RequestError::EmptyQuery)?;
+        logits(&out).map(|l| l.to_vec()).map_err(inference)
     }
 
     /// Feeds `ids` after everything fed so far; returns the logits for the last of them
@@ -96,7 +97,12 @@ impl Session {
 
 impl Model {
     /// A fresh session (empty KV cache) over this model.
-    pub fn session(self: &Arc<Self>) -> Result<Session, String> {
-        Session::new(self.clone()).map_err(|e| format!("{e:#}"))
+    pub fn session(self: &Arc<Self>) -> Result<Session, RequestError> {
+        Session::new(self.clone()).map_err(inference)
     }
+}
+
+/// A runtime error as a request's error.
+fn inference(e: TractError) -> RequestError {
+    RequestError::Inference(format!("{e:#}"))
 }

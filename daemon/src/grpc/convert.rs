@@ -5,10 +5,14 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::pb;
-use super::service::saturate;
 use crate::answer::{Answer, AnswerEvent, RequestOptions, Source};
 use crate::config::RecoveryMode;
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
+
+/// A count as the wire's u32 (counts here are far below, but never wrap).
+pub fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

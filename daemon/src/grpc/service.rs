@@ -126,15 +126,10 @@ impl pb::answerer_server::Answerer for AnswerService {
             words: o.words.iter().map(convert::word).collect(),
             stop_reason: convert::stop_reason(o.stop),
             timings: Some(convert::opener_timings(&o.timings)),
-            prompt_tokens: saturate(o.prompt_tokens),
-            generated_tokens: saturate(o.generated_tokens),
+            prompt_tokens: convert::saturate(o.prompt_tokens),
+            generated_tokens: convert::saturate(o.generated_tokens),
         }))
     }
-}
-
-/// A count as the wire's u32 (counts here are far below, but never wrap).
-pub(super) fn saturate(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -27,12 +27,16 @@ pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
 /// 16 code bytes to the block's 32 weights (code − 8), inputs 0..16 then 16..32.
 #[inline(always)]
 unsafe fn signed_weights(codes: *const u8) -> [int8x16_t; 2] {
-    let packed = vld1q_u8(codes);
-    let eight = vdupq_n_s8(8);
-    [
-        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f))), eight),
-        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)), eight),
-    ]
+    // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+    // enables, and every pointer it reads or writes stays inside the slice it comes from.
+    unsafe {
+        let packed = vld1q_u8(codes);
+        let eight = vdupq_n_s8(8);
+        [
+            vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f))), eight),
+            vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)), eight),
+        ]
+    }
 }
 
 /// A row-by-row kernel for one way of computing a block's integer dot: `$dot(weight,
@@ -42,32 +46,40 @@ macro_rules! row_kernel {
         /// # Safety
         /// The core must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-            row_tiles!(tile).run(w, a, &out)
+            // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+            // enables, and every pointer it reads or writes stays inside the slice it comes from.
+            unsafe {
+                row_tiles!(tile).run(w, a, &out)
+            }
         }
 
         #[target_feature(enable = $features)]
         unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
-            let (codes, w_scales) = w.tile_rows::<R>(j0);
-            let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
-            let mut acc = [[vdupq_n_f32(0.0); T]; R];
-            for b in 0..w.k / BLOCK {
-                let mut x = [[vdupq_n_s8(0); 2]; T];
-                for t in 0..T {
-                    let p = x_values[t].add(b * BLOCK);
-                    x[t] = [vld1q_s8(p), vld1q_s8(p.add(BLOCK / 2))];
-                }
-                for i in 0..R {
-                    let weight = signed_weights(codes[i].add(b * BLOCK / 2));
-                    let ws = *w_scales[i].add(b);
+            // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+            // enables, and every pointer it reads or writes stays inside the slice it comes from.
+            unsafe {
+                let (codes, w_scales) = w.tile_rows::<R>(j0);
+                let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
+                let mut acc = [[vdupq_n_f32(0.0); T]; R];
+                for b in 0..w.k / BLOCK {
+                    let mut x = [[vdupq_n_s8(0); 2]; T];
                     for t in 0..T {
-                        let dot = vcvtq_f32_s32($dot(weight, x[t]));
-                        acc[i][t] = vfmaq_n_f32(acc[i][t], dot, ws * *x_scales[t].add(b));
+                        let p = x_values[t].add(b * BLOCK);
+                        x[t] = [vld1q_s8(p), vld1q_s8(p.add(BLOCK / 2))];
+                    }
+                    for i in 0..R {
+                        let weight = signed_weights(codes[i].add(b * BLOCK / 2));
+                        let ws = *w_scales[i].add(b);
+                        for t in 0..T {
+                            let dot = vcvtq_f32_s32($dot(weight, x[t]));
+                            acc[i][t] = vfmaq_n_f32(acc[i][t], dot, ws * *x_scales[t].add(b));
+                        }
                     }
                 }
-            }
-            for i in 0..R {
-                for t in 0..T {
-                    out.set(r0 + t, j0 + i, vaddvq_f32(acc[i][t]));
+                for i in 0..R {
+                    for t in 0..T {
+                        out.set(r0 + t, j0 + i, vaddvq_f32(acc[i][t]));
+                    }
                 }
             }
         }
@@ -81,9 +93,13 @@ pub(super) mod neon {
 
     #[inline(always)]
     unsafe fn dot(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
-        let lo = vmlal_high_s8(vmull_s8(vget_low_s8(w[0]), vget_low_s8(x[0])), w[0], x[0]);
-        let hi = vmlal_high_s8(vmull_s8(vget_low_s8(w[1]), vget_low_s8(x[1])), w[1], x[1]);
-        vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let lo = vmlal_high_s8(vmull_s8(vget_low_s8(w[0]), vget_low_s8(x[0])), w[0], x[0]);
+            let hi = vmlal_high_s8(vmull_s8(vget_low_s8(w[1]), vget_low_s8(x[1])), w[1], x[1]);
+            vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
+        }
     }
 
     row_kernel!("neon", dot);
@@ -96,15 +112,19 @@ pub(super) mod dotprod {
 
     #[inline(always)]
     unsafe fn dot(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
-        let mut acc = vdupq_n_s32(0);
-        asm!(
-            "sdot {acc:v}.4s, {w0:v}.16b, {x0:v}.16b",
-            "sdot {acc:v}.4s, {w1:v}.16b, {x1:v}.16b",
-            acc = inout(vreg) acc,
-            w0 = in(vreg) w[0], x0 = in(vreg) x[0], w1 = in(vreg) w[1], x1 = in(vreg) x[1],
-            options(pure, nomem, nostack, preserves_flags),
-        );
-        acc
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let mut acc = vdupq_n_s32(0);
+            asm!(
+                "sdot {acc:v}.4s, {w0:v}.16b, {x0:v}.16b",
+                "sdot {acc:v}.4s, {w1:v}.16b, {x1:v}.16b",
+                acc = inout(vreg) acc,
+                w0 = in(vreg) w[0], x0 = in(vreg) x[0], w1 = in(vreg) w[1], x1 = in(vreg) x[1],
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            acc
+        }
     }
 
     row_kernel!("neon,dotprod", dot);
@@ -125,59 +145,71 @@ pub(super) mod rows4 {
     /// # Safety
     /// The core must have the dot-product extension; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        run_group_tiles(w, a, &out, 4, groups::<4>, groups::<1>)
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            run_group_tiles(w, a, &out, 4, groups::<4>, groups::<1>)
+        }
     }
 
     /// Σ over one block of 4 rows' codes (4 registers of low nibbles, 4 of high) times the
     /// block's activation (`x[0]` inputs 0..16, `x[1]` 16..32), added to `acc`.
     #[inline(always)]
     unsafe fn block_dot(mut acc: int32x4_t, low: &[int8x16_t; 4], high: &[int8x16_t; 4], x: [int8x16_t; 2]) -> int32x4_t {
-        asm!(
-            "sdot {acc:v}.4s, {l0:v}.16b, {xa:v}.4b[0]",
-            "sdot {acc:v}.4s, {l1:v}.16b, {xa:v}.4b[1]",
-            "sdot {acc:v}.4s, {l2:v}.16b, {xa:v}.4b[2]",
-            "sdot {acc:v}.4s, {l3:v}.16b, {xa:v}.4b[3]",
-            "sdot {acc:v}.4s, {h0:v}.16b, {xb:v}.4b[0]",
-            "sdot {acc:v}.4s, {h1:v}.16b, {xb:v}.4b[1]",
-            "sdot {acc:v}.4s, {h2:v}.16b, {xb:v}.4b[2]",
-            "sdot {acc:v}.4s, {h3:v}.16b, {xb:v}.4b[3]",
-            acc = inout(vreg) acc,
-            l0 = in(vreg) low[0], l1 = in(vreg) low[1], l2 = in(vreg) low[2], l3 = in(vreg) low[3],
-            h0 = in(vreg) high[0], h1 = in(vreg) high[1], h2 = in(vreg) high[2], h3 = in(vreg) high[3],
-            xa = in(vreg) x[0], xb = in(vreg) x[1],
-            options(pure, nomem, nostack, preserves_flags),
-        );
-        acc
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {l0:v}.16b, {xa:v}.4b[0]",
+                "sdot {acc:v}.4s, {l1:v}.16b, {xa:v}.4b[1]",
+                "sdot {acc:v}.4s, {l2:v}.16b, {xa:v}.4b[2]",
+                "sdot {acc:v}.4s, {l3:v}.16b, {xa:v}.4b[3]",
+                "sdot {acc:v}.4s, {h0:v}.16b, {xb:v}.4b[0]",
+                "sdot {acc:v}.4s, {h1:v}.16b, {xb:v}.4b[1]",
+                "sdot {acc:v}.4s, {h2:v}.16b, {xb:v}.4b[2]",
+                "sdot {acc:v}.4s, {h3:v}.16b, {xb:v}.4b[3]",
+                acc = inout(vreg) acc,
+                l0 = in(vreg) low[0], l1 = in(vreg) low[1], l2 = in(vreg) low[2], l3 = in(vreg) low[3],
+                h0 = in(vreg) high[0], h1 = in(vreg) high[1], h2 = in(vreg) high[2], h3 = in(vreg) high[3],
+                xa = in(vreg) x[0], xb = in(vreg) x[1],
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            acc
+        }
     }
 
     /// Every group of 4 weight rows against activation rows `r0..r0 + T`.
     #[target_feature(enable = "neon,dotprod")]
     unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-        const CHUNKS: usize = BLOCK / 2 / 4;
-        let blocks = w.k / BLOCK;
-        let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
-        for g in out.cols().start / GROUP..out.cols().end / GROUP {
-            let (codes, scales) = w.group(g);
-            let mut acc = [vdupq_n_f32(0.0); T];
-            for b in 0..blocks {
-                let block = codes.add(b * GROUP * BLOCK / 2);
-                let mut low = [vdupq_n_s8(0); CHUNKS];
-                let mut high = [vdupq_n_s8(0); CHUNKS];
-                for c in 0..CHUNKS {
-                    let bytes = vld1q_u8(block.add(c * 16));
-                    low[c] = vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f)));
-                    high[c] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            const CHUNKS: usize = BLOCK / 2 / 4;
+            let blocks = w.k / BLOCK;
+            let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
+            for g in out.cols().start / GROUP..out.cols().end / GROUP {
+                let (codes, scales) = w.group(g);
+                let mut acc = [vdupq_n_f32(0.0); T];
+                for b in 0..blocks {
+                    let block = codes.add(b * GROUP * BLOCK / 2);
+                    let mut low = [vdupq_n_s8(0); CHUNKS];
+                    let mut high = [vdupq_n_s8(0); CHUNKS];
+                    for c in 0..CHUNKS {
+                        let bytes = vld1q_u8(block.add(c * 16));
+                        low[c] = vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f)));
+                        high[c] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+                    }
+                    let w_scales = vld1q_f32(scales.add(b * GROUP));
+                    for t in 0..T {
+                        let x = x_values[t].add(b * BLOCK);
+                        let start = vdupq_n_s32(-8 * *x_sums[t].add(b));
+                        let dot = block_dot(start, &low, &high, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
+                        acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(dot), vmulq_n_f32(w_scales, *x_scales[t].add(b)));
+                    }
                 }
-                let w_scales = vld1q_f32(scales.add(b * GROUP));
                 for t in 0..T {
-                    let x = x_values[t].add(b * BLOCK);
-                    let start = vdupq_n_s32(-8 * *x_sums[t].add(b));
-                    let dot = block_dot(start, &low, &high, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
-                    acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(dot), vmulq_n_f32(w_scales, *x_scales[t].add(b)));
+                    vst1q_f32(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
                 }
-            }
-            for t in 0..T {
-                vst1q_f32(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
             }
         }
     }

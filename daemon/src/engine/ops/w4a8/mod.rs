@@ -320,24 +320,28 @@ impl RowTiles {
     /// # Safety
     /// The CPU must have the tiles' instruction-set extensions.
     unsafe fn run(&self, w: &Weights, a: &QuantizedRows, out: &OutputShare) {
-        let cols = out.cols();
-        let mut r = 0;
-        while r < a.m {
-            let ((weight_rows, act_rows), full, single) = if a.m - r >= Self::WIDE.1 {
-                (Self::WIDE, self.wide, self.wide_single)
-            } else {
-                (Self::NARROW, self.narrow, self.narrow_single)
-            };
-            let mut j = cols.start;
-            while cols.end - j >= weight_rows {
-                full(w, a, j, r, out);
-                j += weight_rows;
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let cols = out.cols();
+            let mut r = 0;
+            while r < a.m {
+                let ((weight_rows, act_rows), full, single) = if a.m - r >= Self::WIDE.1 {
+                    (Self::WIDE, self.wide, self.wide_single)
+                } else {
+                    (Self::NARROW, self.narrow, self.narrow_single)
+                };
+                let mut j = cols.start;
+                while cols.end - j >= weight_rows {
+                    full(w, a, j, r, out);
+                    j += weight_rows;
+                }
+                while j < cols.end {
+                    single(w, a, j, r, out);
+                    j += 1;
+                }
+                r += act_rows;
             }
-            while j < cols.end {
-                single(w, a, j, r, out);
-                j += 1;
-            }
-            r += act_rows;
         }
     }
 }
@@ -351,14 +355,18 @@ type GroupTile = unsafe fn(&Weights, &QuantizedRows, usize, &OutputShare);
 /// # Safety
 /// The CPU must have the tiles' instruction-set extensions.
 unsafe fn run_group_tiles(w: &Weights, a: &QuantizedRows, out: &OutputShare, wide_rows: usize, wide: GroupTile, one: GroupTile) {
-    let mut r = 0;
-    while a.m - r >= wide_rows {
-        wide(w, a, r, out);
-        r += wide_rows;
-    }
-    while r < a.m {
-        one(w, a, r, out);
-        r += 1;
+    // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+    // enables, and every pointer it reads or writes stays inside the slice it comes from.
+    unsafe {
+        let mut r = 0;
+        while a.m - r >= wide_rows {
+            wide(w, a, r, out);
+            r += wide_rows;
+        }
+        while r < a.m {
+            one(w, a, r, out);
+            r += 1;
+        }
     }
 }
 

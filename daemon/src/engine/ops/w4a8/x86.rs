@@ -23,24 +23,28 @@ pub fn has_vnni() -> bool {
 /// The CPU must have AVX2 and FMA ([`available`]).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    for ((block, q), scale) in a.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).zip(scales) {
-        let p = block.as_ptr();
-        let x = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
-        let m = _mm256_max_ps(
-            _mm256_max_ps(_mm256_and_ps(x[0], abs_mask), _mm256_and_ps(x[1], abs_mask)),
-            _mm256_max_ps(_mm256_and_ps(x[2], abs_mask), _mm256_and_ps(x[3], abs_mask)),
-        );
-        let amax = horizontal_max(m);
-        *scale = amax / 127.0;
-        let inverse = _mm256_set1_ps(if *scale != 0.0 { 1.0 / *scale } else { 0.0 });
-        // cvtps rounds half to even under the default MXCSR, as onnxruntime's kernel does.
-        let i = x.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse)));
-        // Packing interleaves 128-bit lanes; the permute puts the 32 bytes back in order.
-        let words = [_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3])];
-        let bytes = _mm256_packs_epi16(words[0], words[1]);
-        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+    // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+    // enables, and every pointer it reads or writes stays inside the slice it comes from.
+    unsafe {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for ((block, q), scale) in a.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).zip(scales) {
+            let p = block.as_ptr();
+            let x = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(x[0], abs_mask), _mm256_and_ps(x[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(x[2], abs_mask), _mm256_and_ps(x[3], abs_mask)),
+            );
+            let amax = horizontal_max(m);
+            *scale = amax / 127.0;
+            let inverse = _mm256_set1_ps(if *scale != 0.0 { 1.0 / *scale } else { 0.0 });
+            // cvtps rounds half to even under the default MXCSR, as onnxruntime's kernel does.
+            let i = x.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse)));
+            // Packing interleaves 128-bit lanes; the permute puts the 32 bytes back in order.
+            let words = [_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3])];
+            let bytes = _mm256_packs_epi16(words[0], words[1]);
+            let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+        }
     }
 }
 
@@ -49,10 +53,14 @@ pub unsafe fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
 /// # Safety
 /// The CPU must have AVX2 and FMA ([`available`]); `a.k == w.k`, `out.len() == a.m · w.n`.
 pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-    if has_vnni() {
-        vnni::matmul(w, a, out)
-    } else {
-        avx2::matmul(w, a, out)
+    // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+    // enables, and every pointer it reads or writes stays inside the slice it comes from.
+    unsafe {
+        if has_vnni() {
+            vnni::matmul(w, a, out)
+        } else {
+            avx2::matmul(w, a, out)
+        }
     }
 }
 
@@ -64,31 +72,39 @@ macro_rules! row_kernel {
         /// # Safety
         /// The CPU must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-            row_tiles!(tile).run(w, a, &out)
+            // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+            // enables, and every pointer it reads or writes stays inside the slice it comes from.
+            unsafe {
+                row_tiles!(tile).run(w, a, &out)
+            }
         }
 
         #[target_feature(enable = $features)]
         unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
-            let (codes, w_scales) = w.tile_rows::<R>(j0);
-            let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
-            let mut acc = [[_mm256_setzero_ps(); T]; R];
-            for b in 0..w.k / BLOCK {
-                let mut x = [_mm256_setzero_si256(); T];
-                for t in 0..T {
-                    x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
-                }
-                for i in 0..R {
-                    let weight = $unpack(_mm_loadu_si128(codes[i].add(b * BLOCK / 2) as *const __m128i));
-                    let ws = *w_scales[i].add(b);
+            // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+            // enables, and every pointer it reads or writes stays inside the slice it comes from.
+            unsafe {
+                let (codes, w_scales) = w.tile_rows::<R>(j0);
+                let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                for b in 0..w.k / BLOCK {
+                    let mut x = [_mm256_setzero_si256(); T];
                     for t in 0..T {
-                        let dot = _mm256_cvtepi32_ps($dot(weight, x[t]));
-                        acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * *x_scales[t].add(b)), acc[i][t]);
+                        x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
+                    }
+                    for i in 0..R {
+                        let weight = $unpack(_mm_loadu_si128(codes[i].add(b * BLOCK / 2) as *const __m128i));
+                        let ws = *w_scales[i].add(b);
+                        for t in 0..T {
+                            let dot = _mm256_cvtepi32_ps($dot(weight, x[t]));
+                            acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * *x_scales[t].add(b)), acc[i][t]);
+                        }
                     }
                 }
-            }
-            for i in 0..R {
-                for t in 0..T {
-                    out.set(r0 + t, j0 + i, super::horizontal_sum(acc[i][t]));
+                for i in 0..R {
+                    for t in 0..T {
+                        out.set(r0 + t, j0 + i, super::horizontal_sum(acc[i][t]));
+                    }
                 }
             }
         }
@@ -99,7 +115,11 @@ macro_rules! row_kernel {
 /// codes in order.
 #[inline(always)]
 unsafe fn codes_in_order(packed: __m128i) -> __m256i {
-    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), _mm256_set1_epi8(0x0f))
+    // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+    // enables, and every pointer it reads or writes stays inside the slice it comes from.
+    unsafe {
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), _mm256_set1_epi8(0x0f))
+    }
 }
 
 /// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, so the weight (code − 8) goes in as
@@ -110,13 +130,21 @@ pub(super) mod avx2 {
 
     #[inline(always)]
     unsafe fn signed_weight(packed: __m128i) -> __m256i {
-        _mm256_sub_epi8(codes_in_order(packed), _mm256_set1_epi8(8))
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            _mm256_sub_epi8(codes_in_order(packed), _mm256_set1_epi8(8))
+        }
     }
 
     #[inline(always)]
     unsafe fn dot(weight: __m256i, x: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(weight, weight), _mm256_sign_epi8(x, weight));
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(weight, weight), _mm256_sign_epi8(x, weight));
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
     }
 
     row_kernel!("avx2,fma", signed_weight, dot);
@@ -130,8 +158,12 @@ pub(super) mod vnni {
 
     #[inline(always)]
     unsafe fn dot(codes: __m256i, x: __m256i) -> __m256i {
-        let zero = _mm256_setzero_si256();
-        _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, _mm256_set1_epi8(8), x))
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let zero = _mm256_setzero_si256();
+            _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, _mm256_set1_epi8(8), x))
+        }
     }
 
     row_kernel!("avx2,fma,avxvnni", codes_in_order, dot);
@@ -139,6 +171,7 @@ pub(super) mod vnni {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn horizontal_sum(v: __m256) -> f32 {
+    // Register-only intrinsics: safe inside a function with their features.
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -146,6 +179,7 @@ unsafe fn horizontal_sum(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn horizontal_max(v: __m256) -> f32 {
+    // Register-only intrinsics: safe inside a function with their features.
     let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -168,10 +202,14 @@ pub(super) mod rows8 {
     /// # Safety
     /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        if has_avx512_vnni() {
-            avx512::matmul(w, a, out)
-        } else {
-            avx_vnni::matmul(w, a, out)
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            if has_avx512_vnni() {
+                avx512::matmul(w, a, out)
+            } else {
+                avx_vnni::matmul(w, a, out)
+            }
         }
     }
 
@@ -185,46 +223,54 @@ pub(super) mod rows8 {
             /// # Safety
             /// The CPU must have this module's extensions; `a.k == w.k`.
             pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-                debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows8);
-                run_group_tiles(w, a, &out, $wide, groups::<$wide>, groups::<1>)
+                // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+                // enables, and every pointer it reads or writes stays inside the slice it comes from.
+                unsafe {
+                    debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows8);
+                    run_group_tiles(w, a, &out, $wide, groups::<$wide>, groups::<1>)
+                }
             }
 
             /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
             #[target_feature(enable = $features)]
             unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-                const CHUNKS: usize = BLOCK / 2 / 4;
-                let blocks = w.k / BLOCK;
-                let low_nibbles = _mm256_set1_epi8(0x0f);
-                let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
-                for g in out.cols().start / GROUP..out.cols().end / GROUP {
-                    let (codes, scales) = w.group(g);
-                    let mut acc = [_mm256_setzero_ps(); T];
-                    for b in 0..blocks {
-                        let block = codes.add(b * GROUP * BLOCK / 2);
-                        let mut low = [_mm256_setzero_si256(); CHUNKS];
-                        let mut high = [_mm256_setzero_si256(); CHUNKS];
-                        for c in 0..CHUNKS {
-                            let bytes = _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
-                            low[c] = _mm256_and_si256(bytes, low_nibbles);
-                            high[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles);
-                        }
-                        let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
-                        for t in 0..T {
-                            let x = x_values[t].add(b * BLOCK) as *const i32;
-                            // Start from −8 · Σq: the offset of every row's codes, at once.
-                            let mut dot = _mm256_set1_epi32(-8 * *x_sums[t].add(b));
+                // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+                // enables, and every pointer it reads or writes stays inside the slice it comes from.
+                unsafe {
+                    const CHUNKS: usize = BLOCK / 2 / 4;
+                    let blocks = w.k / BLOCK;
+                    let low_nibbles = _mm256_set1_epi8(0x0f);
+                    let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
+                    for g in out.cols().start / GROUP..out.cols().end / GROUP {
+                        let (codes, scales) = w.group(g);
+                        let mut acc = [_mm256_setzero_ps(); T];
+                        for b in 0..blocks {
+                            let block = codes.add(b * GROUP * BLOCK / 2);
+                            let mut low = [_mm256_setzero_si256(); CHUNKS];
+                            let mut high = [_mm256_setzero_si256(); CHUNKS];
                             for c in 0..CHUNKS {
-                                // Codes 4c..4c+4 (low nibbles) meet inputs 4c..4c+4, codes
-                                // 16+4c.. (high nibbles) inputs 16+4c..
-                                dot = $dpbusd(dot, low[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
-                                dot = $dpbusd(dot, high[c], _mm256_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                                let bytes = _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
+                                low[c] = _mm256_and_si256(bytes, low_nibbles);
+                                high[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles);
                             }
-                            let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+                            let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
+                            for t in 0..T {
+                                let x = x_values[t].add(b * BLOCK) as *const i32;
+                                // Start from −8 · Σq: the offset of every row's codes, at once.
+                                let mut dot = _mm256_set1_epi32(-8 * *x_sums[t].add(b));
+                                for c in 0..CHUNKS {
+                                    // Codes 4c..4c+4 (low nibbles) meet inputs 4c..4c+4, codes
+                                    // 16+4c.. (high nibbles) inputs 16+4c..
+                                    dot = $dpbusd(dot, low[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
+                                    dot = $dpbusd(dot, high[c], _mm256_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                                }
+                                let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
+                                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+                            }
                         }
-                    }
-                    for t in 0..T {
-                        _mm256_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+                        for t in 0..T {
+                            _mm256_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+                        }
                     }
                 }
             }
@@ -264,7 +310,11 @@ pub(super) mod rows16 {
 
     #[inline(always)]
     unsafe fn sum_chains(d: [__m512i; CHAINS]) -> __m512i {
-        _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]))
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]))
+        }
     }
 
     /// Whether this CPU has the extensions of [`matmul`].
@@ -277,56 +327,64 @@ pub(super) mod rows16 {
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VNNI ([`available`]); `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
-        debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows16);
-        run_group_tiles(w, a, &out, 8, groups::<8>, groups::<1>)
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows16);
+            run_group_tiles(w, a, &out, 8, groups::<8>, groups::<1>)
+        }
     }
 
     /// Every group of 16 weight rows against activation rows `r0..r0 + T`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
-        const CHUNKS: usize = BLOCK / 2 / 4;
-        let blocks = w.k / BLOCK;
-        let low_nibbles = _mm512_set1_epi8(0x0f);
-        let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
-        for g in out.cols().start / GROUP..out.cols().end / GROUP {
-            let (codes, scales) = w.group(g);
-            let mut acc = [_mm512_setzero_ps(); T];
-            for b in 0..blocks {
-                let block = codes.add(b * GROUP * BLOCK / 2);
-                if T == 1 {
-                    for line in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line * 64) as *const i8);
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            const CHUNKS: usize = BLOCK / 2 / 4;
+            let blocks = w.k / BLOCK;
+            let low_nibbles = _mm512_set1_epi8(0x0f);
+            let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
+            for g in out.cols().start / GROUP..out.cols().end / GROUP {
+                let (codes, scales) = w.group(g);
+                let mut acc = [_mm512_setzero_ps(); T];
+                for b in 0..blocks {
+                    let block = codes.add(b * GROUP * BLOCK / 2);
+                    if T == 1 {
+                        for line in 0..4 {
+                            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line * 64) as *const i8);
+                        }
+                        _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(b * GROUP + PREFETCH / 4) as *const i8);
                     }
-                    _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(b * GROUP + PREFETCH / 4) as *const i8);
-                }
-                let mut low = [_mm512_setzero_si512(); CHUNKS];
-                let mut high = [_mm512_setzero_si512(); CHUNKS];
-                for c in 0..CHUNKS {
-                    let bytes = _mm512_loadu_si512(block.add(c * 64) as *const _);
-                    low[c] = _mm512_and_si512(bytes, low_nibbles);
-                    high[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low_nibbles);
-                }
-                let w_scales = _mm512_loadu_ps(scales.add(b * GROUP));
-                for t in 0..T {
-                    let x = x_values[t].add(b * BLOCK) as *const i32;
-                    // Start from −8 · Σq: the offset of every row's codes, at once. Decode sums
-                    // into CHAINS registers: in one chain, a block's 8 dependent `vpdpbusd`
-                    // waited on each other's latency.
-                    let mut dots = [_mm512_setzero_si512(); CHAINS];
-                    dots[0] = _mm512_set1_epi32(-8 * *x_sums[t].add(b));
-                    let chains = if T == 1 { CHAINS } else { 1 };
+                    let mut low = [_mm512_setzero_si512(); CHUNKS];
+                    let mut high = [_mm512_setzero_si512(); CHUNKS];
                     for c in 0..CHUNKS {
-                        let d = &mut dots[c % chains];
-                        *d = _mm512_dpbusd_epi32(*d, low[c], _mm512_set1_epi32(x.add(c).read_unaligned()));
-                        *d = _mm512_dpbusd_epi32(*d, high[c], _mm512_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                        let bytes = _mm512_loadu_si512(block.add(c * 64) as *const _);
+                        low[c] = _mm512_and_si512(bytes, low_nibbles);
+                        high[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low_nibbles);
                     }
-                    let dot = if T == 1 { sum_chains(dots) } else { dots[0] };
-                    let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales[t].add(b)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+                    let w_scales = _mm512_loadu_ps(scales.add(b * GROUP));
+                    for t in 0..T {
+                        let x = x_values[t].add(b * BLOCK) as *const i32;
+                        // Start from −8 · Σq: the offset of every row's codes, at once. Decode sums
+                        // into CHAINS registers: in one chain, a block's 8 dependent `vpdpbusd`
+                        // waited on each other's latency.
+                        let mut dots = [_mm512_setzero_si512(); CHAINS];
+                        dots[0] = _mm512_set1_epi32(-8 * *x_sums[t].add(b));
+                        let chains = if T == 1 { CHAINS } else { 1 };
+                        for c in 0..CHUNKS {
+                            let d = &mut dots[c % chains];
+                            *d = _mm512_dpbusd_epi32(*d, low[c], _mm512_set1_epi32(x.add(c).read_unaligned()));
+                            *d = _mm512_dpbusd_epi32(*d, high[c], _mm512_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                        }
+                        let dot = if T == 1 { sum_chains(dots) } else { dots[0] };
+                        let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales[t].add(b)));
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+                    }
                 }
-            }
-            for t in 0..T {
-                _mm512_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+                for t in 0..T {
+                    _mm512_storeu_ps(out.at(r0 + t, g * GROUP, GROUP), acc[t]);
+                }
             }
         }
     }
