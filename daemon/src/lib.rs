@@ -6,8 +6,8 @@
 //! | question | module |
 //! |---|---|
 //! | what does a subcommand (`ask`, `serve`, `bench`…) do and print | [`cli`], one file each |
-//! | how is an answer composed; which requests are taken | [`answer`] (`compose`, `admission`) |
-//! | what goes over gRPC / MQTT | [`grpc`], [`mqtt`] (translators of [`answer::Events`]) |
+//! | how is an answer composed (DESIGN.md's pipeline); which requests are taken | [`answer`] (`compose`, `admission`) |
+//! | what goes over gRPC / MQTT / HTTP (Ollama, OpenAI) | [`grpc`], [`mqtt`], [`http`] (translators of [`answer::Events`]) |
 //! | how the daemon starts and stops; systemd | [`daemon`] |
 //! | how the cloud is asked to continue; what it may send | [`cloud`] |
 //! | how an opener is written; model loading | [`engine`] (serving path at the top) |
@@ -26,5 +26,6 @@ pub mod daemon;
 pub mod engine;
 pub mod grpc;
 pub mod host;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;

@@ -7,12 +7,12 @@ mod common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mulmd::answer::{Admission, Answer, AnswerEvent, AnswerRequest, Answerer, Front, Source};
 use mulmd::cloud::{CloudClient, CloudConfig};
 use mulmd::config::{Config, RecoveryMode};
-use mulmd::engine::{Engine, EngineConfig, OpenerOptions, Prompt};
+use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
 use mulmd::host::secrets::Secret;
 
 const SHOES: &str = "How do I remove odor from inside my shoes?";
@@ -43,15 +43,7 @@ fn engine() -> Option<Arc<Engine>> {
 }
 
 fn request(recovery: RecoveryMode) -> AnswerRequest {
-    AnswerRequest {
-        id: "t".into(),
-        front: Front::Cli,
-        arrived: Instant::now(),
-        prompt: Prompt::question(SHOES),
-        opener: OpenerOptions::default(),
-        recovery,
-        use_cloud: true,
-    }
+    AnswerRequest { recovery, ..AnswerRequest::question("t", Front::Cli, SHOES, OpenerOptions::default()) }
 }
 
 /// Runs one answer; returns all events, checking the stream's shape on the way.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use mulmd::answer::{Admission, AnswerEvent, AnswerRequest, Answerer, Front};
 use mulmd::cloud::{CloudClient, CloudConfig};
 use mulmd::config::{Config, RecoveryMode};
-use mulmd::engine::{Engine, EngineConfig, OpenerOptions, Prompt};
+use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
 use tokio_util::sync::CancellationToken;
 
 struct Server(Child);
@@ -81,15 +81,7 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
     let engine = Arc::new(Engine::start(model, EngineConfig::default()).unwrap());
     let answerer = Answerer::new(engine, Some(cloud), Admission::from_config(&Config::default()));
     for query in ["How do I remove odor from inside my shoes?", "What is the capital of France?"] {
-        let req = AnswerRequest {
-            id: "t".into(),
-            front: Front::Cli,
-            arrived: Instant::now(),
-            prompt: Prompt::question(query),
-            opener: OpenerOptions::default(),
-            recovery: RecoveryMode::Natural,
-            use_cloud: true,
-        };
+        let req = AnswerRequest { recovery: RecoveryMode::Natural, ..AnswerRequest::question("t", Front::Cli, query, OpenerOptions::default()) };
         let mut stream = answerer.answer(req);
         let mut events = Vec::new();
         while let Some(ev) = stream.next().await {
@@ -168,7 +160,7 @@ async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuatio
     assert!(!norm(continuation).starts_with(&norm(opener)), "the opener is repeated: {f}");
 
     let mut grpc = mulmd::grpc::pb::answerer_client::AnswererClient::connect(addr).await.unwrap();
-    let req = mulmd::grpc::pb::AnswerRequest { query: "What is the capital of France?".into(), options: None };
+    let req = mulmd::grpc::pb::AnswerRequest { query: "What is the capital of France?".into(), options: None, ..Default::default() };
     let mut stream = grpc.answer(req).await.unwrap().into_inner();
     let mut first = None;
     let mut last = None;

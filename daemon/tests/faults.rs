@@ -50,15 +50,7 @@ fn scripted() -> Arc<ScriptedOpener> {
 }
 
 fn request() -> AnswerRequest {
-    AnswerRequest {
-        id: "f".into(),
-        front: Front::Cli,
-        arrived: Instant::now(),
-        prompt: Prompt::question("How do I get rid of a smell in my fridge?"),
-        opener: OpenerOptions::default(),
-        recovery: RecoveryMode::Natural,
-        use_cloud: true,
-    }
+    AnswerRequest { recovery: RecoveryMode::Natural, ..AnswerRequest::question("f", Front::Cli, "How do I get rid of a smell in my fridge?", OpenerOptions::default()) }
 }
 
 /// All events of one answer (bounded in number: a runaway stream fails the test, not the
@@ -86,6 +78,7 @@ fn kind(e: &AnswerEvent) -> &'static str {
         AnswerEvent::OpenerDone { .. } => "opener_done",
         AnswerEvent::Delta { .. } => "delta",
         AnswerEvent::Correction => "correction",
+        AnswerEvent::ToolCalls(_) => "tool_calls",
         AnswerEvent::Done(_) => "done",
         AnswerEvent::Error(_) => "error",
     }
@@ -250,7 +243,7 @@ async fn a_five_megabyte_error_body_becomes_a_short_message() {
     assert!(f.message.len() < 400, "{} bytes", f.message.len());
 }
 
-/// A source that panics when asked: the composition dies, the client still gets its end.
+/// A source that panics when asked: the client still gets its one end.
 struct Panicking;
 
 impl OpenerSource for Panicking {

@@ -44,7 +44,7 @@ impl Daemon {
 }
 
 fn ask(query: &str) -> AnswerRequest {
-    AnswerRequest { query: query.into(), options: None }
+    AnswerRequest { query: query.into(), options: None, ..Default::default() }
 }
 
 #[tokio::test]
@@ -79,7 +79,7 @@ async fn an_answer_streams_words_then_the_opener_then_the_rest_then_one_final() 
 #[tokio::test]
 async fn open_returns_only_the_opener() {
     let Some(d) = Daemon::start("smollm2", |_| {}).await else { return };
-    let r = d.client().await.open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: None }).await.unwrap().into_inner();
+    let r = d.client().await.open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: None, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.opener, "Removing odor from inside your shoes is a");
     assert_eq!(r.words.len(), 8);
     assert_eq!(r.stop_reason, "word_budget");
@@ -87,7 +87,7 @@ async fn open_returns_only_the_opener() {
     let r = d
         .client()
         .await
-        .open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: Some(Options { max_words: Some(4), ..Default::default() }) })
+        .open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: Some(Options { max_words: Some(4), ..Default::default() }), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -99,16 +99,16 @@ async fn open_returns_only_the_opener() {
 async fn bad_requests_are_invalid_arguments_that_say_why() {
     let Some(d) = Daemon::start("tiny", |c| c.opener.max_query_chars = 50).await else { return };
     let mut c = d.client().await;
-    let e = c.open(OpenRequest { query: "   ".into(), options: None }).await.unwrap_err();
+    let e = c.open(OpenRequest { query: "   ".into(), options: None, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("empty"));
     let e = c.answer(ask(&"why ".repeat(30))).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("max_query_chars"), "{}", e.message());
-    let e = c.open(OpenRequest { query: "hi".into(), options: Some(Options { max_words: Some(40), ..Default::default() }) }).await.unwrap_err();
+    let e = c.open(OpenRequest { query: "hi".into(), options: Some(Options { max_words: Some(40), ..Default::default() }), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("max_words_limit"));
-    let e = c.open(OpenRequest { query: "hi".into(), options: Some(Options { temperature: Some(-2.0), ..Default::default() }) }).await.unwrap_err();
+    let e = c.open(OpenRequest { query: "hi".into(), options: Some(Options { temperature: Some(-2.0), ..Default::default() }), ..Default::default() }).await.unwrap_err();
     assert!(e.message().contains("temperature"));
     d.stop().await;
 }
@@ -169,7 +169,7 @@ async fn a_passed_deadline_ends_the_stream_and_the_daemon_keeps_serving() {
         }
     };
     assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
-    let r = c.open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: None }).await.unwrap();
+    let r = c.open(OpenRequest { query: "How do I remove odor from inside my shoes?".into(), options: None, ..Default::default() }).await.unwrap();
     assert_eq!(r.into_inner().opener, "Removing odor from inside your shoes is a");
     d.stop().await;
 }
@@ -189,7 +189,7 @@ async fn a_client_that_hangs_up_frees_the_worker() {
     assert!(matches!(s.message().await.unwrap().unwrap().event, Some(Event::Word(_))));
     drop(s);
     // The cancelled answer stops between tokens; the next request gets the worker.
-    let r = c.open(OpenRequest { query: "What is the capital of France?".into(), options: None }).await.unwrap();
+    let r = c.open(OpenRequest { query: "What is the capital of France?".into(), options: None, ..Default::default() }).await.unwrap();
     assert_eq!(r.into_inner().opener, "The capital of France is Paris.");
     d.stop().await;
 }
@@ -239,7 +239,7 @@ async fn a_query_within_the_character_limit_but_too_many_tokens_is_refused_namin
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("opener.max_prompt_tokens"), "{}", e.message());
     // Refused before it took a worker: the next question is answered at once.
-    let r = c.open(OpenRequest { query: "What is the capital of France?".into(), options: None }).await.unwrap();
+    let r = c.open(OpenRequest { query: "What is the capital of France?".into(), options: None, ..Default::default() }).await.unwrap();
     assert_eq!(r.into_inner().opener, "The capital of France is Paris.");
     d.stop().await;
 }
@@ -259,6 +259,7 @@ async fn requests_whose_deadline_passed_while_queued_give_their_place_back() {
     let long = AnswerRequest {
         query: "How do I remove odor from inside my shoes?".into(),
         options: Some(Options { min_words: Some(64), max_words: Some(64), cloud: Some(false), ..Default::default() }),
+        ..Default::default()
     };
     let mut holder = d.client().await.answer(long).await.unwrap().into_inner();
     assert!(matches!(holder.message().await.unwrap().unwrap().event, Some(Event::Word(_))), "the worker has it");
@@ -285,7 +286,7 @@ async fn raw_answer(addr: &str, grpc_timeout: &str) -> (u16, Option<String>) {
     let stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let msg = AnswerRequest { query: "What is the capital of France?".into(), options: Some(Options { cloud: Some(false), ..Default::default() }) }.encode_to_vec();
+    let msg = AnswerRequest { query: "What is the capital of France?".into(), options: Some(Options { cloud: Some(false), ..Default::default() }), ..Default::default() }.encode_to_vec();
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     framed.extend_from_slice(&msg);

@@ -159,7 +159,7 @@ level = "debug"
     // Whatever fails from here on, the daemon's log says why.
     let log = || serve.log();
 
-    let mut req = tonic::Request::new(AnswerRequest { query: "How do I remove odor from inside my shoes?".into(), options: None });
+    let mut req = tonic::Request::new(AnswerRequest { query: "How do I remove odor from inside my shoes?".into(), options: None, ..Default::default() });
     req.metadata_mut().insert("x-request-id", "trace-me-42".parse().unwrap());
     let mut stream = client.answer(req).await.unwrap_or_else(|e| panic!("{e:?}; mulmd's log:\n{}", log())).into_inner();
     let mut last = None;
@@ -173,7 +173,7 @@ level = "debug"
     assert_no_key(&fallback.message, "a reply");
 
     // An opener-only call is a request like any other: counted, and logged with its id.
-    let mut open = tonic::Request::new(OpenRequest { query: "What is the capital of France?".into(), options: None });
+    let mut open = tonic::Request::new(OpenRequest { query: "What is the capital of France?".into(), options: None, ..Default::default() });
     open.metadata_mut().insert("x-request-id", "open-7".parse().unwrap());
     let opened = client.open(open).await.unwrap_or_else(|e| panic!("{e:?}; mulmd's log:\n{}", log())).into_inner();
     assert_eq!(opened.opener, "The capital of France is Paris.");

@@ -1,9 +1,11 @@
 //! What an answer produces, in order: opener `Word`s, `OpenerDone`, continuation `Delta`s
-//! (at most one `Correction` before the first cloud delta), then exactly one `Done` or
-//! `Error`. Fronts translate these; metrics watch them (see `metrics::Tap`).
+//! (at most one `Correction` before the first cloud delta), `ToolCalls` when the cloud made
+//! any, then exactly one `Done` or `Error`. An answer without an opener (a tool result to
+//! read) has no `Word` and no `OpenerDone`. Fronts translate these; the tap (`tap.rs`) watches them for logs and metrics.
 
 use serde::Serialize;
 
+pub use crate::cloud::ToolCall;
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
 
 /// Who wrote a piece of the continuation.
@@ -28,6 +30,9 @@ pub struct AnswerTimings {
     pub opener_ms: f64,
     /// From the opener's end to the first continuation text from the cloud.
     pub cloud_first_token_ms: Option<f64>,
+    /// From arrival to the end of the answer's first sentence (its closing punctuation shown):
+    /// when a voice pipeline can speak it.
+    pub first_sentence_ms: Option<f64>,
     pub total_ms: f64,
 }
 
@@ -40,8 +45,9 @@ pub struct Answer {
     pub corrected: bool,
     pub fallback: Option<Fallback>,
     /// Why the answer ended: `stop` (the cloud or the device finished it), `length` (the
-    /// cloud stopped at its max_tokens), or `output_cap` (mulmd stopped reading the cloud at
-    /// one of its caps; `finish_detail` says which).
+    /// cloud stopped at its max_tokens), `tool_calls` (the cloud asked for function calls), or
+    /// `output_cap` (mulmd stopped reading the cloud at one of its caps; `finish_detail` says
+    /// which).
     pub finish_reason: String,
     pub finish_detail: Option<String>,
     pub timings: AnswerTimings,
@@ -49,6 +55,10 @@ pub struct Answer {
     /// Tokens the local model generated (opener plus any local finish).
     pub local_tokens: usize,
     pub cloud_tokens: Option<u64>,
+    /// Prompt tokens the cloud counted, when it said.
+    pub cloud_prompt_tokens: Option<u64>,
+    /// Function calls the cloud asked for (with the request's `tools`).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +68,8 @@ pub enum AnswerEvent {
     OpenerDone { text: String, stop: StopReason, timings: OpenerTimings, tokens: usize },
     Delta { text: String, source: Source },
     Correction,
+    /// The cloud asked for function calls (after any text, before `Done`).
+    ToolCalls(Vec<ToolCall>),
     Done(Box<Answer>),
     Error(RequestError),
 }

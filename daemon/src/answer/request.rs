@@ -3,8 +3,11 @@
 
 use std::time::Instant;
 
+use serde_json::{Map, Value};
+
+use super::conversation::Conversation;
 use crate::config::RecoveryMode;
-use crate::engine::{OpenerOptions, Prompt};
+use crate::engine::OpenerOptions;
 
 /// Which front end a request came through (a metrics label and a log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +15,10 @@ pub enum Front {
     Grpc,
     Mqtt,
     Cli,
+    /// The Ollama-compatible HTTP front (`/api/*`).
+    Ollama,
+    /// The OpenAI-compatible HTTP front (`/v1/*`).
+    OpenAi,
 }
 
 impl Front {
@@ -20,6 +27,8 @@ impl Front {
             Self::Grpc => "grpc",
             Self::Mqtt => "mqtt",
             Self::Cli => "cli",
+            Self::Ollama => "ollama",
+            Self::OpenAi => "openai",
         }
     }
 }
@@ -36,10 +45,36 @@ pub struct AnswerRequest {
     pub front: Front,
     /// When the request reached mulmd; every timing is measured from here.
     pub arrived: Instant,
-    /// What the opener is written from (and the cloud continues).
-    pub prompt: Prompt,
-    pub opener: OpenerOptions,
+    /// What the opener is written from (and the cloud continues); its last message is the
+    /// turn to answer.
+    pub conversation: Conversation,
+    /// How the device opens the answer. None: no opener, the cloud answers the conversation
+    /// as it would without mulmd (a tool result to read, structured output, several choices).
+    pub opener: Option<OpenerOptions>,
     pub recovery: RecoveryMode,
     /// False keeps the whole answer on the device.
     pub use_cloud: bool,
+    /// Fields of the cloud request as the client sent them (`tools`, `tool_choice`,
+    /// `response_format`, `temperature`…), passed through.
+    pub cloud_params: Map<String, Value>,
+    /// The daemon keeps this conversation's turns under this id and puts them before the
+    /// request's own (for clients that cannot keep history).
+    pub conversation_id: Option<String>,
+}
+
+impl AnswerRequest {
+    /// One question, with the given opener options and everything else plain.
+    pub fn question(id: impl Into<String>, front: Front, query: impl Into<String>, opener: OpenerOptions) -> Self {
+        Self {
+            id: id.into(),
+            front,
+            arrived: Instant::now(),
+            conversation: Conversation::question(query),
+            opener: Some(opener),
+            recovery: RecoveryMode::default(),
+            use_cloud: true,
+            cloud_params: Map::new(),
+            conversation_id: None,
+        }
+    }
 }

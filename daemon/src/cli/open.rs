@@ -33,6 +33,10 @@ pub struct OpenArgs {
     top_p: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// The voice policy: end at the first sentence end after N characters (still at most
+    /// --max-words words) instead of the first clause boundary after --min-words.
+    #[arg(long)]
+    sentence_chars: Option<usize>,
     /// A system turn before the question (default: the model template's own).
     #[arg(long)]
     system: Option<String>,
@@ -54,6 +58,7 @@ pub fn run(args: OpenArgs) -> ExitCode {
         max_words: args.max_words,
         max_tokens: args.max_tokens,
         sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sentence_chars: args.sentence_chars,
     };
     let config = EngineConfig { workers: 1, queue_depth: 1, max_prompt_tokens: model.context_length(), ..EngineConfig::default() };
     let engine = match Engine::start(model.clone(), config) {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -87,6 +88,14 @@ impl CloudError {
     }
 }
 
+/// A function call the cloud asked for, in OpenAI's shape (`arguments` is the JSON text).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
 /// How a successful continuation went.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CloudSummary {
@@ -100,6 +109,8 @@ pub struct CloudSummary {
     pub capped: Option<String>,
     pub completion_tokens: Option<u64>,
     pub prompt_tokens: Option<u64>,
+    /// Function calls the cloud made instead of (or after) text.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// A failure, and whether any text had already been passed on (then it was not retried).
@@ -117,12 +128,18 @@ pub enum CloudEvent {
     End(Result<CloudSummary, Failure>),
 }
 
-/// What the cloud is asked to continue.
+/// What the cloud is asked.
 #[derive(Debug, Clone)]
 pub struct ContinuationRequest {
-    pub query: String,
-    pub opener: String,
+    /// The conversation in OpenAI's message shape, ending with the turn to answer.
+    pub messages: Vec<Value>,
+    /// Continue this opener (see `prompt::messages`); None asks the conversation as it is.
+    pub opener: Option<String>,
     pub mode: RecoveryMode,
+    /// Request fields as the client sent them (`tools`, `response_format`, `temperature`…).
+    /// mulmd's own (`model`, `messages`, `stream`, `stream_options`) are not taken from here;
+    /// `max_tokens` only when below the configured one.
+    pub params: Map<String, Value>,
 }
 
 /// A continuation in progress: a stream of [`CloudEvent`]s ending with one `End`. Dropping it
@@ -275,6 +292,31 @@ impl CloudClient {
         }
     }
 
+    /// The request body: the client's fields, then mulmd's over them.
+    fn body(&self, req: &ContinuationRequest) -> Value {
+        let mut body = req.params.clone();
+        for own in ["model", "messages", "stream", "stream_options", "n", "max_completion_tokens"] {
+            body.remove(own);
+        }
+        let asked = req.params.get("max_tokens").or_else(|| req.params.get("max_completion_tokens")).and_then(Value::as_u64);
+        let max_tokens = asked.map_or(self.cfg.max_tokens as u64, |a| a.min(self.cfg.max_tokens as u64));
+        let messages = match &req.opener {
+            Some(opener) => messages(&req.messages, opener, req.mode),
+            None => req.messages.clone(),
+        };
+        body.insert("model".into(), self.cfg.model.clone().into());
+        body.insert("messages".into(), messages.into());
+        body.insert("stream".into(), true.into());
+        body.insert("max_tokens".into(), max_tokens.into());
+        if let (Some(t), false) = (self.cfg.temperature, body.contains_key("temperature")) {
+            body.insert("temperature".into(), t.into());
+        }
+        if self.cfg.include_usage {
+            body.insert("stream_options".into(), serde_json::json!({ "include_usage": true }));
+        }
+        Value::Object(body)
+    }
+
     async fn attempt(
         &self,
         req: &ContinuationRequest,
@@ -284,18 +326,7 @@ impl CloudClient {
         out: &mut Output<'_>,
     ) -> Result<CloudSummary, CloudError> {
         let total = self.cfg.total_timeout;
-        let mut body = serde_json::json!({
-            "model": self.cfg.model,
-            "messages": messages(&req.query, &req.opener, req.mode),
-            "stream": true,
-            "max_tokens": self.cfg.max_tokens,
-        });
-        if let Some(t) = self.cfg.temperature {
-            body["temperature"] = t.into();
-        }
-        if self.cfg.include_usage {
-            body["stream_options"] = serde_json::json!({ "include_usage": true });
-        }
+        let body = self.body(req);
         let mut request = self.http.post(format!("{}/chat/completions", self.cfg.base_url)).json(&body);
         if let Some(k) = self.key() {
             request = request.bearer_auth(k);
@@ -357,6 +388,19 @@ impl CloudClient {
                     return Ok(summary);
                 }
             }
+            for piece in read.tool_calls {
+                // A call counts as text for the first-token and idle clocks, and its bytes
+                // against the output cap.
+                if !got_text {
+                    got_text = true;
+                    summary.first_token = Some(started.elapsed());
+                }
+                if let Err(why) = out.call(piece, &mut summary.tool_calls, &self.cfg) {
+                    summary.finish_reason = Some("output_cap".into());
+                    summary.capped = Some(why);
+                    return Ok(summary);
+                }
+            }
             if read.finish_reason.is_some() {
                 summary.finish_reason = read.finish_reason;
             }
@@ -364,11 +408,22 @@ impl CloudClient {
     }
 }
 
+/// A piece of a streamed function call: OpenAI streams the `index`, `id` and `name` once and
+/// the `arguments` text in pieces.
+#[derive(Debug, Default, PartialEq)]
+struct CallPiece {
+    index: usize,
+    id: Option<String>,
+    name: Option<String>,
+    arguments: String,
+}
+
 /// What one SSE event of a chat-completions stream says.
 #[derive(Debug, Default, PartialEq)]
 struct Read {
     /// Non-empty `delta.content` pieces, in choice order.
     texts: Vec<String>,
+    tool_calls: Vec<CallPiece>,
     finish_reason: Option<String>,
     /// (completion_tokens, prompt_tokens) from a usage object.
     usage: Option<(Option<u64>, Option<u64>)>,
@@ -402,6 +457,15 @@ fn read_event(data: &str, key: Option<&str>) -> Result<Option<Read>, CloudError>
     for choice in v.get("choices").and_then(|c| c.as_array()).into_iter().flatten() {
         if let Some(text) = choice.pointer("/delta/content").and_then(|c| c.as_str()).filter(|t| !t.is_empty()) {
             read.texts.push(text.to_string());
+        }
+        for call in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+            read.tool_calls.push(CallPiece {
+                index: call.get("index").and_then(Value::as_u64).unwrap_or(0).min(usize::MAX as u64) as usize,
+                id: text(call.get("id")),
+                name: text(call.pointer("/function/name")),
+                arguments: text(call.pointer("/function/arguments")).unwrap_or_default(),
+            });
         }
         if let Some(reason) = choice.get("finish_reason").and_then(|r| r.as_str()) {
             read.finish_reason = Some(clean(reason, key, false));
@@ -446,6 +510,37 @@ impl Output<'_> {
         } else {
             Passed::All
         })
+    }
+}
+
+/// Most function calls one continuation may make.
+const MAX_TOOL_CALLS: usize = 64;
+
+impl Output<'_> {
+    /// Adds a piece of a function call to `calls`, within the caps (the arguments' bytes count
+    /// against `max_output_bytes`).
+    fn call(&mut self, piece: CallPiece, calls: &mut Vec<ToolCall>, cfg: &CloudConfig) -> Result<(), String> {
+        self.forwarded = true;
+        if piece.index >= MAX_TOOL_CALLS {
+            return Err(format!("the continuation made more than {MAX_TOOL_CALLS} function calls"));
+        }
+        while calls.len() <= piece.index {
+            calls.push(ToolCall { id: format!("call_{}", calls.len()), name: String::new(), arguments: String::new() });
+        }
+        let size = piece.arguments.len() + piece.name.as_ref().map_or(0, String::len) + piece.id.as_ref().map_or(0, String::len);
+        if self.bytes + size > cfg.max_output_bytes {
+            return Err(format!("the continuation reached {} bytes (cloud.max_output_bytes)", cfg.max_output_bytes));
+        }
+        self.bytes += size;
+        let call = &mut calls[piece.index];
+        if let Some(id) = piece.id {
+            call.id = id;
+        }
+        if let Some(name) = piece.name {
+            call.name.push_str(&name);
+        }
+        call.arguments.push_str(&piece.arguments);
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ mod prompt;
 mod provider;
 mod seam;
 
-pub use client::{BuildError, CloudClient, CloudError, CloudEvent, CloudSummary, Continuation, ContinuationRequest, Failure};
+pub use client::{BuildError, CloudClient, CloudError, CloudEvent, CloudSummary, Continuation, ContinuationRequest, Failure, ToolCall};
 pub use config::{load_api_key, CloudConfig, CREDENTIAL_NAME};
 pub use prompt::{messages, CORRECTION_MARKER};
 pub use seam::{Seam, SeamOutput};

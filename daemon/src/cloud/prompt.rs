@@ -2,6 +2,8 @@
 //! appended to an opener the user has already seen, so it must pick up mid-sentence, never
 //! restate or remark on the opener, and repair a wrong start in the chosen style.
 
+use serde_json::{json, Value};
+
 use crate::config::RecoveryMode;
 
 /// Put by the cloud model at the very start of its text when it had to redirect a wrong
@@ -43,14 +45,25 @@ fn mode_rule(mode: RecoveryMode) -> String {
     }
 }
 
-/// The chat messages for one continuation: system rules, then the question and the opening.
-pub fn messages(query: &str, opener: &str, mode: RecoveryMode) -> serde_json::Value {
-    serde_json::json!([
-        { "role": "system", "content": format!("{RULES}\n{}", mode_rule(mode)) },
-        { "role": "user", "content": format!(
-            "The user asked:\n{query}\n\nThe reply so far (continue right after its last character):\n{opener}"
-        ) },
-    ])
+/// The chat messages for one continuation: the client's own system instructions (if any)
+/// with the continuation rules after them, the conversation's earlier messages as they came,
+/// then the question and the opening as the last user turn. `conversation` is in OpenAI's
+/// shape and ends with the user's turn.
+pub fn messages(conversation: &[Value], opener: &str, mode: RecoveryMode) -> Vec<Value> {
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).unwrap_or("").to_string();
+    let text = |m: &Value| m.get("content").and_then(Value::as_str).unwrap_or("").to_string();
+    let theirs: Vec<String> = conversation.iter().filter(|m| role(m) == "system").map(text).filter(|t| !t.trim().is_empty()).collect();
+    let rules = format!("{RULES}\n{}", mode_rule(mode));
+    let system = if theirs.is_empty() { rules } else { format!("{}\n\n{rules}", theirs.join("\n\n")) };
+    let last_user = conversation.iter().rposition(|m| role(m) == "user").unwrap_or(conversation.len());
+    let query = conversation.get(last_user).map(text).unwrap_or_default();
+    let mut out = vec![json!({ "role": "system", "content": system })];
+    out.extend(conversation[..last_user].iter().filter(|m| role(m) != "system").cloned());
+    out.push(json!({
+        "role": "user",
+        "content": format!("The user asked:\n{query}\n\nThe reply so far (continue right after its last character):\n{opener}"),
+    }));
+    out
 }
 
 #[cfg(test)]
@@ -59,15 +72,33 @@ mod tests {
 
     #[test]
     fn the_request_carries_the_question_the_opener_and_the_mode() {
+        let ask = |q: &str| vec![json!({"role": "user", "content": q})];
         for mode in [RecoveryMode::Natural, RecoveryMode::Explicit, RecoveryMode::Humor] {
-            let m = messages("Why is the sky blue?", "The sky looks blue because", mode);
+            let m = messages(&ask("Why is the sky blue?"), "The sky looks blue because", mode);
             let system = m[0]["content"].as_str().unwrap();
             let user = m[1]["content"].as_str().unwrap();
             assert!(system.contains("Never repeat") && system.contains(CORRECTION_MARKER));
             assert!(user.contains("Why is the sky blue?") && user.ends_with("The sky looks blue because"));
         }
-        let explicit = messages("q", "o", RecoveryMode::Explicit)[0]["content"].as_str().unwrap().to_string();
-        let humor = messages("q", "o", RecoveryMode::Humor)[0]["content"].as_str().unwrap().to_string();
+        let explicit = messages(&ask("q"), "o", RecoveryMode::Explicit)[0]["content"].as_str().unwrap().to_string();
+        let humor = messages(&ask("q"), "o", RecoveryMode::Humor)[0]["content"].as_str().unwrap().to_string();
         assert!(explicit.contains("sets the record straight") && humor.contains("joke"));
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_instructions_and_turns_before_the_continuation() {
+        let conversation = vec![
+            json!({"role": "system", "content": "You are the house assistant. Lights: kitchen."}),
+            json!({"role": "user", "content": "What is the capital of France?"}),
+            json!({"role": "assistant", "content": "Paris."}),
+            json!({"role": "user", "content": "And its population?"}),
+        ];
+        let m = messages(&conversation, "About two", RecoveryMode::Natural);
+        assert_eq!(m.len(), 4);
+        let system = m[0]["content"].as_str().unwrap();
+        assert!(system.starts_with("You are the house assistant.") && system.contains("Never repeat"), "{system}");
+        assert_eq!((m[1]["content"].as_str(), m[2]["content"].as_str()), (Some("What is the capital of France?"), Some("Paris.")));
+        let last = m[3]["content"].as_str().unwrap();
+        assert!(last.contains("And its population?") && last.ends_with("About two"), "{last}");
     }
 }

@@ -26,8 +26,10 @@ pub struct Config {
     pub model: ModelSection,
     pub engine: EngineSection,
     pub opener: OpenerSection,
+    pub conversation: ConversationSection,
     pub cloud: CloudSection,
     pub grpc: GrpcSection,
+    pub http: HttpSection,
     pub mqtt: MqttSection,
     pub metrics: MetricsSection,
     pub log: LogSection,
@@ -81,6 +83,20 @@ pub struct OpenerSection {
     pub max_query_chars: usize,
     /// Longest accepted prompt (chat template and question), in the model's tokens.
     pub max_prompt_tokens: usize,
+    /// The voice policy's bounds (see default.toml).
+    pub voice_min_chars: usize,
+    pub voice_max_words: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationSection {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    pub keep: usize,
+    pub keep_turns: usize,
+    pub keep_bytes: usize,
+    pub keep_minutes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -123,6 +139,23 @@ pub struct GrpcSection {
     pub unix_socket_mode: FileMode,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub grace_period_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub enabled: bool,
+    pub listen: String,
+    /// The model name the API lists and answers to.
+    pub model: String,
+    pub ollama: bool,
+    pub openai: bool,
+    /// The voice policy as the default of each API.
+    pub ollama_voice: bool,
+    pub openai_voice: bool,
+    /// Empty: $CREDENTIALS_DIRECTORY/http_tokens when present.
+    pub tokens_file: PathBuf,
+    pub max_request_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -259,8 +292,10 @@ fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
         "model" => check::<ModelSection>(table),
         "engine" => check::<EngineSection>(table),
         "opener" => check::<OpenerSection>(table),
+        "conversation" => check::<ConversationSection>(table),
         "cloud" => check::<CloudSection>(table),
         "grpc" => check::<GrpcSection>(table),
+        "http" => check::<HttpSection>(table),
         "mqtt" => check::<MqttSection>(table),
         "metrics" => check::<MetricsSection>(table),
         "log" => check::<LogSection>(table),
@@ -311,6 +346,22 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if !(16..=131_072).contains(&o.max_prompt_tokens) {
         p.push(problem("opener.max_prompt_tokens", "must be 16..=131072 tokens (the model's context is a further bound)"));
     }
+    if !(1..=1000).contains(&o.voice_min_chars) {
+        p.push(problem("opener.voice_min_chars", "must be 1..=1000 characters"));
+    }
+    if !(1..=64).contains(&o.voice_max_words) {
+        p.push(problem("opener.voice_max_words", "must be 1..=64 words"));
+    }
+    let cv = &c.conversation;
+    if !(1..=10_000).contains(&cv.max_messages) {
+        p.push(problem("conversation.max_messages", "must be 1..=10000"));
+    }
+    if !(1024..=16 << 20).contains(&cv.max_bytes) {
+        p.push(problem("conversation.max_bytes", "must be 1024..=16777216 bytes"));
+    }
+    if cv.keep > 100_000 || cv.keep_turns > 1000 || cv.keep_bytes > 16 << 20 || cv.keep_minutes > 7 * 24 * 60 {
+        p.push(problem("conversation.keep", "keep (at most 100000), keep_turns (1000), keep_bytes (16 MiB) and keep_minutes (a week) are too large"));
+    }
     let cl = &c.cloud;
     if cl.enabled {
         if !(cl.base_url.starts_with("http://") || cl.base_url.starts_with("https://")) {
@@ -356,8 +407,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if !g.listen.is_empty() && g.listen.parse::<SocketAddr>().is_err() {
         p.push(problem("grpc.listen", format!("{:?} is not an address like 127.0.0.1:50051 (\"\" disables TCP)", g.listen)));
     }
-    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() && !c.mqtt.enabled {
-        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty and MQTT is off; enable at least one front end"));
+    if g.listen.is_empty() && g.unix_socket.as_os_str().is_empty() && !c.mqtt.enabled && !c.http.enabled {
+        p.push(problem("grpc.listen", "and grpc.unix_socket are both empty and MQTT and HTTP are off; enable at least one front end"));
+    }
+    let h = &c.http;
+    if h.enabled {
+        if h.listen.parse::<SocketAddr>().is_err() {
+            p.push(problem("http.listen", format!("{:?} is not an address like 127.0.0.1:11434", h.listen)));
+        }
+        if !h.ollama && !h.openai {
+            p.push(problem("http.ollama", "and http.openai are both off; serve at least one API or set http.enabled = false"));
+        }
+        if h.model.trim().is_empty() || h.model.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            p.push(problem("http.model", format!("{:?} must be a name without spaces, e.g. \"mulmd\"", h.model)));
+        }
+    }
+    if !(1024..=64 << 20).contains(&h.max_request_bytes) {
+        p.push(problem("http.max_request_bytes", "must be 1024..=67108864 bytes"));
     }
     if g.grace_period_ms > 600_000 {
         p.push(problem("grpc.grace_period_ms", "must be at most 600000 (10 minutes)"));
@@ -411,6 +477,7 @@ pub fn check_files(c: &Config) -> Vec<Problem> {
     }
     let files = [
         ("cloud.api_key_file", &c.cloud.api_key_file, c.cloud.enabled, "create it (key only) or leave it empty"),
+        ("http.tokens_file", &c.http.tokens_file, c.http.enabled, "create it (\"name token\" per line) or leave it empty"),
         ("mqtt.password_file", &c.mqtt.password_file, c.mqtt.enabled, "create it (password only) or leave it empty"),
         ("mqtt.ca_file", &c.mqtt.ca_file, c.mqtt.enabled && c.mqtt.tls, "point it at the broker's CA certificate (PEM) or leave it empty"),
     ];
@@ -426,7 +493,9 @@ pub fn check_files(c: &Config) -> Vec<Problem> {
 /// with nothing to check who connects.
 pub fn warnings(c: &Config) -> Vec<Problem> {
     let mut w = Vec::new();
-    for (key, addr) in [("grpc.listen", &c.grpc.listen), ("metrics.listen", &c.metrics.listen)] {
+    // A token file guards the HTTP API; gRPC and metrics have none yet.
+    let http = if c.http.enabled && c.http.tokens_file.as_os_str().is_empty() { c.http.listen.as_str() } else { "" };
+    for (key, addr) in [("grpc.listen", c.grpc.listen.as_str()), ("metrics.listen", c.metrics.listen.as_str()), ("http.listen", http)] {
         if let Ok(a) = addr.parse::<SocketAddr>() {
             if !a.ip().is_loopback() {
                 w.push(problem(

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::answer::{Admission, Answerer};
+use crate::answer::{Admission, Answerer, Conversations};
 use crate::cloud::{load_api_key, CloudClient, CloudConfig};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig, LoadError, Model, OpenerOptions, Prompt};
 use crate::grpc::{self, AnswerService};
 use crate::host::cpus;
-use crate::host::secrets::SecretError;
+use crate::host::secrets::{SecretError, TokenError, Tokens};
+use crate::http::{HttpFront, ModelCard};
 use crate::mqtt::{MqttError, MqttFront};
 
 const CPU_SYSFS: &str = "/sys/devices/system/cpu";
@@ -38,6 +39,10 @@ pub enum StartError {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
     #[error("{setting} {addr}: {source}{fix}")]
     Bind { setting: &'static str, addr: String, source: std::io::Error, fix: &'static str },
     #[error(transparent)]
@@ -51,7 +56,7 @@ pub enum StartError {
 impl StartError {
     /// True when the configuration (or a file it names) is at fault: restarting won't help.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_))
+        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_) | Self::Tokens(_))
     }
 }
 
@@ -61,6 +66,7 @@ pub struct Prepared {
     pub engine: Arc<Engine>,
     pub answerer: Arc<Answerer>,
     pub mqtt: Option<Arc<MqttFront>>,
+    pub http: Option<Arc<HttpFront>>,
     pub config: Config,
     /// How long the warm-up opener took (for the status line).
     pub warm_up: Duration,
@@ -82,9 +88,29 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     } else {
         None
     };
-    let answerer = Arc::new(Answerer::new(engine.clone(), cloud, Admission::from_config(&config)));
+    let answerer = Answerer::new(engine.clone(), cloud, Admission::from_config(&config)).with_memory(Conversations::new(&config.conversation));
+    let answerer = Arc::new(answerer);
     let mqtt = if config.mqtt.enabled { Some(Arc::new(MqttFront::new(&config.mqtt, answerer.clone())?)) } else { None };
-    Ok(Prepared { engine, answerer, mqtt, config, warm_up: warm_start.elapsed() })
+    let http = if config.http.enabled {
+        let file = (!config.http.tokens_file.as_os_str().is_empty()).then_some(config.http.tokens_file.as_path());
+        let tokens = Tokens::load(file, crate::http::TOKENS_CREDENTIAL)?;
+        if let Some(t) = &tokens {
+            tracing::info!(tokens = ?t.names(), "the HTTP API asks for a bearer token");
+        }
+        Some(Arc::new(HttpFront::new(answerer.clone(), config.http.clone(), model_card(&engine, &config), tokens)))
+    } else {
+        None
+    };
+    Ok(Prepared { engine, answerer, mqtt, http, config, warm_up: warm_start.elapsed() })
+}
+
+/// What the HTTP APIs list about the model.
+fn model_card(engine: &Engine, config: &Config) -> ModelCard {
+    let model = engine.model();
+    let m = &model.manifest;
+    let size = std::fs::metadata(model.dir.join("model.onnx")).map(|f| f.len()).unwrap_or(0);
+    let digest = m.files.get("model.onnx").cloned().unwrap_or_default();
+    ModelCard { name: config.http.model.clone(), source: m.name.clone(), precision: m.precision.clone(), context_length: m.context_length, digest, size }
 }
 
 /// The model and its workers, placed on the configured cores. Inference threads inherit the
@@ -121,6 +147,8 @@ pub struct Listeners {
     pub unix: Option<(UnixListener, PathBuf)>,
     /// The Prometheus endpoint's (`[metrics] listen`).
     pub metrics: Option<TcpListener>,
+    /// The HTTP APIs' (`[http] listen`, when enabled).
+    pub http: Option<TcpListener>,
 }
 
 pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
@@ -146,7 +174,11 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
         "" => None,
         addr => Some(TcpListener::bind(addr).await.map_err(|e| bind_error("metrics.listen", addr, e))?),
     };
-    Ok(Listeners { tcp, unix, metrics })
+    let http = match (config.http.enabled, config.http.listen.as_str()) {
+        (true, addr) => Some(TcpListener::bind(addr).await.map_err(|e| bind_error("http.listen", addr, e))?),
+        (false, _) => None,
+    };
+    Ok(Listeners { tcp, unix, metrics, http })
 }
 
 /// An address that could not be bound, with the setting, the cause and what to do.
@@ -163,7 +195,7 @@ fn bind_error(setting: &'static str, addr: &str, source: std::io::Error) -> Star
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let Prepared { engine, answerer, mqtt, config, warm_up } = prepared;
+    let Prepared { engine, answerer, mqtt, http, config, warm_up } = prepared;
     let service = AnswerService::new(answerer.clone());
     let grace = Duration::from_millis(config.grpc.grace_period_ms);
     let stop = CancellationToken::new();
@@ -205,6 +237,13 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     if let Some(front) = mqtt {
         fronts.push(format!("MQTT {}", front.topics().request));
         mqtt_task.spawn(front.run(mqtt_stop.clone(), grace));
+    }
+    if let (Some(front), Some(l)) = (http, listeners.http) {
+        let apis = [(front.cfg_ollama(), "Ollama"), (front.cfg_openai(), "OpenAI")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect::<Vec<_>>().join("+");
+        fronts.push(format!("HTTP ({apis}) http://{}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+        let s = stop.clone();
+        let router = crate::http::router(front);
+        servers.spawn(async move { crate::http::serve(router, l, s.cancelled_owned()).await.map_err(StartError::from) });
     }
     if let Some((front, endpoint)) = metrics {
         fronts.push(front);

@@ -41,6 +41,9 @@ pub enum RequestError {
     ShuttingDown,
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The cloud could not answer a request the device cannot answer in its place.
+    #[error("{0}")]
+    Upstream(String),
 }
 
 impl RequestError {
@@ -55,6 +58,7 @@ impl RequestError {
             Self::Cancelled => "cancelled",
             Self::ShuttingDown => "shutting_down",
             Self::Inference(_) => "inference",
+            Self::Upstream(_) => "upstream",
         }
     }
 }

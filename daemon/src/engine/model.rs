@@ -13,7 +13,7 @@ use super::forward::{empty_cache, feed};
 use super::load::heap::LoadingHeap;
 use super::load::plan::{load_plan, Plan};
 use super::manifest::Manifest;
-use super::prompt::Prompt;
+use super::prompt::{Prompt, Turn};
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
 use super::words::ends_sentence;
@@ -127,10 +127,16 @@ impl Model {
 
     /// The prompt text for a single-turn question, as the model's chat template renders it.
     pub fn render_prompt(&self, system: Option<&str>, query: &str) -> Result<String, RequestError> {
-        let mut messages = Vec::with_capacity(2);
+        self.render(system, &[], query)
+    }
+
+    /// The prompt text for a conversation: the system turn, the earlier turns, the question.
+    fn render(&self, system: Option<&str>, history: &[Turn], query: &str) -> Result<String, RequestError> {
+        let mut messages = Vec::with_capacity(history.len() + 2);
         if let Some(s) = system {
             messages.push(Message { role: "system", content: s });
         }
+        messages.extend(history.iter().map(|t| Message { role: t.speaker.role(), content: &t.text }));
         messages.push(Message { role: "user", content: query });
         self.template.render(&messages).map_err(|e| RequestError::Inference(format!("chat template: {e}")))
     }
@@ -138,7 +144,11 @@ impl Model {
     /// The prompt token ids for a single-turn question. Special-token text inside the query is
     /// matched like the template's own markers, as Hugging Face's tokenizer does.
     pub fn prompt_ids(&self, system: Option<&str>, query: &str) -> Result<Vec<u32>, RequestError> {
-        let text = self.render_prompt(system, query)?;
+        self.ids(system, &[], query)
+    }
+
+    fn ids(&self, system: Option<&str>, history: &[Turn], query: &str) -> Result<Vec<u32>, RequestError> {
+        let text = self.render(system, history, query)?;
         let enc = self.tokenizer.encode(text, false).map_err(|e| RequestError::Inference(format!("tokenizer: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(self.bos_id);
@@ -146,17 +156,35 @@ impl Model {
         Ok(ids)
     }
 
-    /// The token ids of `prompt`: its question rendered with the chat template, then any text
-    /// to continue. Empty when that text already ends a sentence (nothing to finish).
-    pub fn tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, RequestError> {
+    /// The token ids of `prompt` within `budget` tokens: the conversation rendered with the chat
+    /// template, keeping the most recent turns (the oldest go first, then the system turn),
+    /// then any text to continue (not counted: it is a bounded tail). Empty when that text
+    /// already ends a sentence (nothing to finish). A question that alone passes the budget is
+    /// refused, naming `setting`.
+    pub fn tokens(&self, prompt: &Prompt, budget: usize, setting: &'static str) -> Result<Vec<u32>, RequestError> {
         if prompt.query.trim().is_empty() {
             return Err(RequestError::EmptyQuery);
         }
-        let mut ids = self.prompt_ids(prompt.system.as_deref(), &prompt.query)?;
         if let Some(shown) = &prompt.continue_from {
             if shown.trim().is_empty() || ends_sentence(shown) {
                 return Ok(Vec::new());
             }
+        }
+        let (mut system, mut from) = (prompt.system.as_deref(), 0);
+        let mut ids = loop {
+            let ids = self.ids(system, &prompt.history[from..], &prompt.query)?;
+            if ids.len() <= budget {
+                break ids;
+            }
+            if from < prompt.history.len() {
+                from += 1;
+            } else if system.is_some() {
+                system = None;
+            } else {
+                return Err(RequestError::PromptTooLong { tokens: ids.len(), limit: budget, setting });
+            }
+        };
+        if let Some(shown) = &prompt.continue_from {
             ids.extend(self.encode_text(shown)?);
         }
         Ok(ids)

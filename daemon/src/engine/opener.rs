@@ -23,6 +23,11 @@ pub struct OpenerOptions {
     /// Hard cap on generated tokens, whatever the word count.
     pub max_tokens: usize,
     pub sampling: Sampling,
+    /// The voice policy: instead of stopping at a clause boundary after `min_words`, stop at
+    /// the first sentence end once this many characters are out (`max_words` still caps it),
+    /// so a speech pipeline that waits for a whole sentence of some length can speak the
+    /// device's part alone (Home Assistant starts past 60 characters).
+    pub sentence_chars: Option<usize>,
 }
 
 impl Default for OpenerOptions {
@@ -33,6 +38,7 @@ impl Default for OpenerOptions {
             max_words: 8,
             max_tokens: 48,
             sampling: Sampling::default(),
+            sentence_chars: None,
         }
     }
 }
@@ -50,6 +56,9 @@ impl OpenerOptions {
                 "max_words {} is above 64; an opener is the first few words of an answer",
                 self.max_words
             )));
+        }
+        if self.sentence_chars.is_some_and(|n| n == 0 || n > 1000) {
+            return Err(RequestError::InvalidOptions("sentence_chars must be 1..=1000 characters".into()));
         }
         if self.max_tokens == 0 || self.max_tokens > 512 {
             return Err(RequestError::InvalidOptions(format!("max_tokens {} is outside 1..=512", self.max_tokens)));
@@ -109,6 +118,21 @@ pub struct Opener {
     pub generated_tokens: usize,
 }
 
+impl Opener {
+    /// No opener at all (for an answer the device did not open).
+    pub fn empty() -> Self {
+        Self {
+            text: String::new(),
+            words: Vec::new(),
+            stop: StopReason::EndOfText,
+            timings: OpenerTimings::default(),
+            prompt_tokens: 0,
+            reused_tokens: 0,
+            generated_tokens: 0,
+        }
+    }
+}
+
 /// What a request produces, in order: zero or more `Word`, then exactly one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpenerEvent {
@@ -134,7 +158,8 @@ pub fn write_opener(
     emit: impl FnMut(WordEvent),
 ) -> Result<Opener, RequestError> {
     let t = Instant::now();
-    let ids = model.tokens(prompt)?;
+    let room = model.context_length().saturating_sub(opts.max_tokens + 1);
+    let ids = model.tokens(prompt, room, "the model's context")?;
     let pass = Pass { chunk: usize::MAX, cancel, beat: &|| {} };
     let mut opener = write(model, session, &ids, prompt.continue_from.is_some(), opts, arrived, &pass, emit)?;
     opener.timings.tokenize = t.elapsed();
@@ -183,7 +208,11 @@ pub(crate) fn write(
     }
     let inference = |e: tract_onnx::prelude::TractError| RequestError::Inference(format!("{e:#}"));
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut splitter = if finish { WordSplitter::to_sentence_end(opts.max_words) } else { WordSplitter::new(opts.min_words, opts.max_words) };
+    let mut splitter = match (finish, opts.sentence_chars) {
+        (true, _) => WordSplitter::to_sentence_end(opts.max_words),
+        (false, Some(chars)) => WordSplitter::voice(chars, opts.max_words),
+        (false, None) => WordSplitter::new(opts.min_words, opts.max_words),
+    };
     let mut words: Vec<WordEvent> = Vec::with_capacity(opts.max_words);
     let mut text = String::new();
     let mut on_word = |w: Word, words: &mut Vec<WordEvent>| {

@@ -40,27 +40,45 @@ pub fn ends_sentence(text: &str) -> bool {
     text.trim_end().trim_end_matches(['"', '\'', '”', '’', ')']).ends_with(SENTENCE_END)
 }
 
+/// Where an opener may stop (besides `max_words`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// At the first clause boundary once `min_words` are out (the paper's opener).
+    Clause { min_words: usize },
+    /// At the end of the current sentence (finishing an answer).
+    SentenceEnd,
+    /// At the first sentence end once `min_chars` characters are out: a whole first sentence
+    /// long enough for a voice pipeline to start speaking on it.
+    Voice { min_chars: usize },
+}
+
 /// Splits streamed text into words and decides when to stop.
 #[derive(Debug)]
 pub struct WordSplitter {
-    min_words: usize,
+    until: Until,
     max_words: usize,
     pending: String,
     emitted: usize,
-    /// Stop only at a sentence end (finishing a sentence), not at any clause boundary.
-    sentence: bool,
+    /// Characters emitted so far, separators included.
+    chars: usize,
 }
 
 impl WordSplitter {
     /// `1 <= min_words <= max_words` is the caller's contract (options are validated first).
     pub fn new(min_words: usize, max_words: usize) -> Self {
         debug_assert!(1 <= min_words && min_words <= max_words);
-        Self { min_words, max_words, pending: String::new(), emitted: 0, sentence: false }
+        Self { until: Until::Clause { min_words }, max_words, pending: String::new(), emitted: 0, chars: 0 }
     }
 
     /// A splitter that runs to the end of the current sentence (at most `max_words` words).
     pub fn to_sentence_end(max_words: usize) -> Self {
-        Self { sentence: true, ..Self::new(1, max_words.max(1)) }
+        Self { until: Until::SentenceEnd, ..Self::new(1, max_words.max(1)) }
+    }
+
+    /// A splitter that stops at the first sentence end after `min_chars` characters (at most
+    /// `max_words` words).
+    pub fn voice(min_chars: usize, max_words: usize) -> Self {
+        Self { until: Until::Voice { min_chars }, ..Self::new(1, max_words.max(1)) }
     }
 
     /// Adds text; calls `on_word` for every word this completes. Returns a stop reason when the
@@ -82,11 +100,23 @@ impl WordSplitter {
             };
             let next_break = self.pending[end..].chars().take_while(|c| c.is_whitespace()).any(|c| c == '\n');
             self.pending.drain(..end);
-            let closes = if self.sentence { ends_sentence(&word.text) } else { word.text.ends_with(CLAUSE_END) };
             self.emitted += 1;
+            if self.emitted > 1 {
+                self.chars += word.leading.chars().count();
+            }
+            self.chars += word.text.chars().count();
+            let stop = match self.until {
+                Until::Clause { min_words } => {
+                    (self.emitted >= min_words && (word.text.ends_with(CLAUSE_END) || next_break)).then_some(StopReason::ClauseBoundary)
+                }
+                Until::SentenceEnd => (ends_sentence(&word.text) || next_break).then_some(StopReason::SentenceEnd),
+                Until::Voice { min_chars } => {
+                    (self.chars >= min_chars && (ends_sentence(&word.text) || next_break)).then_some(StopReason::SentenceEnd)
+                }
+            };
             on_word(word);
-            if self.emitted >= self.min_words && (closes || next_break) {
-                return Some(if self.sentence { StopReason::SentenceEnd } else { StopReason::ClauseBoundary });
+            if let Some(stop) = stop {
+                return Some(stop);
             }
             if self.emitted >= self.max_words {
                 return Some(StopReason::WordBudget);
@@ -196,6 +226,26 @@ mod tests {
         assert_eq!(words, ["and", "dry,", "then", "rinse."]);
         assert_eq!(reason, Some(StopReason::SentenceEnd));
         assert!(ends_sentence("It is Paris.\"") && !ends_sentence("It is Paris,"));
+    }
+
+    #[test]
+    fn a_voice_opener_is_a_whole_sentence_long_enough_to_be_spoken() {
+        let mut s = WordSplitter::voice(30, 20);
+        let mut words = Vec::new();
+        let mut reason = None;
+        for p in ["Yes.", " Boil", " the", " egg", " for", " nine", " minutes.", " Then", " cool"] {
+            reason = s.push(p, |w| words.push(w.text));
+            if reason.is_some() {
+                break;
+            }
+        }
+        // "Yes." ends a sentence but is short of 30 characters; the next sentence end is not.
+        assert_eq!(words.join(" "), "Yes. Boil the egg for nine minutes.");
+        assert_eq!(reason, Some(StopReason::SentenceEnd));
+        let mut s = WordSplitter::voice(30, 3);
+        let mut words = Vec::new();
+        let reason = s.push("One two three four ", |w| words.push(w.text));
+        assert_eq!((words.len(), reason), (3, Some(StopReason::WordBudget)), "the word cap still holds");
     }
 
     #[test]

@@ -118,39 +118,31 @@ impl Engine {
         &self.model
     }
 
-    /// Tokenizes and checks `prompt` here, on the caller's thread, then queues it. Refusals
-    /// (an empty or over-long prompt, bad options, a full queue, a stopping engine) come back
-    /// at once; everything after comes as events. `cancel` stops the request between passes
+    /// Tokenizes `prompt` within the token budget (`max_prompt_tokens`, and the context less
+    /// room for the words: older turns are dropped to fit, see [`Model::tokens`]) here, on the
+    /// caller's thread, then queues it. Refusals (an empty question or one that alone does not
+    /// fit, bad options, a full queue, a stopping engine) come back at once; everything after
+    /// comes as events. `cancel` stops the request between passes
     /// (a waiting request gives up its queue place) and ends it with `Cancelled`.
     pub fn submit(&self, prompt: &Prompt, options: OpenerOptions, arrived: Instant, cancel: CancellationToken) -> Result<OpenerEvents, RequestError> {
         options.validate()?;
         let started = Instant::now();
-        let ids = self.model.tokens(prompt)?;
-        let finish = prompt.continue_from.is_some();
-        self.check_length(ids.len(), finish, &options)?;
+        let room = self.model.context_length().saturating_sub(options.max_tokens + 1);
+        let (budget, setting) = if self.config.max_prompt_tokens <= room {
+            (self.config.max_prompt_tokens, "opener.max_prompt_tokens")
+        } else {
+            (room, "the model's context less the opener's max_tokens")
+        };
+        let ids = self.model.tokens(prompt, budget, setting)?;
+        // A finish adds a bounded tail of shown text to a conversation that fitted.
+        if ids.len() > room {
+            return Err(RequestError::PromptTooLong { tokens: ids.len(), limit: room, setting: "the model's context less max_tokens" });
+        }
         let (tx, events) = OpenerEvents::channel();
+        let finish = prompt.continue_from.is_some();
         let job = Job { ids, finish, options, arrived, tokenize: started.elapsed(), cancel, tx };
         self.queue.push(job).map_err(|(e, _)| e)?;
         Ok(events)
-    }
-
-    /// A prompt of `tokens` must fit `max_prompt_tokens` (a question; a finish adds a bounded
-    /// tail to a prompt that fitted) and leave the context room for the words to write.
-    fn check_length(&self, tokens: usize, finish: bool, options: &OpenerOptions) -> Result<(), RequestError> {
-        let context = self.model.context_length();
-        let room = context.saturating_sub(options.max_tokens + 1);
-        if !finish && tokens > self.config.max_prompt_tokens.min(room) {
-            let (limit, setting) = if self.config.max_prompt_tokens <= room {
-                (self.config.max_prompt_tokens, "opener.max_prompt_tokens")
-            } else {
-                (room, "the model's context less the opener's max_tokens")
-            };
-            return Err(RequestError::PromptTooLong { tokens, limit, setting });
-        }
-        if tokens > room {
-            return Err(RequestError::PromptTooLong { tokens, limit: room, setting: "the model's context less max_tokens" });
-        }
-        Ok(())
     }
 
     /// Requests waiting for a worker (cancelled ones not counted).

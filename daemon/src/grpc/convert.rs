@@ -5,7 +5,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::pb;
-use crate::answer::{Answer, AnswerEvent, RequestOptions, Source};
+use crate::answer::{Answer, AnswerEvent, Conversation, Message, RequestOptions, Role, Source};
 use crate::config::RecoveryMode;
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
 
@@ -34,6 +34,7 @@ pub fn options(o: &pb::Options) -> RequestOptions {
         top_k: o.top_k,
         top_p: o.top_p,
         seed: o.seed,
+        voice: o.voice,
     }
 }
 
@@ -68,6 +69,7 @@ fn final_message(a: &Answer) -> pb::Final {
             opener_ms: a.timings.opener_ms,
             cloud_first_token_ms: a.timings.cloud_first_token_ms,
             total_ms: a.timings.total_ms,
+            first_sentence_ms: a.timings.first_sentence_ms,
         }),
         prompt_tokens: saturate(a.prompt_tokens),
         local_tokens: saturate(a.local_tokens),
@@ -77,8 +79,26 @@ fn final_message(a: &Answer) -> pb::Final {
     }
 }
 
-/// An event on the wire, or the status that ends the stream.
-pub fn event(ev: AnswerEvent) -> Result<pb::AnswerEvent, Status> {
+/// The request's conversation: its system text, earlier turns and question.
+pub fn conversation(system: &str, history: &[pb::Turn], query: &str) -> Conversation {
+    let mut messages = Vec::with_capacity(history.len() + 2);
+    if !system.trim().is_empty() {
+        messages.push(Message::new(Role::System, system));
+    }
+    for t in history {
+        let role = match pb::Speaker::try_from(t.speaker).unwrap_or(pb::Speaker::Unspecified) {
+            pb::Speaker::Assistant => Role::Assistant,
+            pb::Speaker::User | pb::Speaker::Unspecified => Role::User,
+        };
+        messages.push(Message::new(role, t.text.clone()));
+    }
+    messages.push(Message::new(Role::User, query));
+    Conversation { messages }
+}
+
+/// An event on the wire, the status that ends the stream, or None for what gRPC does not
+/// carry (function calls: a gRPC request names no tools, so none come).
+pub fn event(ev: AnswerEvent) -> Option<Result<pb::AnswerEvent, Status>> {
     use pb::answer_event::Event;
     let e = match ev {
         AnswerEvent::Word(w) => Event::Word(word(&w)),
@@ -94,9 +114,10 @@ pub fn event(ev: AnswerEvent) -> Result<pb::AnswerEvent, Status> {
         }),
         AnswerEvent::Correction => Event::Correction(pb::Correction {}),
         AnswerEvent::Done(a) => Event::Final(final_message(&a)),
-        AnswerEvent::Error(e) => return Err(status(&e)),
+        AnswerEvent::ToolCalls(_) => return None,
+        AnswerEvent::Error(e) => return Some(Err(status(&e))),
     };
-    Ok(pb::AnswerEvent { event: Some(e) })
+    Some(Ok(pb::AnswerEvent { event: Some(e) }))
 }
 
 /// The gRPC status for a request error; the message says what to do.
@@ -106,7 +127,7 @@ pub fn status(e: &RequestError) -> Status {
         RequestError::EmptyQuery | RequestError::QueryTooLong { .. } | RequestError::PromptTooLong { .. } | RequestError::InvalidOptions(_) => Status::invalid_argument(msg),
         RequestError::Busy { .. } => Status::resource_exhausted(msg),
         RequestError::Cancelled => Status::cancelled(msg),
-        RequestError::ShuttingDown => Status::unavailable(msg),
+        RequestError::ShuttingDown | RequestError::Upstream(_) => Status::unavailable(msg),
         RequestError::Inference(_) => Status::internal(msg),
     }
 }

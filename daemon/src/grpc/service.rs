@@ -24,9 +24,9 @@ impl AnswerService {
         Self { answerer }
     }
 
-    /// Checks the query and options, with the request's id: the caller's `x-request-id` when
-    /// it sent a usable one, else a fresh one.
-    fn admit<T>(&self, req: &Request<T>, arrived: Instant, query: &str, options: Option<&pb::Options>) -> Result<AnswerRequest, Status> {
+    /// Checks the conversation and options, with the request's id: the caller's
+    /// `x-request-id` when it sent a usable one, else a fresh one.
+    fn admit<T>(&self, req: &Request<T>, arrived: Instant, ask: Ask<'_>) -> Result<AnswerRequest, Status> {
         let id = req
             .metadata()
             .get("x-request-id")
@@ -34,9 +34,20 @@ impl AnswerService {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
-        let opt = options.map(convert::options).unwrap_or_default();
-        self.answerer.admit(id, Front::Grpc, arrived, query.to_string(), &opt).map_err(|e| convert::status(&e))
+        let opt = ask.options.map(convert::options).unwrap_or_default();
+        let conversation = convert::conversation(ask.system, ask.history, ask.query);
+        let kept = Some(ask.conversation_id).filter(|c| !c.is_empty()).map(str::to_string);
+        self.answerer.admit_conversation(id, Front::Grpc, arrived, conversation, kept, &opt).map_err(|e| convert::status(&e))
     }
+}
+
+/// The parts of an `AnswerRequest` or `OpenRequest` that make the request.
+struct Ask<'a> {
+    query: &'a str,
+    system: &'a str,
+    history: &'a [pb::Turn],
+    options: Option<&'a pb::Options>,
+    conversation_id: &'a str,
 }
 
 /// The client's deadline from the `grpc-timeout` header (e.g. "250m", "3S"): at most 8 digits
@@ -89,16 +100,20 @@ impl Stream for Wire {
                 return Poll::Ready(Some(Err(Status::deadline_exceeded("the deadline passed before the answer was complete"))));
             }
         }
-        let ev = match self.events.poll_next_unpin(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => {
-                self.done = true;
-                return Poll::Ready(None);
+        loop {
+            let ev = match self.events.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(ev)) => ev,
+            };
+            self.done = ev.is_terminal();
+            if let Some(item) = convert::event(ev) {
+                return Poll::Ready(Some(item));
             }
-            Poll::Ready(Some(ev)) => ev,
-        };
-        self.done = ev.is_terminal();
-        Poll::Ready(Some(convert::event(ev)))
+        }
     }
 }
 
@@ -111,14 +126,18 @@ impl pb::answerer_server::Answerer for AnswerService {
     async fn answer(&self, req: Request<pb::AnswerRequest>) -> Result<Response<EventStream>, Status> {
         let arrived = Instant::now();
         let deadline = deadline(&req);
-        let request = self.admit(&req, arrived, &req.get_ref().query, req.get_ref().options.as_ref())?;
+        let r = req.get_ref();
+        let ask = Ask { query: &r.query, system: &r.system, history: &r.history, options: r.options.as_ref(), conversation_id: &r.conversation_id };
+        let request = self.admit(&req, arrived, ask)?;
         let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
         Ok(Response::new(Box::pin(Wire { events: self.answerer.answer(request), deadline, done: false })))
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::OpenResponse>, Status> {
         let arrived = Instant::now();
-        let request = self.admit(&req, arrived, &req.get_ref().query, req.get_ref().options.as_ref())?;
+        let r = req.get_ref();
+        let ask = Ask { query: &r.query, system: &r.system, history: &r.history, options: r.options.as_ref(), conversation_id: "" };
+        let request = self.admit(&req, arrived, ask)?;
         // Dropping this future (client gone, deadline) cancels decoding.
         let o = self.answerer.open(request).await.map_err(|e| convert::status(&e))?;
         Ok(Response::new(pb::OpenResponse {

@@ -64,6 +64,88 @@ pub fn load_word(file: Option<&Path>, credential: &str, what: &str) -> Result<Op
     Ok(secret)
 }
 
+/// Bearer tokens that clients present, each under a name (so one can be revoked by deleting
+/// its line). Debug output never shows a token.
+pub struct Tokens {
+    /// (name, SHA-256 of the token): comparing digests takes the same time whatever the
+    /// token's length or where it differs.
+    entries: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.entries.iter().map(|(name, _)| name)).finish()
+    }
+}
+
+/// Why a token file is refused; never quotes a token.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error(transparent)]
+    File(#[from] SecretError),
+    #[error("{path} line {line}: {problem}; write one \"name token\" per line, the token at least 16 characters of letters, digits and -_.~+/=")]
+    Line { path: PathBuf, line: usize, problem: &'static str },
+    #[error("{path} holds no token; put one \"name token\" per line, or remove the file to ask for none")]
+    NoToken { path: PathBuf },
+}
+
+const MIN_TOKEN: usize = 16;
+
+impl Tokens {
+    /// The tokens in `file`, else in `$CREDENTIALS_DIRECTORY/<credential>`, else None (no
+    /// token is asked for). Lines are `name token`; `#` starts a comment line.
+    pub fn load(file: Option<&Path>, credential: &str) -> Result<Option<Self>, TokenError> {
+        let Some(text) = load_secret(file, credential, "token file")? else { return Ok(None) };
+        let path = file.map(Path::to_path_buf).or_else(|| credential_path(credential)).unwrap_or_else(|| credential.into());
+        let mut entries = Vec::new();
+        for (i, line) in text.expose().lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |problem| TokenError::Line { path: path.clone(), line: i + 1, problem };
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(token), None) = (words.next(), words.next(), words.next()) else {
+                return Err(bad("not a name and a token"));
+            };
+            if token.len() < MIN_TOKEN || !token.chars().all(|c| c.is_ascii_alphanumeric() || "-_.~+/=".contains(c)) {
+                return Err(bad("the token is too short or has characters a header cannot carry"));
+            }
+            entries.push((name.to_string(), digest(token)));
+        }
+        if entries.is_empty() {
+            return Err(TokenError::NoToken { path });
+        }
+        Ok(Some(Self { entries }))
+    }
+
+    /// The name of the token `presented` is, if it is one. Every token is compared, each in
+    /// constant time, so the time taken says nothing about how close a guess was.
+    pub fn check(&self, presented: &str) -> Option<&str> {
+        use subtle::ConstantTimeEq;
+        let d = digest(presented);
+        let mut found = None;
+        for (name, known) in &self.entries {
+            if bool::from(known.ct_eq(&d)) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
+    /// The names, for logs.
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
 /// `$CREDENTIALS_DIRECTORY/<name>` when systemd put a credential of that name there.
 fn credential_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(name)).filter(|p| p.is_file())
@@ -88,5 +170,24 @@ mod tests {
         assert!(e.to_string().contains("only the secret") && !e.to_string().contains("two words"), "{e}");
         let e = load_word(Some(&dir.path().join("missing")), "none", "API key file").unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn named_tokens_are_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(&f, "# the companion apps\nphone  tok-phone-0123456789abcdef\nkitchen tok-kitchen-0123456789ab\n").unwrap();
+        let t = Tokens::load(Some(&f), "none").unwrap().unwrap();
+        assert_eq!(t.check("tok-phone-0123456789abcdef"), Some("phone"));
+        assert_eq!(t.check("tok-phone-0123456789abcde"), None);
+        assert_eq!(t.check(""), None);
+        assert_eq!(t.names(), ["phone", "kitchen"]);
+        assert!(!format!("{t:?}").contains("tok-"));
+        std::fs::write(&f, "phone x7q\n").unwrap();
+        let e = Tokens::load(Some(&f), "none").unwrap_err().to_string();
+        assert!(e.contains("line 1") && !e.contains("x7q"), "a refusal never quotes the token: {e}");
+        std::fs::write(&f, "# nothing\n").unwrap();
+        assert!(matches!(Tokens::load(Some(&f), "none"), Err(TokenError::NoToken { .. })));
+        assert_eq!(Tokens::load(None, "no-such-credential").unwrap().map(|t| t.names().len()), None);
     }
 }

@@ -12,18 +12,36 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::answer::{AnswerEvent, RequestOptions, Source};
+use crate::answer::{AnswerEvent, Conversation, Message, RequestOptions, Role, Source};
 
 /// A request that parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// None when the client sent none (allowed with an MQTT 5 response topic).
     pub id: Option<String>,
-    pub query: String,
+    /// The system text, earlier turns and question.
+    pub conversation: Conversation,
+    /// Turns the daemon keeps for the asker under this id.
+    pub conversation_id: Option<String>,
     pub reply_to: Option<String>,
     pub options: RequestOptions,
     /// False: only the final (or error) reply.
     pub stream: bool,
+}
+
+/// An earlier turn as a payload carries it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTurn {
+    role: WireRole,
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WireRole {
+    User,
+    Assistant,
 }
 
 /// A payload that could not be taken, with whatever route fields could still be read from
@@ -42,6 +60,12 @@ struct Wire {
     id: Option<Value>,
     query: String,
     #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    history: Vec<WireTurn>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    #[serde(default)]
     reply_to: Option<String>,
     #[serde(default)]
     options: Option<RequestOptions>,
@@ -49,7 +73,7 @@ struct Wire {
     stream: Option<bool>,
 }
 
-const SHAPE: &str = r#"send {"id": "abc", "query": "your question"} with optional "reply_to", "stream" and "options""#;
+const SHAPE: &str = r#"send {"id": "abc", "query": "your question"} with optional "reply_to", "stream", "options", "system", "history" ([{"role": "user"|"assistant", "content": "..."}]) and "conversation_id""#;
 
 /// An id usable as a topic level: 1–64 of `A-Z a-z 0-9 _ - . :`, or a non-negative integer.
 fn id_of(v: &Value) -> Result<String, String> {
@@ -87,7 +111,26 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request, Rejected> {
         Some(v) => Some(id_of(v).map_err(|m| reject(None, reply_to.clone(), m))?),
         None => None,
     };
-    Ok(Request { id, query: wire.query, reply_to: wire.reply_to, options: wire.options.unwrap_or_default(), stream: wire.stream.unwrap_or(true) })
+    let mut messages = Vec::with_capacity(wire.history.len() + 2);
+    if let Some(system) = wire.system.filter(|s| !s.trim().is_empty()) {
+        messages.push(Message::new(Role::System, system));
+    }
+    for t in wire.history {
+        let role = match t.role {
+            WireRole::User => Role::User,
+            WireRole::Assistant => Role::Assistant,
+        };
+        messages.push(Message::new(role, t.content));
+    }
+    messages.push(Message::new(Role::User, wire.query));
+    Ok(Request {
+        id,
+        conversation: Conversation { messages },
+        conversation_id: wire.conversation_id,
+        reply_to: wire.reply_to,
+        options: wire.options.unwrap_or_default(),
+        stream: wire.stream.unwrap_or(true),
+    })
 }
 
 /// `id` and `reply_to` of a payload, read leniently (each only when present and usable).
@@ -120,6 +163,7 @@ pub fn reply(id: &str, node: &str, ev: &AnswerEvent, stream: bool, words: bool) 
             v
         }
         AnswerEvent::Error(e) => return Some((error_body(id, node, e.code(), &e.to_string()), true)),
+        // MQTT requests name no tools, so no function calls come back.
         _ => return None,
     };
     body["id"] = id.into();
@@ -178,6 +222,12 @@ mod tests {
         assert_eq!(r.reply_to.as_deref(), Some("home/a"));
         assert!(!r.stream);
         assert_eq!(r.options.max_words, Some(5));
+        let r = parse(br#"{"id": 1, "query": "And tomorrow?", "system": "Be brief.", "history": [{"role": "user", "content": "Weather today?"}, {"role": "assistant", "content": "Sunny."}], "conversation_id": "hall"}"#, 8192).unwrap();
+        let roles: Vec<Role> = r.conversation.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::System, Role::User, Role::Assistant, Role::User]);
+        assert_eq!(r.conversation_id.as_deref(), Some("hall"));
+        let e = parse(br#"{"id": 1, "query": "x", "history": [{"role": "tool", "content": "?"}]}"#, 8192).unwrap_err();
+        assert!(e.message.contains("history"), "{}", e.message);
     }
 
     #[test]
@@ -238,7 +288,7 @@ mod tests {
             if let Some(n) = max_words { v["options"] = json!({"max_words": n}); }
             let text = v.to_string();
             match parse(text.as_bytes(), 8192) {
-                Ok(r) => proptest::prop_assert_eq!(r.query, query),
+                Ok(r) => proptest::prop_assert_eq!(r.conversation.query(), query),
                 Err(e) => proptest::prop_assert!(!e.message.is_empty()),
             }
         }

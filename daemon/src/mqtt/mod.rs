@@ -262,7 +262,7 @@ impl MqttFront {
     async fn answer(&self, req: message::Request, route: Route, arrived: Instant, client: &AsyncClient) {
         let id = req.id.clone().unwrap_or_else(new_request_id);
         let node = &self.topics.node;
-        let request = match self.answerer.admit(id.clone(), Front::Mqtt, arrived, req.query, &req.options) {
+        let request = match self.answerer.admit_conversation(id.clone(), Front::Mqtt, arrived, req.conversation, req.conversation_id, &req.options) {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(id = %id, code = e.code(), error = %e, "refused an MQTT request");
