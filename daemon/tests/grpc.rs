@@ -315,3 +315,52 @@ async fn grpc_timeouts_no_client_would_send_never_panic_the_handler() {
     }
     d.stop().await;
 }
+
+/// Two questions of one conversation, the second asked with only its conversation id: the
+/// cloud hears the first question and the answer it got before the second.
+#[tokio::test]
+async fn a_follow_up_with_a_conversation_id_carries_the_earlier_turns() {
+    use common::fake_cloud::{chunk, done, fake_cloud, finish, Reply};
+    let cloud = fake_cloud(vec![
+        Reply::Stream(vec![chunk(" and it is Paris."), finish(), done()]),
+        Reply::Stream(vec![chunk(" about two million people."), finish(), done()]),
+        Reply::Stream(vec![chunk(" yes."), finish(), done()]),
+    ])
+    .await;
+    let url = cloud.url.clone();
+    let Some(d) = Daemon::start("smollm2", move |c| {
+        c.cloud.enabled = true;
+        c.cloud.base_url = url;
+        c.cloud.max_retries = 0;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = d.client().await;
+    let first = AnswerRequest { query: "What is the capital of France?".into(), conversation_id: "trip-1".into(), ..Default::default() };
+    let Some(Event::Final(f1)) = outcome(&mut c, first).await.unwrap().pop() else { panic!("no final") };
+    let second = AnswerRequest { query: "And its population?".into(), conversation_id: "trip-1".into(), ..Default::default() };
+    let Some(Event::Final(f2)) = outcome(&mut c, second).await.unwrap().pop() else { panic!("no final") };
+    assert!(f2.text.ends_with("about two million people."));
+    let sent = cloud.bodies.lock().unwrap()[1]["messages"].clone();
+    let texts: Vec<&str> = sent.as_array().unwrap().iter().filter_map(|m| m["content"].as_str()).collect();
+    assert!(texts.contains(&"What is the capital of France?"), "{texts:?}");
+    assert!(texts.contains(&f1.text.as_str()), "the first answer, as shown, is the assistant's turn: {texts:?}");
+    assert!(texts.last().unwrap().contains("And its population?"));
+    // The same context sent as history instead, with a system prompt.
+    let third = AnswerRequest {
+        query: "Is it sunny there?".into(),
+        system: "Answer in one short sentence.".into(),
+        history: vec![
+            mulmd::grpc::pb::Turn { speaker: mulmd::grpc::pb::Speaker::User as i32, text: "I am in Paris.".into() },
+            mulmd::grpc::pb::Turn { speaker: mulmd::grpc::pb::Speaker::Assistant as i32, text: "Lovely city.".into() },
+        ],
+        ..Default::default()
+    };
+    outcome(&mut c, third).await.unwrap();
+    let sent = cloud.bodies.lock().unwrap()[2]["messages"].clone();
+    assert!(sent[0]["content"].as_str().unwrap().starts_with("Answer in one short sentence."));
+    assert_eq!((sent[1]["content"].as_str(), sent[2]["content"].as_str()), (Some("I am in Paris."), Some("Lovely city.")));
+    d.stop().await;
+}

@@ -431,3 +431,36 @@ async fn home_assistant_discovery_is_published_and_republished_when_home_assista
     }
     d.stop().await;
 }
+
+/// A hub that keeps no history asks a follow-up with the same conversation_id: the cloud
+/// hears the first question and its answer before the second.
+#[tokio::test]
+async fn a_follow_up_with_a_conversation_id_carries_the_earlier_turns() {
+    use common::fake_cloud::{chunk, done, fake_cloud, finish, Reply};
+    let Some(broker) = Broker::start() else { return };
+    let cloud = fake_cloud(vec![
+        Reply::Stream(vec![chunk(" in about ten minutes."), finish(), done()]),
+        Reply::Stream(vec![chunk(" a bit longer, twelve minutes."), finish(), done()]),
+    ])
+    .await;
+    let url = cloud.url.clone();
+    let Some(d) = Daemon::start(broker.port, "pi5", move |c| {
+        c.cloud.enabled = true;
+        c.cloud.base_url = url;
+        c.cloud.max_retries = 0;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = Client::v311(broker.port, "hub", &["mulmd/pi5/answer/#"]).await;
+    c.send("mulmd/pi5/ask", json!({"id": "q1", "query": "How long do I boil an egg?", "stream": false, "conversation_id": "kitchen"}).to_string());
+    let first = c.on("mulmd/pi5/answer/q1").await.json();
+    c.send("mulmd/pi5/ask", json!({"id": "q2", "query": "And a hard one?", "stream": false, "conversation_id": "kitchen"}).to_string());
+    let second = c.on("mulmd/pi5/answer/q2").await.json();
+    assert!(second["text"].as_str().unwrap().ends_with("twelve minutes."), "{second}");
+    let sent = cloud.bodies.lock().unwrap()[1]["messages"].clone();
+    let texts: Vec<&str> = sent.as_array().unwrap().iter().filter_map(|m| m["content"].as_str()).collect();
+    assert!(texts.contains(&"How long do I boil an egg?") && texts.contains(&first["text"].as_str().unwrap()), "{texts:?}");
+    d.stop().await;
+}

@@ -266,3 +266,45 @@ fn a_taken_metrics_port_fails_the_start_and_names_the_setting() {
     assert!(stderr.contains("choose another"), "the error says what to do:\n{stderr}");
     assert!(!stderr.contains("serving "), "announced before failing:\n{stderr}");
 }
+
+/// SIGTERM while a long request runs: after the grace period the daemon ends it (between two
+/// prefill chunks or two tokens) with UNAVAILABLE and exits cleanly, instead of finishing the
+/// work first.
+#[tokio::test]
+async fn sigterm_ends_a_long_request_after_the_grace_period_and_exits() {
+    let Some(model) = common::fixture("smollm2") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mulmd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\ndir = \"{}\"\n[engine]\nprefill_chunk_tokens = 16\n[opener]\nmax_words_limit = 64\n[grpc]\nlisten = \"127.0.0.1:0\"\ngrace_period_ms = 300\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let serve = Serve::start(&config);
+    let mut client = AnswererClient::connect(format!("http://{}", serve.addr("gRPC "))).await.unwrap();
+    // A prompt of several hundred tokens and 64 words to write: seconds of work.
+    let query = format!("{} Now tell me a long story about it.", "The quick brown fox jumps over the lazy dog. ".repeat(40));
+    let options = mulmd::grpc::pb::Options { min_words: Some(64), max_words: Some(64), cloud: Some(false), ..Default::default() };
+    let req = AnswerRequest { query, options: Some(options), ..Default::default() };
+    let mut stream = client.answer(req).await.unwrap_or_else(|e| panic!("{e:?}:\n{}", serve.log())).into_inner();
+    let stopping = tokio::task::spawn_blocking(move || serve.stop());
+    let mut ended = None;
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => assert!(!matches!(ev.event, Some(Event::Final(_))), "the request ran to its end instead of being stopped"),
+            Ok(None) => break,
+            Err(s) => {
+                ended = Some(s);
+                break;
+            }
+        }
+    }
+    let (exit, log) = stopping.await.unwrap();
+    assert!(exit.success(), "exit status {exit}:\n{log}");
+    let status = ended.unwrap_or_else(|| panic!("the stream ended without a status:\n{log}"));
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}\n{log}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+}

@@ -22,6 +22,8 @@ pub enum Reply {
     StallAfter(Vec<String>),
     /// 200, then this SSE event again and again until the client goes away.
     Endless(String),
+    /// 200, then this SSE event every 50 ms until the client goes away.
+    Trickle(String),
     /// 200, then these raw bytes (a body that need not be SSE at all), then close.
     Raw(Vec<u8>),
 }
@@ -31,6 +33,14 @@ pub fn chunk(text: &str) -> String {
 }
 pub fn finish() -> String {
     format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+}
+/// A streamed function call: its id, name and whole arguments in one chunk.
+pub fn tool_call(id: &str, name: &str, arguments: &str) -> String {
+    let call = serde_json::json!({"index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
+    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]}))
+}
+pub fn finish_with(reason: &str) -> String {
+    format!("data: {}\n\n", serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}))
 }
 pub fn done() -> String {
     "data: [DONE]\n\n".into()
@@ -42,8 +52,10 @@ pub struct FakeCloud {
     pub auth: Arc<Mutex<Vec<String>>>,
     /// Bytes written by `Endless` and `Raw` replies.
     pub written: Arc<AtomicUsize>,
-    /// `Endless` replies that ended because the client stopped reading.
+    /// `Endless` and `Trickle` replies that ended because the client stopped reading.
     pub closed: Arc<AtomicUsize>,
+    /// Every chat-completions request body, in order.
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
@@ -53,12 +65,13 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
     let auth = Arc::new(Mutex::new(Vec::new()));
     let written = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicUsize::new(0));
-    let (count, seen, wrote, ended) = (completions.clone(), auth.clone(), written.clone(), closed.clone());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (count, seen, wrote, ended, kept) = (completions.clone(), auth.clone(), written.clone(), closed.clone(), bodies.clone());
     let script = Arc::new(script);
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
-            let (count, seen, script, wrote, ended) = (count.clone(), seen.clone(), script.clone(), wrote.clone(), ended.clone());
+            let (count, seen, script, wrote, ended, kept) = (count.clone(), seen.clone(), script.clone(), wrote.clone(), ended.clone(), kept.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 4096];
@@ -91,6 +104,9 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
                 }
                 if let Some(a) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")) {
                     seen.lock().unwrap().push(a.to_string());
+                }
+                if let Ok(body) = serde_json::from_slice(&buf[head_end..]) {
+                    kept.lock().unwrap().push(body);
                 }
                 let i = count.fetch_add(1, Ordering::SeqCst);
                 let reply = script.get(i).cloned().unwrap_or_else(|| Reply::Status(500, vec![], "script exhausted".into()));
@@ -128,6 +144,13 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
                         }
                         ended.fetch_add(1, Ordering::Relaxed);
                     }
+                    Reply::Trickle(event) => {
+                        let _ = sock.write_all(sse_head).await;
+                        while sock.write_all(event.as_bytes()).await.is_ok() && sock.flush().await.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        ended.fetch_add(1, Ordering::Relaxed);
+                    }
                     Reply::Raw(bytes) => {
                         let _ = sock.write_all(sse_head).await;
                         let _ = sock.write_all(&bytes).await;
@@ -137,6 +160,6 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
             });
         }
     });
-    FakeCloud { url, completions, auth, written, closed }
+    FakeCloud { url, completions, auth, written, closed, bodies }
 }
 
