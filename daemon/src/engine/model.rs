@@ -16,7 +16,6 @@ use super::manifest::Manifest;
 use super::prompt::{Prompt, Turn};
 use super::prefix::{self, Prefix};
 use super::template::{ChatTemplate, Message};
-use super::words::ends_sentence;
 
 pub struct Model {
     pub dir: PathBuf,
@@ -158,17 +157,15 @@ impl Model {
 
     /// The token ids of `prompt` within `budget` tokens: the conversation rendered with the chat
     /// template, keeping the most recent turns (the oldest go first, then the system turn),
-    /// then any text to continue (not counted: it is a bounded tail). Empty when that text
-    /// already ends a sentence (nothing to finish). A question that alone passes the budget is
-    /// refused, naming `setting`.
+    /// then any text to continue (not counted: it is a bounded tail). Empty when that text is
+    /// empty (nothing to finish; text that ends a sentence gets one sentence more). A question
+    /// that alone passes the budget is refused, naming `setting`.
     pub fn tokens(&self, prompt: &Prompt, budget: usize, setting: &'static str) -> Result<Vec<u32>, RequestError> {
         if prompt.query.trim().is_empty() {
             return Err(RequestError::EmptyQuery);
         }
-        if let Some(shown) = &prompt.continue_from {
-            if shown.trim().is_empty() || ends_sentence(shown) {
-                return Ok(Vec::new());
-            }
+        if prompt.continue_from.as_ref().is_some_and(|shown| shown.trim().is_empty()) {
+            return Ok(Vec::new());
         }
         let (mut system, mut from) = (prompt.system.as_deref(), 0);
         let mut ids = loop {

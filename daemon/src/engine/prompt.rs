@@ -35,8 +35,8 @@ pub struct Prompt {
     pub history: Vec<Turn>,
     pub query: String,
     /// Text already shown as the start of the answer: generation continues after it and
-    /// stops at the end of the current sentence (at most `max_words` words). Used to finish
-    /// a sentence locally when the cloud cannot.
+    /// stops at the end of the current sentence (the next one, when the text ends one; at
+    /// most `max_words` words). Used to finish an answer locally when the cloud cannot.
     pub continue_from: Option<String>,
 }
 

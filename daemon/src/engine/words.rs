@@ -52,6 +52,16 @@ enum Until {
     Voice { min_chars: usize },
 }
 
+/// Whether a sentence may stop after `word`: it ends one, or a line break follows it; but not
+/// at a list's number ("1.") nor at a colon that leads into what follows (a list, a quote).
+fn sentence_stop(word: &str, next_break: bool) -> bool {
+    let list_marker = word.len() <= 4 && word.trim_end_matches(['.', ')']).chars().all(|c| c.is_ascii_digit()) && word.len() > 1;
+    if list_marker || word.ends_with(':') {
+        return false;
+    }
+    ends_sentence(word) || next_break
+}
+
 /// Splits streamed text into words and decides when to stop.
 #[derive(Debug)]
 pub struct WordSplitter {
@@ -109,10 +119,8 @@ impl WordSplitter {
                 Until::Clause { min_words } => {
                     (self.emitted >= min_words && (word.text.ends_with(CLAUSE_END) || next_break)).then_some(StopReason::ClauseBoundary)
                 }
-                Until::SentenceEnd => (ends_sentence(&word.text) || next_break).then_some(StopReason::SentenceEnd),
-                Until::Voice { min_chars } => {
-                    (self.chars >= min_chars && (ends_sentence(&word.text) || next_break)).then_some(StopReason::SentenceEnd)
-                }
+                Until::SentenceEnd => sentence_stop(&word.text, next_break).then_some(StopReason::SentenceEnd),
+                Until::Voice { min_chars } => (self.chars >= min_chars && sentence_stop(&word.text, next_break)).then_some(StopReason::SentenceEnd),
             };
             on_word(word);
             if let Some(stop) = stop {
@@ -226,6 +234,21 @@ mod tests {
         assert_eq!(words, ["and", "dry,", "then", "rinse."]);
         assert_eq!(reason, Some(StopReason::SentenceEnd));
         assert!(ends_sentence("It is Paris.\"") && !ends_sentence("It is Paris,"));
+    }
+
+    #[test]
+    fn finishing_a_sentence_goes_past_a_colon_and_a_list_number() {
+        let mut s = WordSplitter::to_sentence_end(40);
+        let mut words = Vec::new();
+        let mut reason = None;
+        for p in [" follow", " these", " steps:", "\n1.", " Soak", " them", " overnight.", " Then"] {
+            reason = s.push(p, |w| words.push(w.text));
+            if reason.is_some() {
+                break;
+            }
+        }
+        assert_eq!(words.join(" "), "follow these steps: 1. Soak them overnight.");
+        assert_eq!(reason, Some(StopReason::SentenceEnd));
     }
 
     #[test]
