@@ -14,7 +14,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
-use crate::cloud::CloudError;
+use crate::cloud::{CloudError, Repair};
 
 /// Latency buckets in seconds: an opener is milliseconds, a cloud first token up to seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0];
@@ -85,6 +85,7 @@ fn describe() {
     describe_counter!("mulmd_fallbacks_total", "Answers finished on the device, by reason.");
     describe_gauge!("mulmd_queue_depth", "Requests waiting for an inference worker.");
     describe_gauge!("mulmd_requests_in_flight", "Answers being produced now.");
+    describe_counter!("mulmd_seam_repairs_total", "Repairs where opener and continuation meet, by kind: restated, scaffold, restart, finished.");
     describe_counter!("mulmd_output_caps_total", "Answers whose cloud continuation was cut at cloud.max_output_bytes or max_output_chunks.");
 }
 
@@ -102,6 +103,8 @@ pub struct Outcome<'a> {
     pub fallback: Option<&'a str>,
     /// The answer was cut at one of the cloud output caps.
     pub capped: bool,
+    /// Seam repairs made.
+    pub repairs: &'a [Repair],
 }
 
 /// A request began (the in-flight gauge rises until [`request_ended`]).
@@ -140,6 +143,9 @@ pub fn record(front: &'static str, o: &Outcome) {
     if o.capped {
         metrics::counter!("mulmd_output_caps_total").increment(1);
     }
+    for r in o.repairs {
+        metrics::counter!("mulmd_seam_repairs_total", "kind" => r.name()).increment(1);
+    }
 }
 
 /// Fallback reasons are a fixed set of names; anything else is folded so a label can never
@@ -147,4 +153,22 @@ pub fn record(front: &'static str, o: &Outcome) {
 pub fn fallback_label(reason: &str) -> &'static str {
     const LOCAL: &[&str] = &["not_configured", "disabled"];
     LOCAL.iter().chain(CloudError::CODES).find(|k| **k == reason).copied().unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_counts_its_corrections_and_each_seam_repair_by_kind() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let outcome = Outcome { code: "done", corrected: true, repairs: &[Repair::Restated, Repair::Finished, Repair::Restated], ..Default::default() };
+        metrics::with_local_recorder(&recorder, || record("grpc", &outcome));
+        let text = handle.render();
+        assert!(text.contains(r#"mulmd_seam_repairs_total{kind="restated"} 2"#), "{text}");
+        assert!(text.contains(r#"mulmd_seam_repairs_total{kind="finished"} 1"#), "{text}");
+        assert!(!text.contains(r#"kind="restart""#), "{text}");
+        assert!(text.contains("mulmd_corrections_total 1"), "{text}");
+    }
 }

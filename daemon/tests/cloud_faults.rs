@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mulmd::answer::{Admission, Answer, AnswerEvent, AnswerRequest, Answerer, Front, Source};
-use mulmd::cloud::{CloudClient, CloudConfig};
+use mulmd::cloud::{CloudClient, CloudConfig, Repair};
 use mulmd::config::{Config, RecoveryMode};
 use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
 use mulmd::host::secrets::Secret;
@@ -94,7 +94,11 @@ async fn a_restated_opener_is_dropped_and_the_key_is_sent() {
     let (_, a) = ask(&engine, Some(client(&cloud.url)), RecoveryMode::Natural).await;
     assert_eq!(a.text, format!("{OPENER} simple task."));
     assert!(a.fallback.is_none() && !a.corrected);
-    assert_eq!(cloud.auth.lock().unwrap().as_slice(), ["authorization: Bearer sk-test-SECRET-4242"]);
+    assert_eq!(a.repairs, [Repair::Restated]);
+    // The layout probe and the continuation both carry the key.
+    assert_eq!(cloud.probes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(cloud.auth.lock().unwrap().as_slice(), ["authorization: Bearer sk-test-SECRET-4242"; 2]);
+    assert_eq!(cloud.bodies.lock().unwrap()[0]["messages"].as_array().unwrap().last().unwrap()["content"], OPENER, "the prefill layout");
 }
 
 #[tokio::test]

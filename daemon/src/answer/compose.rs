@@ -16,7 +16,7 @@ use super::events::{Answer, AnswerEvent, AnswerTimings, Fallback, Source};
 use super::memory::Conversations;
 use super::request::AnswerRequest;
 use super::source::OpenerSource;
-use crate::cloud::{CloudClient, CloudError, CloudEvent, ContinuationRequest, Failure, Seam, SeamOutput, ToolCall};
+use crate::cloud::{CloudClient, CloudError, CloudEvent, ContinuationRequest, Failure, Repair, Seam, SeamOutput, ToolCall};
 use crate::engine::{Opener, OpenerEvent, OpenerOptions, Prompt, RequestError, WordEvent};
 
 /// The most of the shown answer the device reads back when it finishes a sentence itself:
@@ -119,13 +119,43 @@ async fn compose_answer(parts: &Parts, req: &AnswerRequest, out: &mut Out, cance
         } else {
             Fallback { reason: "disabled".into(), message: "the request asked for no cloud".into() }
         }),
-        Some(client) => continue_in_cloud(client, req, Some(&opener.text), out, cancel, &mut c).await?,
+        Some(client) => {
+            let finisher = Finisher { parts, prompt: &prompt, options };
+            continue_in_cloud(client, req, Some((&opener.text, finisher)), out, cancel, &mut c).await?
+        }
     };
-    let mut local_tokens = opener.generated_tokens;
-    if fallback.is_some() {
-        local_tokens += finish_locally(parts, &prompt, options, &opener.text, out, cancel, &mut c).await?;
+    let mut local_tokens = opener.generated_tokens + c.local_tokens;
+    // The device finishes what the cloud left open: an answer the cloud never continued (one
+    // sentence more when the opener ended one), or one that stops mid-sentence (cut by the
+    // cloud's length limit, mulmd's cap or a fault, or just stopped on a colon).
+    let cut = matches!(c.finish_reason.as_deref(), Some("length" | "output_cap")) || fallback.is_some();
+    let open_end = !crate::engine::ends_sentence(&format!("{}{}", opener.text, c.text));
+    if c.tool_calls.is_empty() && ((cut && c.text.is_empty()) || open_end) {
+        let continued = c.text.len();
+        let finisher = Finisher { parts, prompt: &prompt, options };
+        local_tokens += finisher.finish(&opener.text, out, cancel, &mut c).await?;
+        if continued > 0 && c.text.len() > continued {
+            c.repairs.push(Repair::Finished);
+        }
+        close_sentence(&opener.text, out, &mut c).await?;
     }
     Ok(c.into_answer(opener, fallback, local_tokens, req.arrived))
+}
+
+/// The device's finish is bounded (40 words), and a list or a loop of words can outlast it:
+/// then a full stop (after a word) or an ellipsis (after a comma or colon) ends what is heard,
+/// so no answer stops mid-sentence. Marked as finished.
+async fn close_sentence(opener: &str, out: &mut Out, c: &mut Continued) -> Result<(), Gone> {
+    let shown = format!("{opener}{}", c.text);
+    let last = shown.trim_end().chars().last();
+    let Some(last) = last.filter(|_| !crate::engine::ends_sentence(&shown)) else { return Ok(()) };
+    let text = if last.is_alphanumeric() || matches!(last, '"' | '\'' | '”' | '’' | ')' | '*' | '%' | '°') { "." } else { "…" };
+    out.send(AnswerEvent::Delta { text: text.into(), source: Source::Local }).await?;
+    c.text.push_str(text);
+    if !c.repairs.contains(&Repair::Finished) {
+        c.repairs.push(Repair::Finished);
+    }
+    Ok(())
 }
 
 /// A request the device does not open: the cloud answers the conversation as it is. When the
@@ -154,47 +184,48 @@ async fn answer_without_opener(parts: &Parts, req: &AnswerRequest, cloud: Option
     .await?;
     c.text = opener.text.clone();
     let mut local_tokens = opener.generated_tokens;
-    local_tokens += finish_locally(parts, &prompt, &options, "", out, cancel, &mut c).await?;
+    local_tokens += Finisher { parts, prompt: &prompt, options: &options }.finish("", out, cancel, &mut c).await?;
     let mut answer = c.into_answer(Opener::empty(), Some(fallback), local_tokens, req.arrived);
     answer.timings.ttft_ms = ms(opener.timings.ttft);
     Ok(answer)
 }
 
-/// The device finishes the sentence the answer stopped in; returns the tokens it wrote.
-async fn finish_locally(
-    parts: &Parts,
-    prompt: &Prompt,
-    options: &OpenerOptions,
-    opener: &str,
-    out: &mut Out,
-    cancel: &CancellationToken,
-    c: &mut Continued,
-) -> Result<usize, Ended> {
-    // Never leave a dangling half sentence: the device finishes the current one.
-    let shown = format!("{opener}{}", c.text);
-    let prompt = Prompt { continue_from: Some(tail(&shown, FINISH_TAIL_BYTES).to_string()), ..prompt.clone() };
-    let options = OpenerOptions { max_words: 40, max_tokens: 80, sentence_chars: None, ..options.clone() };
-    let ends_open = shown.chars().last().is_some_and(|ch| ch.is_alphanumeric() || ch == ',');
-    let mut first = true;
-    let mut finish_text = String::new();
-    let to_event = |w: &WordEvent| {
-        let lead = if first && w.leading.is_empty() && ends_open { " " } else { w.leading.as_str() };
-        first = false;
-        let text = format!("{lead}{}", w.text);
-        finish_text.push_str(&text);
-        AnswerEvent::Delta { text, source: Source::Local }
-    };
-    let tokens = match local(parts.source.clone(), prompt, options, Instant::now(), out, cancel, to_event).await {
-        Ok(o) => o.generated_tokens,
-        Err(Ended::Failed(RequestError::Cancelled)) => return Err(Ended::Failed(RequestError::Cancelled)),
-        Err(Ended::Failed(e)) => {
-            tracing::warn!(error = %e, "finishing the sentence locally failed");
-            0
-        }
-        Err(Ended::Gone) => return Err(Ended::Gone),
-    };
-    c.text.push_str(&finish_text);
-    Ok(tokens)
+/// What the device needs to finish an answer's sentence itself.
+struct Finisher<'a> {
+    parts: &'a Parts,
+    prompt: &'a Prompt,
+    options: &'a OpenerOptions,
+}
+
+impl Finisher<'_> {
+    /// The device finishes the sentence the answer (`opener` and what `c` holds so far)
+    /// stopped in, adding its words to `c`; returns the tokens it wrote.
+    async fn finish(&self, opener: &str, out: &mut Out, cancel: &CancellationToken, c: &mut Continued) -> Result<usize, Ended> {
+        let shown = format!("{opener}{}", c.text);
+        let prompt = Prompt { continue_from: Some(tail(&shown, FINISH_TAIL_BYTES).to_string()), ..self.prompt.clone() };
+        let options = OpenerOptions { max_words: 40, max_tokens: 80, sentence_chars: None, ..self.options.clone() };
+        let ends_open = shown.chars().last().is_some_and(|ch| ch.is_alphanumeric() || matches!(ch, ',' | '.' | '!' | '?' | ':' | ';'));
+        let mut first = true;
+        let mut finish_text = String::new();
+        let to_event = |w: &WordEvent| {
+            let lead = if first && w.leading.is_empty() && ends_open { " " } else { w.leading.as_str() };
+            first = false;
+            let text = format!("{lead}{}", w.text);
+            finish_text.push_str(&text);
+            AnswerEvent::Delta { text, source: Source::Local }
+        };
+        let tokens = match local(self.parts.source.clone(), prompt, options, Instant::now(), out, cancel, to_event).await {
+            Ok(o) => o.generated_tokens,
+            Err(Ended::Failed(RequestError::Cancelled)) => return Err(Ended::Failed(RequestError::Cancelled)),
+            Err(Ended::Failed(e)) => {
+                tracing::warn!(error = %e, "finishing the sentence locally failed");
+                0
+            }
+            Err(Ended::Gone) => return Err(Ended::Gone),
+        };
+        c.text.push_str(&finish_text);
+        Ok(tokens)
+    }
 }
 
 /// Runs one engine request, passing each word out as `event(word)`; returns the finished
@@ -240,6 +271,10 @@ struct Continued {
     finish_reason: Option<String>,
     capped: Option<String>,
     tool_calls: Vec<ToolCall>,
+    /// What the seam (and the ending) repaired.
+    repairs: Vec<Repair>,
+    /// Tokens the device wrote inside the continuation (a restart's clause).
+    local_tokens: usize,
 }
 
 impl Continued {
@@ -264,25 +299,27 @@ impl Continued {
             cloud_tokens: self.tokens,
             cloud_prompt_tokens: self.prompt_tokens,
             tool_calls: self.tool_calls,
+            repairs: self.repairs,
         }
     }
 }
 
-/// Streams the cloud's answer out (through the seam when it continues an opener); returns
-/// why the device must finish the answer, if it must.
+/// Streams the cloud's answer out (through the seam when it continues an opener, whose
+/// `Finisher` finishes the opener's clause when the cloud starts a new sentence instead);
+/// returns why the device must finish the answer, if it must.
 async fn continue_in_cloud(
     client: &Arc<CloudClient>,
     req: &AnswerRequest,
-    opener: Option<&str>,
+    opener: Option<(&str, Finisher<'_>)>,
     out: &mut Out,
     cancel: &CancellationToken,
     c: &mut Continued,
 ) -> Result<Option<Fallback>, Ended> {
     let asked = Instant::now();
-    let mut seam = opener.map(Seam::new);
+    let mut seam = opener.as_ref().map(|(text, _)| Seam::new(text));
     let ask = ContinuationRequest {
         messages: req.conversation.to_cloud(),
-        opener: opener.map(str::to_string),
+        opener: opener.as_ref().map(|(text, _)| text.to_string()),
         mode: req.recovery,
         params: req.cloud_params.clone(),
     };
@@ -296,16 +333,16 @@ async fn continue_in_cloud(
             Some(CloudEvent::Delta(d)) => {
                 let passed = match seam.as_mut() {
                     Some(s) => s.push(&d),
-                    None => SeamOutput { text: d, correction: false },
+                    None => SeamOutput { text: d, ..Default::default() },
                 };
-                emit(passed, out, c, asked).await?
+                emit(passed, opener.as_ref(), out, c, cancel, asked).await?
             }
             Some(CloudEvent::End(r)) => break r,
             None => break Err(Failure { error: CloudError::Internal("the continuation ended without its end".into()), forwarded: true, attempts: 0 }),
         }
     };
     if let Some(s) = seam.as_mut() {
-        emit(s.flush(), out, c, asked).await?;
+        emit(s.flush(), opener.as_ref(), out, c, cancel, asked).await?;
     }
     match result {
         Ok(summary) => {
@@ -314,7 +351,7 @@ async fn continue_in_cloud(
             c.finish_reason = summary.finish_reason.filter(|r| matches!(r.as_str(), "length" | "output_cap" | "tool_calls"));
             c.capped = summary.capped;
             if let Some(why) = &c.capped {
-                tracing::warn!(cap = %why, "the cloud's continuation reached a cap; the answer ends with the text so far");
+                tracing::warn!(cap = %why, "the cloud's continuation reached a cap; the device finishes the sentence");
             }
             if !summary.tool_calls.is_empty() {
                 c.finish_reason = Some("tool_calls".into());
@@ -331,11 +368,25 @@ async fn continue_in_cloud(
     }
 }
 
-/// Everything the seam lets through goes out the same way, wherever it was read.
-async fn emit(s: SeamOutput, out: &mut Out, c: &mut Continued, asked: Instant) -> Result<(), Gone> {
+/// Everything the seam lets through goes out the same way, wherever it was read. A restart
+/// has the device finish the opener's clause before the cloud's new sentence.
+async fn emit(
+    s: SeamOutput,
+    opener: Option<&(&str, Finisher<'_>)>,
+    out: &mut Out,
+    c: &mut Continued,
+    cancel: &CancellationToken,
+    asked: Instant,
+) -> Result<(), Ended> {
+    c.repairs.extend(&s.repairs);
     if s.correction && !c.corrected {
         c.corrected = true;
         out.send(AnswerEvent::Correction).await?;
+    }
+    if s.finish_first {
+        if let Some((text, finisher)) = opener {
+            c.local_tokens += finisher.finish(text, out, cancel, c).await?;
+        }
     }
     if !s.text.is_empty() {
         c.first_token_ms.get_or_insert_with(|| ms(asked.elapsed()));

@@ -1,11 +1,12 @@
 //! What an answer produces, in order: opener `Word`s, `OpenerDone`, continuation `Delta`s
-//! (at most one `Correction` before the first cloud delta), `ToolCalls` when the cloud made
-//! any, then exactly one `Done` or `Error`. An answer without an opener (a tool result to
-//! read) has no `Word` and no `OpenerDone`. Fronts translate these; the tap (`tap.rs`) watches them for logs and metrics.
+//! (at most one `Correction`, just before the cloud text that redirects a wrong opener),
+//! `ToolCalls` when the cloud made any, then exactly one `Done` or `Error`. An answer without
+//! an opener (a tool result to read) has no `Word` and no `OpenerDone`. Fronts translate
+//! these; the tap (`tap.rs`) watches them for logs and metrics.
 
 use serde::Serialize;
 
-pub use crate::cloud::ToolCall;
+pub use crate::cloud::{Repair, ToolCall};
 use crate::engine::{OpenerTimings, RequestError, StopReason, WordEvent};
 
 /// Who wrote a piece of the continuation.
@@ -59,6 +60,8 @@ pub struct Answer {
     pub cloud_prompt_tokens: Option<u64>,
     /// Function calls the cloud asked for (with the request's `tools`).
     pub tool_calls: Vec<ToolCall>,
+    /// What was repaired where the opener and the continuation meet, and at the end.
+    pub repairs: Vec<Repair>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

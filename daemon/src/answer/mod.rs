@@ -24,7 +24,7 @@ pub use conversation::{Conversation, Message, Role};
 pub use events::{Answer, AnswerEvent, AnswerTimings, Fallback, Source, ToolCall};
 pub use memory::Conversations;
 pub use request::{new_request_id, AnswerRequest, Front};
-pub use source::{OpenerSource, ScriptedOpener};
+pub use source::{GivenOpener, OpenerSource, ScriptedOpener};
 pub use tap::{Stats, StatsSnapshot};
 
 use std::pin::Pin;

@@ -1,5 +1,6 @@
-//! Where openers come from: the engine, or (for tests of a front that are about the front, not
-//! the model) a scripted source that needs no model.
+//! Where openers come from: the engine; for tests of a front that are about the front, not
+//! the model, a scripted source that needs no model; and for trying a continuator on a given
+//! start (a wrong one, say), a given opener with the engine behind it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -112,5 +113,39 @@ impl OpenerSource for ScriptedOpener {
 
     fn model_name(&self) -> String {
         "scripted".into()
+    }
+}
+
+/// A given opener in place of the model's (at most 64 words), with `inner` writing the
+/// device's finishes (prompts with `continue_from`): for trying how a continuator repairs a
+/// start, a wrong one included (`mulmd ask --opener`).
+pub struct GivenOpener {
+    given: ScriptedOpener,
+    words: usize,
+    inner: std::sync::Arc<dyn OpenerSource>,
+}
+
+impl GivenOpener {
+    pub fn new(opener: &str, inner: std::sync::Arc<dyn OpenerSource>) -> Self {
+        Self { given: ScriptedOpener::new(opener, ""), words: opener.split_whitespace().count().clamp(1, 64), inner }
+    }
+}
+
+impl OpenerSource for GivenOpener {
+    fn submit(&self, prompt: &Prompt, options: OpenerOptions, arrived: Instant, cancel: CancellationToken) -> Result<OpenerEvents, RequestError> {
+        if prompt.continue_from.is_some() {
+            return self.inner.submit(prompt, options, arrived, cancel);
+        }
+        // All the given words, whatever length the request asked for.
+        let options = OpenerOptions { min_words: 1, max_words: self.words, ..options };
+        self.given.submit(prompt, options, arrived, cancel)
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+
+    fn model_name(&self) -> String {
+        self.inner.model_name()
     }
 }

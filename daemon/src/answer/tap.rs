@@ -68,6 +68,7 @@ impl Tap {
                 corrected = a.corrected,
                 fallback,
                 finish_reason = a.finish_reason.as_str(),
+                repairs = ?a.repairs,
                 "answered"
             )
         });
@@ -80,6 +81,7 @@ impl Tap {
             corrected: a.corrected,
             fallback,
             capped: a.finish_reason == "output_cap",
+            repairs: &a.repairs,
         };
         metrics::record(self.front.name(), &outcome);
         self.stats.record(a, self.opener_speed);

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::{load_model, print_word, read_config, runtime, EXIT_CONFIG};
-use crate::answer::{new_request_id, Admission, AnswerEvent, Answerer, Front, RequestOptions};
+use crate::answer::{new_request_id, Admission, AnswerEvent, Answerer, Front, GivenOpener, OpenerSource, RequestOptions};
 use crate::cloud::{load_api_key, CloudClient, CloudConfig};
-use crate::config::Config;
+use crate::config::{Config, PromptLayout};
 use crate::engine::{Engine, EngineConfig, OpenerOptions};
 
 #[derive(Args)]
@@ -35,6 +35,13 @@ pub struct AskArgs {
     /// How the cloud repairs a wrong opener.
     #[arg(long, value_parser = ["natural", "explicit", "humor"], default_value = "natural")]
     recovery: String,
+    /// How the opener is put to the cloud (default: the file's cloud.prompt, else auto).
+    #[arg(long, value_parser = ["auto", "prefill", "instruct"])]
+    prompt: Option<String>,
+    /// Show this opener instead of the model's, to try how the cloud continues (or repairs)
+    /// a given start; the model still finishes what the cloud leaves open.
+    #[arg(long, value_name = "TEXT")]
+    opener: Option<String>,
     /// Keep the whole answer on the device.
     #[arg(long)]
     no_cloud: bool,
@@ -86,7 +93,15 @@ pub fn run(a: AskArgs) -> ExitCode {
     let mut admission = Admission::from_config(&base);
     admission.defaults = OpenerOptions { min_words: a.min_words, max_words: a.max_words, ..Default::default() };
     admission.max_words_limit = 64;
-    let answerer = Answerer::new(engine, cloud, admission);
+    let source: Arc<dyn OpenerSource> = match a.opener.as_deref().map(str::trim) {
+        Some("") => {
+            eprintln!("mulmd: --opener is empty; give the words the answer should start with");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Some(text) => Arc::new(GivenOpener::new(text, engine)),
+        None => engine,
+    };
+    let answerer = Answerer::new(source, cloud, admission);
     let options = RequestOptions { recovery: a.recovery.parse().ok(), cloud: Some(!a.no_cloud), ..Default::default() };
     let request = match answerer.admit(new_request_id(), Front::Cli, Instant::now(), a.query.clone(), &options) {
         Ok(r) => r,
@@ -160,6 +175,12 @@ fn cloud(a: &AskArgs, file: Option<&Config>) -> Result<Option<Arc<CloudClient>>,
     if a.api_key_file.is_some() {
         key_file = a.api_key_file.clone();
     }
+    cfg.prompt = match a.prompt.as_deref() {
+        Some("prefill") => PromptLayout::Prefill,
+        Some("instruct") => PromptLayout::Instruct,
+        Some(_) => PromptLayout::Auto,
+        None => cfg.prompt,
+    };
     cfg.api_key = load_api_key(key_file.as_deref()).map_err(|e| e.to_string())?;
     CloudClient::new(cfg).map(|c| Some(Arc::new(c))).map_err(|e| e.to_string())
 }

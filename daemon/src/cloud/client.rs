@@ -5,7 +5,7 @@
 //!
 //! Whatever the provider sends, memory stays bounded: the raw stream is cut at a total and
 //! per-event size, and the continuation passed on at `max_output_bytes` / `max_output_chunks`
-//! (the answer then ends with the text so far, and the stream is dropped).
+//! (the stream is then dropped and the answer says so).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::config::CloudConfig;
-use super::prompt::messages;
+use super::probe::LayoutChoice;
+use super::prompt::{messages, prefill_fields, Layout};
 use super::provider::{self, clean, error_message, error_text};
 use crate::config::RecoveryMode;
 
@@ -176,6 +177,7 @@ pub struct CloudClient {
     http: reqwest::Client,
     cfg: CloudConfig,
     last_used: Mutex<Option<Instant>>,
+    layout: LayoutChoice,
 }
 
 /// The HTTP client could not be built (a TLS set-up problem).
@@ -206,7 +208,7 @@ impl CloudClient {
             .user_agent(concat!("mulmd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| BuildError(e.to_string()))?;
-        Ok(Self { http, cfg, last_used: Mutex::new(None) })
+        Ok(Self { http, cfg, last_used: Mutex::new(None), layout: LayoutChoice::default() })
     }
 
     /// The key, for cutting it out of whatever the provider sends back: providers sometimes
@@ -227,9 +229,16 @@ impl CloudClient {
         stale
     }
 
-    /// Opens (or refreshes) a pooled connection, TLS included, if none was used recently.
-    /// Cheap to call at the start of every request, concurrently with the opener.
+    /// How the opener is put to this endpoint (probed once with `cloud.prompt = "auto"`).
+    pub async fn layout(&self) -> Layout {
+        self.layout.layout(&self.http, &self.cfg).await
+    }
+
+    /// Opens (or refreshes) a pooled connection, TLS included, if none was used recently, and
+    /// settles the prompt layout. Cheap to call at the start of every request, concurrently
+    /// with the opener.
     pub async fn warm(&self) {
+        self.layout().await;
         if !self.touch() {
             return;
         }
@@ -259,11 +268,16 @@ impl CloudClient {
     async fn run(&self, req: &ContinuationRequest, cancel: &CancellationToken, tx: &mpsc::Sender<CloudEvent>) -> Result<CloudSummary, Failure> {
         let started = Instant::now();
         let deadline = started + self.cfg.total_timeout;
+        let layout = match req.opener {
+            Some(_) => self.layout().await,
+            None => Layout::Instruct,
+        };
+        let body = self.body(req, layout);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let mut out = Output { tx, forwarded: false, bytes: 0, chunks: 0 };
-            let result = self.attempt(req, cancel, deadline, started, &mut out).await;
+            let result = self.attempt(&body, cancel, deadline, started, &mut out).await;
             self.touch();
             let forwarded = out.forwarded;
             match result {
@@ -293,17 +307,20 @@ impl CloudClient {
     }
 
     /// The request body: the client's fields, then mulmd's over them.
-    fn body(&self, req: &ContinuationRequest) -> Value {
+    fn body(&self, req: &ContinuationRequest, layout: Layout) -> Value {
         let mut body = req.params.clone();
-        for own in ["model", "messages", "stream", "stream_options", "n", "max_completion_tokens"] {
+        for own in ["model", "messages", "stream", "stream_options", "n", "max_completion_tokens", "continue_final_message", "add_generation_prompt"] {
             body.remove(own);
         }
         let asked = req.params.get("max_tokens").or_else(|| req.params.get("max_completion_tokens")).and_then(Value::as_u64);
         let max_tokens = asked.map_or(self.cfg.max_tokens as u64, |a| a.min(self.cfg.max_tokens as u64));
         let messages = match &req.opener {
-            Some(opener) => messages(&req.messages, opener, req.mode),
+            Some(opener) => messages(&req.messages, opener, req.mode, layout),
             None => req.messages.clone(),
         };
+        if req.opener.is_some() && layout == Layout::Prefill {
+            body.extend(prefill_fields().map(|(k, v)| (k.to_string(), v)));
+        }
         body.insert("model".into(), self.cfg.model.clone().into());
         body.insert("messages".into(), messages.into());
         body.insert("stream".into(), true.into());
@@ -319,15 +336,14 @@ impl CloudClient {
 
     async fn attempt(
         &self,
-        req: &ContinuationRequest,
+        body: &Value,
         cancel: &CancellationToken,
         deadline: Instant,
         started: Instant,
         out: &mut Output<'_>,
     ) -> Result<CloudSummary, CloudError> {
         let total = self.cfg.total_timeout;
-        let body = self.body(req);
-        let mut request = self.http.post(format!("{}/chat/completions", self.cfg.base_url)).json(&body);
+        let mut request = self.http.post(format!("{}/chat/completions", self.cfg.base_url)).json(body);
         if let Some(k) = self.key() {
             request = request.bearer_auth(k);
         }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::config::CloudSection;
+use crate::config::{CloudSection, PromptLayout};
 use crate::host::secrets::{load_word, Secret, SecretError};
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ pub struct CloudConfig {
     pub max_output_bytes: usize,
     /// The most continuation chunks (about one token each) passed on.
     pub max_output_chunks: usize,
+    /// How the opener is put to the model.
+    pub prompt: PromptLayout,
 }
 
 impl CloudConfig {
@@ -50,6 +52,7 @@ impl CloudConfig {
             include_usage: true,
             max_output_bytes: 16384,
             max_output_chunks: 1600,
+            prompt: PromptLayout::Auto,
         }
     }
 
@@ -68,6 +71,7 @@ impl CloudConfig {
             extra_headers: s.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             max_output_bytes: s.max_output_bytes,
             max_output_chunks: s.max_output_chunks,
+            prompt: s.prompt,
             ..Self::new(&s.base_url, &s.model)
         }
     }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 pub use crate::host::cpus::Affinity;
-pub use types::{FileMode, LogFormat, RecoveryMode};
+pub use types::{FileMode, LogFormat, PromptLayout, RecoveryMode};
 
 pub const DEFAULT_PATH: &str = "/etc/mulmd/mulmd.toml";
 
@@ -108,6 +108,8 @@ pub struct CloudSection {
     /// Empty: $CREDENTIALS_DIRECTORY/cloud_api_key (systemd LoadCredential), if present.
     pub api_key_file: PathBuf,
     pub recovery: RecoveryMode,
+    /// How the opener is put to the model: probed, prefill or instruct.
+    pub prompt: PromptLayout,
     pub connect_timeout_ms: u64,
     pub first_token_timeout_ms: u64,
     pub idle_timeout_ms: u64,

@@ -28,6 +28,20 @@ impl std::str::FromStr for RecoveryMode {
     }
 }
 
+/// How the opener is put to the cloud model (see `cloud::Layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptLayout {
+    /// Probe the endpoint once: prefill where it continues an assistant's message, else
+    /// instruct. The answer is remembered for the daemon's life.
+    #[default]
+    Auto,
+    /// The opener as the assistant's unfinished message (the server must support prefill).
+    Prefill,
+    /// The opener quoted in the instructions; works with any chat endpoint.
+    Instruct,
+}
+
 /// Log lines as plain text (journald) or one JSON object per line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -76,6 +76,7 @@ fn final_message(a: &Answer) -> pb::Final {
         cloud_tokens: a.cloud_tokens,
         finish_reason: a.finish_reason.clone(),
         finish_detail: a.finish_detail.clone().unwrap_or_default(),
+        repairs: a.repairs.iter().map(|r| r.name().to_string()).collect(),
     }
 }
 

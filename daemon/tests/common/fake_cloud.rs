@@ -1,6 +1,7 @@
 //! A scriptable OpenAI-compatible server for the faults a real one cannot produce on demand:
-//! each chat-completions request gets the next scripted reply (a GET, as for warming, gets
-//! `{}`).
+//! each streamed chat-completions request gets the next scripted reply. A GET, as for
+//! warming, gets `{}`; mulmd's layout probe (`"stream": false`) is answered as a server with
+//! assistant prefill answers it, outside the script.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,8 +55,10 @@ pub struct FakeCloud {
     pub written: Arc<AtomicUsize>,
     /// `Endless` and `Trickle` replies that ended because the client stopped reading.
     pub closed: Arc<AtomicUsize>,
-    /// Every chat-completions request body, in order.
+    /// Every streamed chat-completions request body, in order.
     pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Layout probes answered (requests with `"stream": false`, outside the script).
+    pub probes: Arc<AtomicUsize>,
 }
 
 pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
@@ -66,12 +69,14 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
     let written = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicUsize::new(0));
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    let (count, seen, wrote, ended, kept) = (completions.clone(), auth.clone(), written.clone(), closed.clone(), bodies.clone());
+    let probes = Arc::new(AtomicUsize::new(0));
+    let (count, seen, wrote, ended, kept, probed) = (completions.clone(), auth.clone(), written.clone(), closed.clone(), bodies.clone(), probes.clone());
     let script = Arc::new(script);
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
-            let (count, seen, script, wrote, ended, kept) = (count.clone(), seen.clone(), script.clone(), wrote.clone(), ended.clone(), kept.clone());
+            let (count, seen, script, wrote, ended, kept, probed) =
+                (count.clone(), seen.clone(), script.clone(), wrote.clone(), ended.clone(), kept.clone(), probed.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 4096];
@@ -105,7 +110,17 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
                 if let Some(a) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")) {
                     seen.lock().unwrap().push(a.to_string());
                 }
-                if let Ok(body) = serde_json::from_slice(&buf[head_end..]) {
+                let body: serde_json::Value = serde_json::from_slice(&buf[head_end..]).unwrap_or_default();
+                if body["stream"] == false {
+                    // mulmd asks whether a reply cut inside a word is continued: like
+                    // llama.cpp's server, this one continues it.
+                    probed.fetch_add(1, Ordering::SeqCst);
+                    let reply = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"is."},"finish_reason":"length"}]}"#;
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", reply.len());
+                    let _ = sock.write_all(format!("{head}{reply}").as_bytes()).await;
+                    return;
+                }
+                if !body.is_null() {
                     kept.lock().unwrap().push(body);
                 }
                 let i = count.fetch_add(1, Ordering::SeqCst);
@@ -160,6 +175,6 @@ pub async fn fake_cloud(script: Vec<Reply>) -> FakeCloud {
             });
         }
     });
-    FakeCloud { url, completions, auth, written, closed, bodies }
+    FakeCloud { url, completions, auth, written, closed, bodies, probes }
 }
 
