@@ -52,6 +52,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(channel, proc, log: Path) -> None:
+    """Waits (at most 2 minutes) for `mulmd serve` (`proc`) to answer on `channel`; if it
+    exits or does not come up, stops with the end of its log."""
+    import grpc
+
+    ready = grpc.channel_ready_future(channel)
+    deadline = time.monotonic() + 120
+    while not ready.done():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"mulmd serve did not come up; its log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -77,13 +90,8 @@ def main() -> None:
     proc = subprocess.Popen([a.mulmd, "serve", "--config", str(config)], stdout=log, stderr=log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            ready = grpc.channel_ready_future(ch)
-            deadline = time.monotonic() + 120
-            while not ready.done():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise SystemExit(f"mulmd serve did not come up; its log:\n{(tmp / 'serve.log').read_text()}")
-                time.sleep(0.1)
+            log.flush()
+            wait_ready(ch, proc, tmp / "serve.log")
             stub = mulm_pb2_grpc.AnswererStub(ch)
             rows = []
             for i in range(a.warmup + a.requests):
