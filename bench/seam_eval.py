@@ -12,7 +12,8 @@ endpoint with --cloud-url. Wrong openers go through `mulmd ask --opener`.
 For each prompt layout and recovery mode it reports, from the answers as shown:
   restated    the continuation restates the opener's start (3 words or all of a shorter
               one, case and punctuation ignored, after at most a short lead-in)
-  scaffold    text of a mulmd prompt (labels, tags, the reminder, the marker) was shown
+  scaffold    text of a mulmd prompt (labels, tags, the reminder, the marker, talk of "the
+              marker" or "word for word") was shown
   restarts    the opener stopped inside a sentence (mid-clause or after a comma) and the next
               word heard begins a new sentence (a capitalised function word); `repaired`
               counts the daemon's restart repairs
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpc_latency import free_port, pct, stubs, wait_ready  # noqa: E402
 
 SCAFFOLD = ["the user asked", "reply so far", "<opening", "</opening", "begin your reply with", "[[redirect", "redirect]]",
-            "continuation:", "opening:"]
+            "continuation:", "opening:", "the marker", "word for word"]
 LEAD_IN = {"sure", "yes", "yeah", "okay", "ok", "of", "course", "certainly", "absolutely", "well", "right", "you're",
            "great", "good", "question", "so", "no", "problem", "here", "is", "the", "answer"}
 # Words that begin a sentence and are never names: a capitalised one right after an opener

@@ -3,7 +3,8 @@
 //! listener would notice the join:
 //!
 //! - the correction marker is lifted out wherever it comes (and reported);
-//! - an echo of mulmd's own prompt (its tags or labels) is dropped;
+//! - an echo of mulmd's own prompt (its tags or labels), or a parenthesis at the start that
+//!   talks about its rules, is dropped;
 //! - a restated opener is dropped: the continuation's start matches the opener's start with
 //!   case, punctuation and spacing ignored, for 3 words or most of the opener, possibly after
 //!   a short lead-in ("Sure, …", "You're right, …") or without the opener's own ("Yes, …");
@@ -77,6 +78,10 @@ const SCAFFOLD: &[&str] = &[
     "(begin your reply with",
     "begin your reply with:",
 ];
+
+/// Words of the continuation rules: a parenthesis at the continuation's start that holds one
+/// is the model talking about its instructions, not answering.
+const RULE_TALK: &[&str] = &["opening", "marker", "word for word", "continuation", "listener", "joke", "redirect"];
 
 /// Words that may come before a restatement ("Sure, …", "You're right, …").
 const LEAD_IN: &[&str] = &[
@@ -229,6 +234,18 @@ impl Seam {
             }
             if !end && SCAFFOLD.iter().any(|l| l.starts_with(&lower)) {
                 return None;
+            }
+            // A stage direction about the rules: "(Also, avoid quoting the opening, …)".
+            if start.starts_with('(') {
+                match start.find(')') {
+                    Some(close) if RULE_TALK.iter().any(|w| lower[..close].contains(w)) => {
+                        self.repairs.push(Repair::Scaffold);
+                        self.held = start[close + 1..].to_string();
+                        continue;
+                    }
+                    None if !end && start.len() < MAX_HELD => return None,
+                    _ => {}
+                }
             }
             if self.restatement_checked {
                 break;

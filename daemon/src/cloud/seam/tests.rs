@@ -215,3 +215,12 @@ fn a_new_sentence_after_an_opener_cut_at_a_comma_is_a_restart() {
     assert!(first);
     assert_eq!(repairs, [Repair::Restart]);
 }
+
+#[test]
+fn a_parenthesis_about_the_rules_at_the_start_is_dropped() {
+    // Seen with SmolLM2 in the instruct layout.
+    let (out, _, _, repairs) = stitch("A tomato is a type of meat that", &[" (Also, avoid quoting", " the opening)", " grows on vines."]);
+    assert_eq!(out, " grows on vines.");
+    assert_eq!(repairs, [Repair::Scaffold]);
+    assert_eq!(text("The ideal fridge temperature is 40°F", &[" (4°C)", " or a little lower."]), " (4°C) or a little lower.", "an answer's own parenthesis stays");
+}
