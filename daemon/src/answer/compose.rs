@@ -147,8 +147,10 @@ async fn compose_answer(parts: &Parts, req: &AnswerRequest, out: &mut Out, cance
 /// so no answer stops mid-sentence. Marked as finished.
 async fn close_sentence(opener: &str, out: &mut Out, c: &mut Continued) -> Result<(), Gone> {
     let shown = format!("{opener}{}", c.text);
-    let last = shown.trim_end().chars().last();
-    let Some(last) = last.filter(|_| !crate::engine::ends_sentence(&shown)) else { return Ok(()) };
+    if crate::engine::ends_sentence(&shown) {
+        return Ok(());
+    }
+    let Some(last) = shown.trim_end().chars().last() else { return Ok(()) };
     let text = if last.is_alphanumeric() || matches!(last, '"' | '\'' | '”' | '’' | ')' | '*' | '%' | '°') { "." } else { "…" };
     out.send(AnswerEvent::Delta { text: text.into(), source: Source::Local }).await?;
     c.text.push_str(text);

@@ -260,20 +260,18 @@ impl Seam {
                     if !self.mid_sentence && !restated_ends && !end && rest.is_empty() {
                         return None; // after an opener that ended its sentence: see what follows
                     }
-                    self.repairs.push(Repair::Restated);
                     if !self.mid_sentence && !restated_ends && rest.starts_with(char::is_lowercase) {
                         // "The dreaded dripping tap." then "You're right, the dreaded dripping
                         // tap is a classic…": the restatement is the subject of a sentence of
                         // its own, which goes.
-                        let Some(sentence_end) = self.sentence_end(&start, cut, end) else {
-                            self.repairs.pop();
-                            return None;
-                        };
+                        let Some(sentence_end) = self.sentence_end(&start, cut, end) else { return None };
+                        self.repairs.push(Repair::Restated);
                         self.new_sentence = true;
                         self.held = start[sentence_end..].to_string();
                     } else {
                         // What follows goes on from the opener's words, or (when the
                         // restatement ended a sentence) begins a new one.
+                        self.repairs.push(Repair::Restated);
                         self.went_on = !restated_ends;
                         self.new_sentence = restated_ends;
                         self.held = start[cut..].to_string();
