@@ -193,6 +193,10 @@ fn bind_error(setting: &'static str, addr: &str, source: std::io::Error) -> Star
     StartError::Bind { setting, addr: addr.to_string(), source, fix }
 }
 
+/// How long, after the grace period, the servers get to deliver the ShuttingDown status of the
+/// answers that were ended: one forward pass plus a write, with room for a loaded board.
+const STATUS_FLUSH: Duration = Duration::from_secs(2);
+
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let Prepared { engine, answerer, mqtt, http, config, warm_up } = prepared;
@@ -275,9 +279,16 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     mqtt_stop.cancel();
     if tokio::time::timeout(grace, async { while servers.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight gRPC requests outlived the grace period");
-        servers.abort_all();
+        // End those answers first, with ShuttingDown (decoding stops within one forward pass),
+        // and let the servers send that status: aborting them at once would cut the clients'
+        // streams with a broken pipe instead of a status they can act on.
+        answerer.stop_all();
+        if tokio::time::timeout(STATUS_FLUSH, async { while servers.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!("connections still open after their answers ended; closing them");
+            servers.abort_all();
+        }
     }
-    // Whatever still runs ends now, with ShuttingDown; decoding stops within one pass.
+    // Whatever still runs (MQTT answers) ends now, with ShuttingDown.
     answerer.stop_all();
     if let Some(result) = mqtt_task.join_next().await {
         // The MQTT front drains within the same grace period, then says offline.
