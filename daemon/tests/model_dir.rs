@@ -38,14 +38,24 @@ struct Rendering {
     rendered: String,
 }
 
-#[test]
-fn the_chat_template_renders_as_jinja2_does() {
-    let (Some(model), Some(path)) = (common::load("smollm2"), common::fixture("smollm2.template.json")) else { return };
+fn renders_as_jinja2_does(name: &str) {
+    let (Some(model), Some(path)) = (common::load(name), common::fixture(&format!("{name}.template.json"))) else { return };
     let cases: Vec<Rendering> = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
     assert!(!cases.is_empty());
     for c in cases {
-        assert_eq!(model.render_prompt(c.system.as_deref(), &c.query).unwrap(), c.rendered, "query {:?}", c.query);
+        assert_eq!(model.render_prompt(c.system.as_deref(), &c.query).unwrap(), c.rendered, "{name}: query {:?}", c.query);
     }
+}
+
+#[test]
+fn the_chat_template_renders_as_jinja2_does() {
+    renders_as_jinja2_does("smollm2");
+}
+
+/// The Swen authors' template sets a variable and supplies a system prompt of its own.
+#[test]
+fn the_swen_chat_template_renders_as_jinja2_does() {
+    renders_as_jinja2_does("swen-demo");
 }
 
 #[test]

@@ -83,3 +83,15 @@ fn tiny_q4_from_the_prefilled_head_matches_onnxruntime() {
 fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
     check("smollm2", Start::ReusedHead);
 }
+
+/// The paper authors' layout: a torch.save training checkpoint with their tokenizer and chat
+/// template, exported without torch.
+#[test]
+fn a_swen_checkpoint_matches_onnxruntime() {
+    check("swen-demo", Start::Cold);
+}
+
+#[test]
+fn a_swen_checkpoint_from_the_prefilled_head_matches_onnxruntime() {
+    check("swen-demo", Start::ReusedHead);
+}

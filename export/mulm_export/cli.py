@@ -70,28 +70,31 @@ def cmd_from_gguf(args) -> None:
 
 
 def cmd_from_hf(args) -> None:
-    from . import modeldir, sources
+    from . import hf_source, modeldir
 
-    d = Path(args.dir)
-    arch, weights, tok = sources.read_hf(d)
+    layout = hf_source.locate(Path(args.dir) if args.dir else None,
+                              Path(args.checkpoint) if args.checkpoint else None,
+                              Path(args.tokenizer) if args.tokenizer else None)
+    arch, weights, tok, facts = hf_source.read(layout, args.context_length)
     cfg = tok["config"]
     vocab = tok["tokenizer"]["model"].get("vocab", {})
     added = {t["content"]: t["id"] for t in tok["tokenizer"].get("added_tokens", [])}
     if max(list(vocab.values()) + list(added.values()) + [0]) >= arch.vocab_size:
-        raise ValueError(f"{d}/tokenizer.json has ids beyond the model's vocabulary of {arch.vocab_size}")
+        raise ValueError(f"{layout.tokenizer}/tokenizer.json has ids beyond the model's vocabulary of {arch.vocab_size}")
 
     def token_text(v):
         return v.get("content") if isinstance(v, dict) else v
 
     eos = token_text(cfg.get("eos_token")) or ("<|im_end|>" if "<|im_end|>" in added else None)
     if eos is None:
-        raise ValueError(f"{d}: no eos_token in tokenizer_config.json and no <|im_end|> token")
+        raise ValueError(f"{layout.tokenizer}: no eos_token in tokenizer_config.json and no <|im_end|> token")
     stop = sorted({eos} | {t for t in ("<|im_end|>", "<|endoftext|>") if t in added})
-    _export(Path(args.out), args.name or d.name, arch, weights, args.precision, tok["tokenizer"],
+    first = layout.config or layout.weights[0]
+    _export(Path(args.out), args.name or facts["name"], arch, weights, args.precision, tok["tokenizer"],
             bos=token_text(cfg.get("bos_token")), eos=eos, stop=stop, add_bos=bool(cfg.get("add_bos_token", False)),
             chat_template=cfg.get("chat_template") or modeldir.CHATML_TEMPLATE,
-            source={"kind": "hf", "dir": d.name,
-                    "sha256": modeldir.sha256_file(d / "config.json")})
+            source={"kind": layout.kind, "model_type": facts["model_type"], "file": first.name,
+                    "files": [f.name for f in layout.weights], "sha256": modeldir.sha256_file(first)})
 
 
 def cmd_default_model(args) -> None:
@@ -115,8 +118,14 @@ def cmd_verify(args) -> None:
     d = Path(args.dir)
     report = {"dir": str(d), "reference": verify.against_reference(d, args.steps)}
     ok = report["reference"]["ok"]
+    if args.quality and not args.baseline:
+        raise ValueError("--quality compares against a float32 export of the same weights: add --baseline F32DIR")
     if args.baseline:
         report["precision_cost"] = verify.against_baseline(d, Path(args.baseline), args.steps)
+    if args.quality:
+        from . import quality
+
+        report["quality"] = quality.report(d, Path(args.baseline), args.greedy_steps, questions=args.questions)
     if args.llama_cpp:
         from . import llamacpp
 
@@ -127,6 +136,11 @@ def cmd_verify(args) -> None:
     print(f"onnxruntime vs numpy reference: max |Δlogit| {r['max_abs_error']:.3g} "
           f"(scale {r['logit_scale']:.3g}, bound {r['bound']:.0e} relative) -> {'ok' if r['ok'] else 'FAILED'}",
           file=sys.stderr)
+    if "quality" in report:
+        q = report["quality"]
+        print(f"quality vs {args.baseline} over {q['questions']} questions: greedy agreement {q['greedy_agreement']:.1%}, "
+              f"max |Δlogit| {q['max_abs_error']:.3g} (mean {q['mean_max_abs_error']:.3g}), "
+              f"identical openers {q['identical_openers']:.1%}", file=sys.stderr)
     if "precision_cost" in report:
         c = report["precision_cost"]
         print(f"precision cost vs {args.baseline}: max |Δlogit| {c['max_abs_error']:.3g}, "
@@ -213,10 +227,14 @@ def main(argv=None) -> int:
     precision(f)
     f.set_defaults(func=cmd_from_gguf)
 
-    h = sub.add_parser("from-hf", help="a Hugging Face Llama directory (config.json + safetensors, or .pth with torch)")
-    h.add_argument("dir")
+    h = sub.add_parser("from-hf", help="a Llama-family model as published: a Hugging Face folder (the Swen-28M hub "
+                       "release included), or a PyTorch training checkpoint with its tokenizer (the Swen demo repository)")
+    h.add_argument("dir", nargs="?", help="a Hugging Face folder, or the demo repository (or its models/ folder)")
+    h.add_argument("--checkpoint", metavar="FILE", help="a .pth/.pt checkpoint (read without torch; no code in it runs)")
+    h.add_argument("--tokenizer", metavar="DIR", help="the folder with tokenizer.json (default: beside the weights, or its tokenizer/)")
+    h.add_argument("--context-length", type=int, help=f"longest sequence the export supports (default: the config's, at most 8192)")
     h.add_argument("--out", required=True)
-    h.add_argument("--name")
+    h.add_argument("--name", help="default: the config's _name_or_path, the checkpoint's file name, or type and size")
     precision(h)
     h.set_defaults(func=cmd_from_hf)
 
@@ -230,7 +248,10 @@ def main(argv=None) -> int:
     v.add_argument("--steps", type=int, default=4, help="decode steps after the prompt")
     v.add_argument("--baseline", help="a float32 model directory of the same weights: report the precision's logit cost")
     v.add_argument("--llama-cpp", metavar="GGUF", help="also compare tokenizer and greedy tokens with llama.cpp on this GGUF")
-    v.add_argument("--greedy-steps", type=int, default=16)
+    v.add_argument("--greedy-steps", type=int, default=16, help="tokens per prompt for --llama-cpp and --quality")
+    v.add_argument("--quality", action="store_true",
+                   help="with --baseline: greedy agreement, |Δlogit| and identical 8-word openers over a built-in question set")
+    v.add_argument("--questions", type=int, help="use only the first N questions of the set (default: all 40)")
     v.set_defaults(func=cmd_verify)
 
     gg = sub.add_parser("to-gguf", help="write a model directory as a llama.cpp GGUF (the same weights, for comparisons)")

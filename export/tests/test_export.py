@@ -103,21 +103,6 @@ def test_from_hf_matches_the_same_weights_generated(tmp_path, fixture_dir):
     assert np.allclose(a.step(ids), b.step(ids), atol=1e-6)
 
 
-def test_a_pytorch_checkpoint_without_torch_says_what_to_do(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 16}))
-    (tmp_path / "model.pth").write_bytes(b"not really")
-    try:
-        import torch  # noqa: F401
-        pytest.skip("torch is installed here, so the missing-torch message cannot be shown")
-    except ImportError:
-        pass
-    assert run_cli("from-hf", tmp_path, "--out", tmp_path / "out") == 2
-    err = capsys.readouterr().err
-    assert "torch" in err and "safetensors" in err
-
-
 def test_a_file_that_is_not_gguf_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"hello")
@@ -189,3 +174,26 @@ def test_a_quantized_gguf_is_written_and_loads(tmp_path, fixture_dir):
     got = _llama_cpp_logits(gguf, ids)
     # 8-bit weights move the logits a little, not the way a wrong layout would.
     assert np.corrcoef(got, expected)[0, 1] > 0.99
+
+
+def test_the_quality_report_finds_a_model_identical_to_itself(fixture_dir, capsys):
+    tiny = fixture_dir("tiny")
+    assert cli.main(["verify", str(tiny), "--baseline", str(tiny), "--quality", "--questions", "5", "--greedy-steps", "6"]) == 0
+    q = json.loads(capsys.readouterr().out)["quality"]
+    assert (q["questions"], q["steps"]) == (5, 6)
+    assert q["greedy_agreement"] == 1.0 and q["identical_openers"] == 1.0 and q["max_abs_error"] == 0.0
+    assert q["differing"] == []
+
+
+def test_the_quality_report_measures_what_4_bit_costs(fixture_dir, capsys):
+    assert cli.main(["verify", str(fixture_dir("tiny-q4")), "--baseline", str(fixture_dir("tiny")), "--quality",
+                     "--questions", "5", "--greedy-steps", "6"]) == 0
+    captured = capsys.readouterr()
+    q = json.loads(captured.out)["quality"]
+    assert q["precision"] == "q4" and q["max_abs_error"] > 0 and 0 <= q["greedy_agreement"] <= 1
+    assert "identical openers" in captured.err
+
+
+def test_quality_without_a_baseline_says_what_to_add(fixture_dir, capsys):
+    assert cli.main(["verify", str(fixture_dir("tiny-q4")), "--quality"]) == 2
+    assert "--baseline" in capsys.readouterr().err
