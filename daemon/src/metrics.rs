@@ -8,7 +8,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -37,6 +39,7 @@ pub fn install(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     queue_depth: impl Fn() -> usize + Send + Sync + 'static,
+    tokens: Option<std::sync::Arc<crate::host::secrets::Tokens>>,
 ) -> Result<impl Future<Output = Result<(), EndpointError>> + Send + 'static, EndpointError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
@@ -54,9 +57,17 @@ pub fn install(
             }
         });
         let queue_depth = std::sync::Arc::new(queue_depth);
-        let render = move || {
+        let render = move |headers: HeaderMap| {
+            // A scrape shows request counts and timings: with tokens configured, only a
+            // scraper holding one (Prometheus' `authorization` setting) sees them.
+            if let Some(t) = &tokens {
+                if let Err(why) = t.authorize(headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+                    let refused = (StatusCode::UNAUTHORIZED, [(CONTENT_TYPE, "text/plain; charset=utf-8"), (WWW_AUTHENTICATE, "Bearer")], format!("{why}\n"));
+                    return std::future::ready(refused.into_response());
+                }
+            }
             metrics::gauge!("mulmd_queue_depth").set(queue_depth() as f64);
-            std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()))
+            std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()).into_response())
         };
         let app = Router::new().route("/metrics", get(render));
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;

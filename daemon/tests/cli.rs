@@ -73,12 +73,24 @@ fn the_printed_config_checks_clean_and_a_bad_one_lists_every_problem() {
     assert_eq!(out.status.code(), Some(78), "a missing model directory is a problem");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model.dir") && err.contains("mulm-export default-model"), "{err}");
-    // A listener open to the network is valid, but said to be so.
+    // A listener open to the network needs tokens; explicitly allowed without, it is said to be so.
+    let no_credentials = dir.path().join("no-credentials");
+    std::fs::create_dir(&no_credentials).unwrap();
     std::fs::write(&good, "[grpc]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
-    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).output().unwrap();
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).env("CREDENTIALS_DIRECTORY", &no_credentials).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("grpc.listen") && err.contains("auth.tokens_file"), "{err}");
+    std::fs::write(&good, "[grpc]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated_lan = true\n").unwrap();
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).env("CREDENTIALS_DIRECTORY", &no_credentials).output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("warning: grpc.listen") && err.contains("reachable from other machines"), "{err}");
+    // The systemd credential counts as tokens (its contents are checked when the daemon loads it).
+    std::fs::write(&good, "[grpc]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+    std::fs::write(dir.path().join("tokens"), "phone tok-phone-0123456789abcdef\n").unwrap();
+    let out = mulmd().arg("check-config").arg(&good).env("MULMD_MODEL_DIR", dir.path()).env("CREDENTIALS_DIRECTORY", dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[engine]\nworkers = 0\nqueue = 3\n[cloud]\nenabled = true\nbase_url = \"localhost\"\n").unwrap();

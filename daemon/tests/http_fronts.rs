@@ -42,7 +42,7 @@ async fn front(cloud: Option<&FakeCloud>, tune: impl FnOnce(&mut HttpSection), t
     cfg.enabled = true;
     tune(&mut cfg);
     let card = ModelCard { name: cfg.model.clone(), source: "scripted".into(), precision: "float32".into(), context_length: 8192, digest: "0".repeat(64), size: 1 };
-    let router = mulmd::http::router(Arc::new(HttpFront::new(answerer, cfg, card, tokens)));
+    let router = mulmd::http::router(Arc::new(HttpFront::new(answerer, cfg, card, tokens.map(Arc::new))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(mulmd::http::serve(router, listener, std::future::pending()));

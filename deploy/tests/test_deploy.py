@@ -34,7 +34,10 @@ case "$1" in
   restart)
     stop
     install -d -o mulmd -g mulmd -m 0750 /run/mulmd
-    CREDENTIALS_DIRECTORY=/etc/mulmd/credentials setsid runuser -u mulmd -- \
+    # As LoadCredential= does: copies of the sources, readable by the service user only.
+    rm -rf /run/mulmd-credentials; install -d -o mulmd -g mulmd -m 0500 /run/mulmd-credentials
+    for f in /etc/mulmd/credentials/*; do install -o mulmd -g mulmd -m 0400 "$f" /run/mulmd-credentials/; done
+    CREDENTIALS_DIRECTORY=/run/mulmd-credentials setsid runuser -u mulmd -- \
       /usr/bin/mulmd serve --config /etc/mulmd/mulmd.toml >>$log 2>&1 < /dev/null &
     echo $! > $pidfile ;;
   stop) stop ;;
@@ -117,17 +120,22 @@ def test_install_upgrade_status_logs_remove_and_purge(board, fixture_dir):
     tiny = fixture_dir("tiny")
     port = free_port()
     cfg = board["tmp"] / "board.toml"
-    cfg.write_text(f'[model]\ndir = "/var/lib/mulmd/models/default"\n[grpc]\nlisten = "127.0.0.1:{port}"\nunix_socket = "/run/mulmd/api.sock"\n')
+    # The LAN recipe: gRPC on every interface, which the board accepts only with tokens.
+    cfg.write_text(f'[model]\ndir = "/var/lib/mulmd/models/default"\n[grpc]\nlisten = "0.0.0.0:{port}"\nunix_socket = "/run/mulmd/api.sock"\n')
     key = board["tmp"] / "key"
     key.write_text("sk-board-key-1\n")
+    tokens = board["tmp"] / "tokens"
+    tokens.write_text("phone tok-phone-0123456789abcdef\n")
 
-    r = deploy(board, "install", "root@127.0.0.1", "--deb", board["deb"], "--model", tiny, "--config", cfg, "--cloud-key", key)
+    r = deploy(board, "install", "root@127.0.0.1", "--deb", board["deb"], "--model", tiny, "--config", cfg, "--cloud-key", key, "--tokens", tokens)
     assert "installed and serving" in r.stderr
     assert Path("/usr/bin/mulmd").exists()
     assert Path("/etc/mulmd/mulmd.toml").read_text() == cfg.read_text()
     cred = Path("/etc/mulmd/credentials/cloud_api_key")
     assert cred.read_text() == "sk-board-key-1\n" and (cred.stat().st_mode & 0o777) == 0o600
     assert (Path("/etc/mulmd/credentials/mqtt_password").stat().st_size) == 0, "an empty placeholder"
+    tok = Path("/etc/mulmd/credentials/tokens")
+    assert tok.read_text() == tokens.read_text() and (tok.stat().st_mode & 0o777) == 0o600
     assert Path("/var/lib/mulmd/models/default/mulm.json").exists()
     assert Path("/var/lib/mulmd/models/default").stat().st_uid == Path("/var/lib/mulmd").stat().st_uid
 

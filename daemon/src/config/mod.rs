@@ -32,6 +32,7 @@ pub struct Config {
     pub http: HttpSection,
     pub mqtt: MqttSection,
     pub metrics: MetricsSection,
+    pub auth: AuthSection,
     pub log: LogSection,
 }
 
@@ -155,8 +156,6 @@ pub struct HttpSection {
     /// The voice policy as the default of each API.
     pub ollama_voice: bool,
     pub openai_voice: bool,
-    /// Empty: $CREDENTIALS_DIRECTORY/http_tokens when present.
-    pub tokens_file: PathBuf,
     pub max_request_bytes: usize,
 }
 
@@ -199,6 +198,21 @@ pub struct MqttSection {
 pub struct MetricsSection {
     /// Address of the Prometheus endpoint (GET /metrics); empty: off.
     pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Bearer tokens for every TCP listener; empty: $CREDENTIALS_DIRECTORY/tokens when present.
+    pub tokens_file: PathBuf,
+    /// Serve beyond loopback without tokens (else that is refused at start).
+    pub allow_unauthenticated_lan: bool,
+}
+
+impl AuthSection {
+    pub fn file(&self) -> Option<&Path> {
+        (!self.tokens_file.as_os_str().is_empty()).then_some(self.tokens_file.as_path())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -268,6 +282,10 @@ fn overlay(section: &str, base: &toml::Table, given: &toml::Table, problems: &mu
     let mut table = base.clone();
     for (key, value) in given {
         let name = format!("{section}.{key}");
+        if let Some(to) = moved(&name) {
+            problems.push(problem(&name, format!("moved to {to}; rename the key")));
+            continue;
+        }
         if !base.contains_key(key) {
             let known: Vec<&str> = base.keys().map(String::as_str).collect();
             problems.push(problem(&name, format!("unknown key; known keys: {}", known.join(", "))));
@@ -285,6 +303,14 @@ fn overlay(section: &str, base: &toml::Table, given: &toml::Table, problems: &mu
     table
 }
 
+/// Where a key of an earlier release lives now.
+fn moved(key: &str) -> Option<&'static str> {
+    match key {
+        "http.tokens_file" => Some("auth.tokens_file (one token list now guards gRPC, the HTTP APIs and /metrics)"),
+        _ => None,
+    }
+}
+
 /// Whether `table` deserializes as the section called `section`.
 fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
     fn check<T: DeserializeOwned>(table: toml::Table) -> Result<(), String> {
@@ -300,6 +326,7 @@ fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
         "http" => check::<HttpSection>(table),
         "mqtt" => check::<MqttSection>(table),
         "metrics" => check::<MetricsSection>(table),
+        "auth" => check::<AuthSection>(table),
         "log" => check::<LogSection>(table),
         other => Err(format!("no section {other}")),
     }
@@ -309,7 +336,8 @@ fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![problem("(file)", format!("cannot read {}: {e}", path.display()))])?;
     let config = parse(&text)?;
-    let missing = check_files(&config);
+    let mut missing = check_files(&config);
+    missing.extend(exposure(&config, has_tokens(&config)).0);
     if missing.is_empty() {
         Ok(config)
     } else {
@@ -479,7 +507,7 @@ pub fn check_files(c: &Config) -> Vec<Problem> {
     }
     let files = [
         ("cloud.api_key_file", &c.cloud.api_key_file, c.cloud.enabled, "create it (key only) or leave it empty"),
-        ("http.tokens_file", &c.http.tokens_file, c.http.enabled, "create it (\"name token\" per line) or leave it empty"),
+        ("auth.tokens_file", &c.auth.tokens_file, true, "create it (\"name token\" per line) or leave it empty"),
         ("mqtt.password_file", &c.mqtt.password_file, c.mqtt.enabled, "create it (password only) or leave it empty"),
         ("mqtt.ca_file", &c.mqtt.ca_file, c.mqtt.enabled && c.mqtt.tls, "point it at the broker's CA certificate (PEM) or leave it empty"),
     ];
@@ -491,23 +519,50 @@ pub fn check_files(c: &Config) -> Vec<Problem> {
     p
 }
 
-/// Settings that are valid but worth a second look: listeners reachable beyond this machine
-/// with nothing to check who connects.
+/// Settings that are valid but worth a second look (listeners beyond loopback that were
+/// explicitly allowed without tokens).
 pub fn warnings(c: &Config) -> Vec<Problem> {
-    let mut w = Vec::new();
-    // A token file guards the HTTP API; gRPC and metrics have none yet.
-    let http = if c.http.enabled && c.http.tokens_file.as_os_str().is_empty() { c.http.listen.as_str() } else { "" };
-    for (key, addr) in [("grpc.listen", c.grpc.listen.as_str()), ("metrics.listen", c.metrics.listen.as_str()), ("http.listen", http)] {
-        if let Ok(a) = addr.parse::<SocketAddr>() {
-            if !a.ip().is_loopback() {
-                w.push(problem(
-                    key,
-                    format!("{addr} is reachable from other machines and nothing checks who connects; bind it to 127.0.0.1 (or a Unix socket) unless a firewall guards the port"),
-                ));
-            }
+    exposure(c, has_tokens(c)).1
+}
+
+/// Whether clients will be asked for tokens: a token file is named (its contents are checked
+/// when the daemon loads it), or systemd passes the `tokens` credential (outside the service:
+/// the file the packaged unit loads it from holds something).
+pub fn has_tokens(c: &Config) -> bool {
+    c.auth.file().is_some() || {
+        use crate::host::secrets::{credential_given, PACKAGED_TOKENS, TOKENS_CREDENTIAL};
+        credential_given(TOKENS_CREDENTIAL, Path::new(PACKAGED_TOKENS))
+    }
+}
+
+/// The TCP listeners that are reachable beyond this machine: (setting, address).
+pub fn beyond_loopback(c: &Config) -> Vec<(&'static str, &str)> {
+    let http = if c.http.enabled { c.http.listen.as_str() } else { "" };
+    [("grpc.listen", c.grpc.listen.as_str()), ("http.listen", http), ("metrics.listen", c.metrics.listen.as_str())]
+        .into_iter()
+        .filter(|(_, addr)| addr.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback()))
+        .collect()
+}
+
+/// Who may connect, given whether tokens are configured (a file or the systemd credential):
+/// a listener beyond loopback with no token is a problem (the daemon refuses to start), or,
+/// with `auth.allow_unauthenticated_lan`, a warning. Returns (problems, warnings).
+pub fn exposure(c: &Config, has_tokens: bool) -> (Vec<Problem>, Vec<Problem>) {
+    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+    if has_tokens {
+        return (problems, warnings);
+    }
+    for (key, addr) in beyond_loopback(c) {
+        if c.auth.allow_unauthenticated_lan {
+            warnings.push(problem(key, format!("{addr} is reachable from other machines and no token is asked for (auth.allow_unauthenticated_lan); make sure a firewall or VPN decides who connects")));
+        } else {
+            problems.push(problem(
+                key,
+                format!("{addr} is reachable from other machines, and no token is configured: anyone on the network could use the daemon and its cloud quota. Add tokens (auth.tokens_file, \"name token\" per line, or the systemd credential \"tokens\"), bind to 127.0.0.1, or set auth.allow_unauthenticated_lan = true if a firewall decides who connects"),
+            ));
         }
     }
-    w
+    (problems, warnings)
 }
 
 #[cfg(test)]

@@ -104,12 +104,25 @@ fn named_files_and_the_model_directory_must_exist() {
 }
 
 #[test]
-fn a_listener_beyond_loopback_is_warned_about() {
-    let c = parse("[grpc]\nlisten = \"0.0.0.0:50051\"\n[metrics]\nlisten = \"[::1]:9464\"\n").unwrap();
-    let w = warnings(&c);
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert_eq!(w[0].key, "grpc.listen");
-    assert!(w[0].message.contains("127.0.0.1"));
+fn a_listener_beyond_loopback_needs_a_token_or_an_explicit_allowance() {
+    let c = parse("[grpc]\nlisten = \"0.0.0.0:50051\"\n[metrics]\nlisten = \"[::1]:9464\"\n[http]\nenabled = true\nlisten = \"192.168.1.5:11434\"\n").unwrap();
+    let (problems, warnings) = exposure(&c, false);
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["grpc.listen", "http.listen"], "metrics on [::1] is loopback");
+    assert!(warnings.is_empty());
+    let m = &problems[0].message;
+    assert!(m.contains("auth.tokens_file") && m.contains("127.0.0.1") && m.contains("allow_unauthenticated_lan"), "{m}");
+    assert_eq!(exposure(&c, true), (vec![], vec![]), "tokens guard every TCP listener");
+    let allowed = Config { auth: AuthSection { allow_unauthenticated_lan: true, ..c.auth.clone() }, ..c };
+    let (problems, warnings) = exposure(&allowed, false);
+    assert!(problems.is_empty() && warnings.len() == 2, "{problems:?} {warnings:?}");
+}
+
+#[test]
+fn a_key_that_moved_says_where_to() {
+    let problems = parse("[http]\ntokens_file = \"/etc/mulmd/tokens\"\n").unwrap_err();
+    assert_eq!(problems[0].key, "http.tokens_file");
+    assert!(problems[0].message.contains("auth.tokens_file"), "{problems:?}");
 }
 
 proptest::proptest! {
@@ -121,7 +134,7 @@ proptest::proptest! {
     }
 
     #[test]
-    fn any_value_for_any_key_is_taken_or_named(section in "(model|engine|opener|conversation|cloud|grpc|http|mqtt|metrics|log)", key in "[a-z_]{1,24}", value in "(\"[^\"\\\\\\p{Cc}]{0,12}\"|-?[0-9]{1,22}|true|false|\\[\\]|[0-9]\\.[0-9])") {
+    fn any_value_for_any_key_is_taken_or_named(section in "(model|engine|opener|conversation|cloud|grpc|http|mqtt|metrics|auth|log)", key in "[a-z_]{1,24}", value in "(\"[^\"\\\\\\p{Cc}]{0,12}\"|-?[0-9]{1,22}|true|false|\\[\\]|[0-9]\\.[0-9])") {
         let text = format!("[{section}]\n{key} = {value}\n");
         if let Err(problems) = parse(&text) {
             // Either the value is not TOML at all, or the problem names its key.

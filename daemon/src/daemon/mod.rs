@@ -50,13 +50,15 @@ pub enum StartError {
     #[error(transparent)]
     Metrics(#[from] crate::metrics::EndpointError),
     #[error("{0}")]
+    Exposure(crate::config::Problem),
+    #[error("{0}")]
     Runtime(String),
 }
 
 impl StartError {
     /// True when the configuration (or a file it names) is at fault: restarting won't help.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_) | Self::Tokens(_))
+        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_) | Self::Tokens(_) | Self::Exposure(_))
     }
 }
 
@@ -67,6 +69,8 @@ pub struct Prepared {
     pub answerer: Arc<Answerer>,
     pub mqtt: Option<Arc<MqttFront>>,
     pub http: Option<Arc<HttpFront>>,
+    /// The bearer tokens every TCP listener asks for; None: no token is asked for.
+    pub tokens: Option<Arc<Tokens>>,
     pub config: Config,
     /// How long the warm-up opener took (for the status line).
     pub warm_up: Duration,
@@ -75,6 +79,14 @@ pub struct Prepared {
 /// Loads the model, starts the workers and runs one warm-up opener (the first generation
 /// after load is the slowest), so readiness means ready to answer fast.
 pub fn prepare(config: Config) -> Result<Prepared, StartError> {
+    // Tokens before the model: a refusal to serve should not wait for a load.
+    let tokens = Tokens::load(config.auth.file(), crate::host::secrets::TOKENS_CREDENTIAL)?.map(Arc::new);
+    if let Some(problem) = crate::config::exposure(&config, tokens.is_some()).0.into_iter().next() {
+        return Err(StartError::Exposure(problem));
+    }
+    if let Some(t) = &tokens {
+        tracing::info!(tokens = ?t.names(), "gRPC, HTTP and /metrics ask for a bearer token");
+    }
     let engine = Arc::new(start_engine(&config)?);
     let warm_start = Instant::now();
     engine
@@ -92,16 +104,11 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     let answerer = Arc::new(answerer);
     let mqtt = if config.mqtt.enabled { Some(Arc::new(MqttFront::new(&config.mqtt, answerer.clone())?)) } else { None };
     let http = if config.http.enabled {
-        let file = (!config.http.tokens_file.as_os_str().is_empty()).then_some(config.http.tokens_file.as_path());
-        let tokens = Tokens::load(file, crate::http::TOKENS_CREDENTIAL)?;
-        if let Some(t) = &tokens {
-            tracing::info!(tokens = ?t.names(), "the HTTP API asks for a bearer token");
-        }
-        Some(Arc::new(HttpFront::new(answerer.clone(), config.http.clone(), model_card(&engine, &config), tokens)))
+        Some(Arc::new(HttpFront::new(answerer.clone(), config.http.clone(), model_card(&engine, &config), tokens.clone())))
     } else {
         None
     };
-    Ok(Prepared { engine, answerer, mqtt, http, config, warm_up: warm_start.elapsed() })
+    Ok(Prepared { engine, answerer, mqtt, http, tokens, config, warm_up: warm_start.elapsed() })
 }
 
 /// What the HTTP APIs list about the model.
@@ -199,7 +206,7 @@ const STATUS_FLUSH: Duration = Duration::from_secs(2);
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let Prepared { engine, answerer, mqtt, http, config, warm_up } = prepared;
+    let Prepared { engine, answerer, mqtt, http, tokens, config, warm_up } = prepared;
     let service = AnswerService::new(answerer.clone());
     let grace = Duration::from_millis(config.grpc.grace_period_ms);
     let stop = CancellationToken::new();
@@ -211,7 +218,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         Some(l) => {
             let front = format!("metrics http://{}/metrics", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
             let a = answerer.clone();
-            Some((front, crate::metrics::install(l, stop.clone().cancelled_owned(), move || a.queue_depth())?))
+            Some((front, crate::metrics::install(l, stop.clone().cancelled_owned(), move || a.queue_depth(), tokens.clone())?))
         }
         None => None,
     };
@@ -220,7 +227,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     let mut fronts = Vec::new();
     if let Some(l) = listeners.tcp {
         fronts.push(format!("gRPC {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
-        let (router, health) = grpc::router(service.clone()).await?;
+        let (router, health) = grpc::router(service.clone(), tokens.clone()).await?;
         health_reporters.push(health);
         let s = stop.clone();
         servers.spawn(async move { grpc::serve_tcp(router, l, s.cancelled_owned()).await.map_err(StartError::from) });
@@ -228,7 +235,8 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     let mut socket_path = None;
     if let Some((l, path)) = listeners.unix {
         fronts.push(format!("gRPC unix:{}", path.display()));
-        let (router, health) = grpc::router(service.clone()).await?;
+        // The socket's file mode decides who connects (grpc.unix_socket_mode): no token.
+        let (router, health) = grpc::router(service.clone(), None).await?;
         health_reporters.push(health);
         let s = stop.clone();
         socket_path = Some(path);

@@ -14,10 +14,14 @@ pub mod pb {
 pub use service::AnswerService;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Router;
 use tonic_health::server::HealthReporter;
+
+use crate::host::secrets::Tokens;
 
 /// Why the gRPC front could not be set up or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +46,7 @@ const MAX_STREAMS: u32 = 64;
 
 /// The complete router: the Answerer service, health and reflection. The health reporter is
 /// returned so the caller can flip it to NOT_SERVING before draining.
-pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), GrpcError> {
+pub async fn router(service: AnswerService, tokens: Option<Arc<Tokens>>) -> Result<(Router, HealthReporter), GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::answerer_server::AnswererServer<AnswerService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -62,9 +66,9 @@ pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), 
         .timeout(CALL_TIMEOUT)
         .max_concurrent_streams(MAX_STREAMS)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(pb::answerer_server::AnswererServer::new(service));
+        .add_service(InterceptedService::new(reflection_v1, authorize(tokens.clone())))
+        .add_service(InterceptedService::new(reflection_v1alpha, authorize(tokens.clone())))
+        .add_service(pb::answerer_server::AnswererServer::with_interceptor(service, authorize(tokens)));
     Ok((router, health))
 }
 
@@ -75,6 +79,23 @@ pub async fn router(service: AnswerService) -> Result<(Router, HealthReporter), 
 /// the response headers still awaited the client's (delayed) ACK sat in the kernel for ~30 ms:
 /// bench/grpc_latency.py measured mulm-28m's first word reaching the client 30 ms after the
 /// engine emitted it. tonic sets the option only on listeners it binds itself.
+/// The check in front of every service but health (which says only whether the daemon
+/// serves): with tokens configured, a call needs `authorization: Bearer <token>` metadata,
+/// else it ends UNAUTHENTICATED saying what is missing. The token's name is logged, never
+/// the token.
+fn authorize(tokens: Option<Arc<Tokens>>) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(tokens) = &tokens else { return Ok(req) };
+        match tokens.authorize(req.metadata().get("authorization").and_then(|v| v.to_str().ok())) {
+            Ok(name) => {
+                tracing::debug!(token = name, "authorized");
+                Ok(req)
+            }
+            Err(why) => Err(tonic::Status::unauthenticated(why)),
+        }
+    }
+}
+
 pub async fn serve_tcp(router: Router, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| GrpcError::Serve(e.to_string()))

@@ -133,6 +133,16 @@ impl Tokens {
         found
     }
 
+    /// Checks an `authorization` header value: the token's name when it is `Bearer <one of
+    /// ours>`, else why not, in words a client's user can act on (never which token was close).
+    pub fn authorize(&self, header: Option<&str>) -> Result<&str, &'static str> {
+        let presented = header.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim);
+        match presented {
+            Some(t) => self.check(t).ok_or("the bearer token is not one this server accepts; check the token configured in the client"),
+            None => Err("this server asks for a bearer token: send `Authorization: Bearer <token>` (an API key setting in most clients)"),
+        }
+    }
+
     /// The names, for logs.
     pub fn names(&self) -> Vec<&str> {
         self.entries.iter().map(|(n, _)| n.as_str()).collect()
@@ -144,6 +154,23 @@ fn digest(s: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// The systemd credential name of the client token file (`auth.tokens_file` when empty).
+pub const TOKENS_CREDENTIAL: &str = "tokens";
+
+/// Where the packaged unit loads the `tokens` credential from (systemd/mulmd.service).
+pub const PACKAGED_TOKENS: &str = "/etc/mulmd/credentials/tokens";
+
+/// Whether systemd passes a credential called `name` that holds something (the package's
+/// empty placeholders hold nothing). Outside the service (`mulmd check-config` run by hand or
+/// by the deploy script), `packaged` is where the unit would load it from.
+pub fn credential_given(name: &str, packaged: &Path) -> bool {
+    let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => packaged.to_path_buf(),
+    };
+    std::fs::read_to_string(path).is_ok_and(|t| !t.trim().is_empty())
 }
 
 /// `$CREDENTIALS_DIRECTORY/<name>` when systemd put a credential of that name there.

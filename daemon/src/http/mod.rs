@@ -31,9 +31,6 @@ use crate::config::HttpSection;
 use crate::engine::RequestError;
 use crate::host::secrets::Tokens;
 
-/// The systemd credential name of the token file.
-pub const TOKENS_CREDENTIAL: &str = "http_tokens";
-
 /// What the APIs list about the model they serve.
 #[derive(Debug, Clone)]
 pub struct ModelCard {
@@ -53,7 +50,7 @@ pub struct HttpFront {
     pub(crate) answerer: Arc<Answerer>,
     pub(crate) cfg: HttpSection,
     pub(crate) model: ModelCard,
-    tokens: Option<Tokens>,
+    tokens: Option<Arc<Tokens>>,
     /// When the front started: the models' "modified" time.
     pub(crate) started: SystemTime,
 }
@@ -64,7 +61,7 @@ pub struct HttpFront {
 pub struct HttpError(String);
 
 impl HttpFront {
-    pub fn new(answerer: Arc<Answerer>, cfg: HttpSection, model: ModelCard, tokens: Option<Tokens>) -> Self {
+    pub fn new(answerer: Arc<Answerer>, cfg: HttpSection, model: ModelCard, tokens: Option<Arc<Tokens>>) -> Self {
         Self { answerer, cfg, model, tokens, started: SystemTime::now() }
     }
 
@@ -111,14 +108,12 @@ async fn authorize(State(front): State<Arc<HttpFront>>, req: Request, next: Next
     if req.uri().path() == "/" {
         return next.run(req).await;
     }
-    let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-    let why = match presented.map(|t| tokens.check(t)) {
-        Some(Some(name)) => {
+    let why = match tokens.authorize(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+        Ok(name) => {
             tracing::debug!(token = name, path = req.uri().path(), "authorized");
             return next.run(req).await;
         }
-        Some(None) => "the bearer token is not one this server accepts; check the token configured in the client",
-        None => "this server asks for a bearer token: send `Authorization: Bearer <token>` (an API key setting in most clients)",
+        Err(why) => why,
     };
     let mut r = if req.uri().path().starts_with("/v1/") {
         openai::error_response(StatusCode::UNAUTHORIZED, "authentication_error", why)
