@@ -40,6 +40,7 @@ pub fn install(
     shutdown: impl Future<Output = ()> + Send + 'static,
     queue_depth: impl Fn() -> usize + Send + Sync + 'static,
     tokens: Option<std::sync::Arc<crate::host::secrets::Tokens>>,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> Result<impl Future<Output = Result<(), EndpointError>> + Send + 'static, EndpointError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
@@ -70,7 +71,7 @@ pub fn install(
             std::future::ready(([(CONTENT_TYPE, TEXT_FORMAT)], handle.render()).into_response())
         };
         let app = Router::new().route("/metrics", get(render));
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let served = crate::http::server::serve(app, listener, tls, shutdown).await;
         upkeep.abort();
         served.map_err(|e| EndpointError::Serve(e.to_string()))
     })

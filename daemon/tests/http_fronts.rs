@@ -45,7 +45,7 @@ async fn front(cloud: Option<&FakeCloud>, tune: impl FnOnce(&mut HttpSection), t
     let router = mulmd::http::router(Arc::new(HttpFront::new(answerer, cfg, card, tokens.map(Arc::new))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mulmd::http::serve(router, listener, std::future::pending()));
+    tokio::spawn(mulmd::http::serve(router, listener, None, std::future::pending()));
     Front { url, source, http: reqwest::Client::new() }
 }
 

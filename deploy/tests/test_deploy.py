@@ -5,6 +5,7 @@ that sshd gives the session) that run `mulmd serve` as the mulmd user the way th
 Needs root (dpkg), openssh-server, and the package in $MULMD_DEB (scripts/test builds it)."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -149,6 +150,17 @@ def test_install_upgrade_status_logs_remove_and_purge(board, fixture_dir):
     r = deploy(board, "logs", "root@127.0.0.1")
     assert "serving" in r.stdout and "sk-board-key-1" not in r.stdout
 
+    # TLS as the README's LAN recipe does it: a certificate made on the board, whose key the
+    # service's group may read, and the health check (install waits for it) over TLS.
+    made = subprocess.run(["/usr/bin/mulmd", "tls", "init", "--dir", "/etc/mulmd/tls"], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    key_stat = Path("/etc/mulmd/tls/key.pem").stat()
+    assert (key_stat.st_mode & 0o777) == 0o640 and key_stat.st_gid == Path("/var/lib/mulmd").stat().st_gid
+    cfg.write_text(cfg.read_text() + '[tls]\ncert_file = "/etc/mulmd/tls/cert.pem"\nkey_file = "/etc/mulmd/tls/key.pem"\n')
+    deploy(board, "install", "root@127.0.0.1", "--deb", board["deb"], "--config", cfg)
+    r = deploy(board, "logs", "root@127.0.0.1")
+    assert "(TLS)" in r.stdout and re.search(r"fingerprint=SHA256:", r.stdout), r.stdout
+
     subprocess.run([board["shims"] / "systemctl", "stop"], check=True)
     deploy(board, "uninstall", "root@127.0.0.1")
     assert not Path("/usr/bin/mulmd").exists()
@@ -156,6 +168,7 @@ def test_install_upgrade_status_logs_remove_and_purge(board, fixture_dir):
     assert Path("/var/lib/mulmd/models/default/mulm.json").exists(), "remove keeps models"
     deploy(board, "uninstall", "root@127.0.0.1", "--purge")
     assert not Path("/etc/mulmd/mulmd.toml").exists() and not cred.exists()
+    assert not Path("/etc/mulmd/tls/key.pem").exists(), "purge removes the TLS key"
     assert Path("/var/lib/mulmd/models/default/mulm.json").exists(), "purge keeps models"
 
 

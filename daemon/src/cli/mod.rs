@@ -9,6 +9,7 @@ mod health;
 mod open;
 mod probe;
 mod serve;
+mod tls;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ pub enum Command {
     /// Measure raw engine speed (greedy, fixed token count) and print JSON; used by
     /// bench/compare_runtimes.py to set mulmd against onnxruntime and llama.cpp.
     Probe(probe::ProbeArgs),
+    /// TLS for the LAN: `tls init` makes a self-signed certificate for this machine and
+    /// prints the fingerprint an app pins.
+    Tls(tls::TlsArgs),
 }
 
 impl Command {
@@ -77,6 +81,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Health(a) => health::run(a),
         Command::Bench(a) => bench::run(*a),
         Command::Probe(a) => probe::run(a),
+        Command::Tls(a) => tls::run(a),
     }
 }
 

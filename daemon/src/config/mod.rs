@@ -33,6 +33,8 @@ pub struct Config {
     pub mqtt: MqttSection,
     pub metrics: MetricsSection,
     pub auth: AuthSection,
+    pub discovery: DiscoverySection,
+    pub tls: TlsSection,
     pub log: LogSection,
 }
 
@@ -142,6 +144,10 @@ pub struct GrpcSection {
     pub unix_socket_mode: FileMode,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub grace_period_ms: u64,
+    /// gRPC-Web on the TCP port.
+    pub web: bool,
+    /// Origins whose pages may call the API from a browser (CORS allow-list).
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -212,6 +218,31 @@ pub struct AuthSection {
 impl AuthSection {
     pub fn file(&self) -> Option<&Path> {
         (!self.tokens_file.as_os_str().is_empty()).then_some(self.tokens_file.as_path())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// mDNS/DNS-SD advertisement while a listener is beyond loopback.
+    pub mdns: bool,
+    /// Empty: "mulmd on <host name>".
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain; with `key_file`, TLS on every TCP listener.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// PEM CA for client certificates (mutual TLS); empty: none asked for.
+    pub client_ca_file: PathBuf,
+}
+
+impl TlsSection {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
     }
 }
 
@@ -327,6 +358,8 @@ fn check_section(section: &str, table: toml::Table) -> Result<(), String> {
         "mqtt" => check::<MqttSection>(table),
         "metrics" => check::<MetricsSection>(table),
         "auth" => check::<AuthSection>(table),
+        "tls" => check::<TlsSection>(table),
+        "discovery" => check::<DiscoverySection>(table),
         "log" => check::<LogSection>(table),
         other => Err(format!("no section {other}")),
     }
@@ -487,6 +520,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms || m.reconnect_max_ms > 600_000 {
         p.push(problem("mqtt.reconnect_min_ms", "must be positive, at most mqtt.reconnect_max_ms, which is at most 600000"));
     }
+    if c.discovery.instance.len() > 63 || c.discovery.instance.contains(|ch: char| ch.is_control() || ch == '.') {
+        p.push(problem("discovery.instance", "must be at most 63 bytes, without dots or control characters (a DNS-SD instance name)"));
+    }
+    for o in &c.grpc.cors_origins {
+        let host = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+        let ok = o == "*" || host.is_some_and(|h| !h.is_empty() && !h.contains('/') && axum::http::HeaderValue::from_str(o).is_ok());
+        if !ok {
+            p.push(problem("grpc.cors_origins", format!("{o:?} is not an origin like \"https://app.example\" or \"http://192.168.1.5:8080\" (scheme, host and port, no path, no trailing slash)")));
+        }
+    }
+    let (cert, key) = (c.tls.cert_file.as_os_str().is_empty(), c.tls.key_file.as_os_str().is_empty());
+    if cert != key {
+        p.push(problem(if cert { "tls.cert_file" } else { "tls.key_file" }, "tls.cert_file and tls.key_file go together: set both (`mulmd tls init` makes a pair) or neither"));
+    }
+    if cert && !c.tls.client_ca_file.as_os_str().is_empty() {
+        p.push(problem("tls.client_ca_file", "client certificates need TLS: set tls.cert_file and tls.key_file too"));
+    }
     if !c.metrics.listen.is_empty() && c.metrics.listen.parse::<SocketAddr>().is_err() {
         p.push(problem("metrics.listen", format!("{:?} is not an address like 127.0.0.1:9464 (\"\" turns metrics off)", c.metrics.listen)));
     }
@@ -508,6 +558,9 @@ pub fn check_files(c: &Config) -> Vec<Problem> {
     let files = [
         ("cloud.api_key_file", &c.cloud.api_key_file, c.cloud.enabled, "create it (key only) or leave it empty"),
         ("auth.tokens_file", &c.auth.tokens_file, true, "create it (\"name token\" per line) or leave it empty"),
+        ("tls.cert_file", &c.tls.cert_file, true, "make a pair with `mulmd tls init` or leave tls.cert_file and tls.key_file empty"),
+        ("tls.key_file", &c.tls.key_file, true, "make a pair with `mulmd tls init` or leave tls.cert_file and tls.key_file empty"),
+        ("tls.client_ca_file", &c.tls.client_ca_file, true, "point it at the PEM of the CA that signs client certificates, or leave it empty"),
         ("mqtt.password_file", &c.mqtt.password_file, c.mqtt.enabled, "create it (password only) or leave it empty"),
         ("mqtt.ca_file", &c.mqtt.ca_file, c.mqtt.enabled && c.mqtt.tls, "point it at the broker's CA certificate (PEM) or leave it empty"),
     ];

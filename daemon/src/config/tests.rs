@@ -134,7 +134,7 @@ proptest::proptest! {
     }
 
     #[test]
-    fn any_value_for_any_key_is_taken_or_named(section in "(model|engine|opener|conversation|cloud|grpc|http|mqtt|metrics|auth|log)", key in "[a-z_]{1,24}", value in "(\"[^\"\\\\\\p{Cc}]{0,12}\"|-?[0-9]{1,22}|true|false|\\[\\]|[0-9]\\.[0-9])") {
+    fn any_value_for_any_key_is_taken_or_named(section in "(model|engine|opener|conversation|cloud|grpc|http|mqtt|metrics|auth|discovery|tls|log)", key in "[a-z_]{1,24}", value in "(\"[^\"\\\\\\p{Cc}]{0,12}\"|-?[0-9]{1,22}|true|false|\\[\\]|[0-9]\\.[0-9])") {
         let text = format!("[{section}]\n{key} = {value}\n");
         if let Err(problems) = parse(&text) {
             // Either the value is not TOML at all, or the problem names its key.

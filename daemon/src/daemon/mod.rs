@@ -4,6 +4,7 @@
 //! answers finish within the grace period, MQTT `offline` and disconnect, stop the workers
 //! (which end whatever is still running within one forward pass).
 
+pub mod discovery;
 pub mod systemd;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use crate::engine::{Engine, EngineConfig, LoadError, Model, OpenerOptions, Promp
 use crate::grpc::{self, AnswerService};
 use crate::host::cpus;
 use crate::host::secrets::{SecretError, TokenError, Tokens};
+use crate::host::tls::ServerTls;
 use crate::http::{HttpFront, ModelCard};
 use crate::mqtt::{MqttError, MqttFront};
 
@@ -52,13 +54,15 @@ pub enum StartError {
     #[error("{0}")]
     Exposure(crate::config::Problem),
     #[error("{0}")]
+    Tls(String),
+    #[error("{0}")]
     Runtime(String),
 }
 
 impl StartError {
     /// True when the configuration (or a file it names) is at fault: restarting won't help.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_) | Self::Tokens(_) | Self::Exposure(_))
+        matches!(self, Self::Model(_) | Self::Config { .. } | Self::Secret(_) | Self::Mqtt(_) | Self::Tokens(_) | Self::Exposure(_) | Self::Tls(_))
     }
 }
 
@@ -71,6 +75,8 @@ pub struct Prepared {
     pub http: Option<Arc<HttpFront>>,
     /// The bearer tokens every TCP listener asks for; None: no token is asked for.
     pub tokens: Option<Arc<Tokens>>,
+    /// TLS for every TCP listener; None: plain TCP.
+    pub tls: Option<ServerTls>,
     pub config: Config,
     /// How long the warm-up opener took (for the status line).
     pub warm_up: Duration,
@@ -86,6 +92,11 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     }
     if let Some(t) = &tokens {
         tracing::info!(tokens = ?t.names(), "gRPC, HTTP and /metrics ask for a bearer token");
+    }
+    let t = &config.tls;
+    let tls = ServerTls::load(&t.cert_file, &t.key_file, &t.client_ca_file).map_err(StartError::Tls)?;
+    if let Some(tls) = &tls {
+        tracing::info!(fingerprint = %tls.fingerprint, client_certificates = tls.mutual(), "TCP listeners speak TLS");
     }
     let engine = Arc::new(start_engine(&config)?);
     let warm_start = Instant::now();
@@ -108,7 +119,7 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     } else {
         None
     };
-    Ok(Prepared { engine, answerer, mqtt, http, tokens, config, warm_up: warm_start.elapsed() })
+    Ok(Prepared { engine, answerer, mqtt, http, tokens, tls, config, warm_up: warm_start.elapsed() })
 }
 
 /// What the HTTP APIs list about the model.
@@ -206,7 +217,9 @@ const STATUS_FLUSH: Duration = Duration::from_secs(2);
 
 /// Serves until `shutdown` resolves, then stops in order. Returns when everything is down.
 pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let Prepared { engine, answerer, mqtt, http, tokens, config, warm_up } = prepared;
+    let Prepared { engine, answerer, mqtt, http, tokens, tls, config, warm_up } = prepared;
+    let web_tls = tls.as_ref().map(ServerTls::rustls).transpose().map_err(StartError::Tls)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let service = AnswerService::new(answerer.clone());
     let grace = Duration::from_millis(config.grpc.grace_period_ms);
     let stop = CancellationToken::new();
@@ -216,18 +229,22 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     // The recorder first: should it fail, no front has started yet.
     let metrics = match listeners.metrics {
         Some(l) => {
-            let front = format!("metrics http://{}/metrics", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            let front = format!("metrics {scheme}://{}/metrics", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
             let a = answerer.clone();
-            Some((front, crate::metrics::install(l, stop.clone().cancelled_owned(), move || a.queue_depth(), tokens.clone())?))
+            Some((front, crate::metrics::install(l, stop.clone().cancelled_owned(), move || a.queue_depth(), tokens.clone(), web_tls.clone())?))
         }
         None => None,
     };
     let mut servers = tokio::task::JoinSet::new();
     let mut health_reporters = Vec::new();
     let mut fronts = Vec::new();
+    let grpc_addr = listeners.tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let http_addr = if http.is_some() { listeners.http.as_ref().and_then(|l| l.local_addr().ok()) } else { None };
     if let Some(l) = listeners.tcp {
-        fronts.push(format!("gRPC {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
-        let (router, health) = grpc::router(service.clone(), tokens.clone()).await?;
+        let over = if tls.is_some() { " (TLS)" } else { "" };
+        fronts.push(format!("gRPC {}{over}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+        let access = grpc::Access { tokens: tokens.clone(), tls: tls.as_ref().map(ServerTls::tonic), web: config.grpc.web, cors_origins: config.grpc.cors_origins.clone() };
+        let (router, health) = grpc::router(service.clone(), access).await?;
         health_reporters.push(health);
         let s = stop.clone();
         servers.spawn(async move { grpc::serve_tcp(router, l, s.cancelled_owned()).await.map_err(StartError::from) });
@@ -236,7 +253,7 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     if let Some((l, path)) = listeners.unix {
         fronts.push(format!("gRPC unix:{}", path.display()));
         // The socket's file mode decides who connects (grpc.unix_socket_mode): no token.
-        let (router, health) = grpc::router(service.clone(), None).await?;
+        let (router, health) = grpc::router(service.clone(), grpc::Access::default()).await?;
         health_reporters.push(health);
         let s = stop.clone();
         socket_path = Some(path);
@@ -252,16 +269,44 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
     }
     if let (Some(front), Some(l)) = (http, listeners.http) {
         let apis = [(front.cfg_ollama(), "Ollama"), (front.cfg_openai(), "OpenAI")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect::<Vec<_>>().join("+");
-        fronts.push(format!("HTTP ({apis}) http://{}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+        fronts.push(format!("HTTP ({apis}) {scheme}://{}", l.local_addr().map(|a| a.to_string()).unwrap_or_default()));
         let s = stop.clone();
         let router = crate::http::router(front);
-        servers.spawn(async move { crate::http::serve(router, l, s.cancelled_owned()).await.map_err(StartError::from) });
+        let web_tls = web_tls.clone();
+        servers.spawn(async move { crate::http::serve(router, l, web_tls, s.cancelled_owned()).await.map_err(StartError::from) });
     }
     if let Some((front, endpoint)) = metrics {
         fronts.push(front);
         servers.spawn(async move { endpoint.await.map_err(StartError::from) });
     }
     let model = &engine.model().manifest;
+    let advert = if config.discovery.mdns {
+        let instance = match config.discovery.instance.as_str() {
+            "" => format!("mulmd on {}", crate::host::sys::host_name().unwrap_or_else(|| "this board".into())),
+            name => name.to_string(),
+        };
+        let offer = discovery::Offer {
+            instance: &instance,
+            grpc: grpc_addr,
+            http: http_addr,
+            tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.as_str()),
+            tokens: tokens.is_some(),
+            model: &model.name,
+        };
+        match discovery::advertise(&offer) {
+            Ok(Some(a)) => {
+                fronts.push(format!("mDNS {}", a.name()));
+                Some(a)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("{e}; apps will need the address");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let status = format!("serving {} ({}) on {}; warm-up opener {} ms", model.name, model.precision, fronts.join(", "), warm_up.as_millis());
     tracing::info!("{status}");
     systemd::ready(&status);
@@ -279,6 +324,10 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         }
     }
     systemd::stopping();
+    if let Some(a) = advert {
+        // Gone from the apps' lists before the listeners close.
+        tokio::task::spawn_blocking(move || a.withdraw()).await.ok();
+    }
     for h in &health_reporters {
         h.set_not_serving::<grpc::pb::answerer_server::AnswererServer<AnswerService>>().await;
         h.set_service_status("", tonic_health::ServingStatus::NotServing).await;

@@ -19,6 +19,11 @@ use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Router;
+use tonic::transport::ServerTlsConfig;
+use tonic_web::GrpcWebLayer;
+use tower::layer::util::{Identity, Stack};
+use tower::util::Either;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tonic_health::server::HealthReporter;
 
 use crate::host::secrets::Tokens;
@@ -30,6 +35,8 @@ pub enum GrpcError {
     Reflection(String),
     #[error("gRPC server: {0}")]
     Serve(String),
+    #[error("gRPC TLS: {0}")]
+    Tls(String),
 }
 
 /// HTTP/2 PINGs on idle connections, so a peer that vanished (a phone that left the Wi-Fi) is
@@ -44,9 +51,44 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams one connection may have open at once.
 const MAX_STREAMS: u32 = 64;
 
+/// Who may call a listener's services, and how: tokens (None: no token asked for), TLS,
+/// gRPC-Web, the browser origins allowed (CORS).
+#[derive(Default)]
+pub struct Access {
+    pub tokens: Option<Arc<Tokens>>,
+    pub tls: Option<ServerTlsConfig>,
+    pub web: bool,
+    pub cors_origins: Vec<String>,
+}
+
+/// The router with its layers (CORS, then gRPC-Web when on).
+pub type GrpcRouter = Router<Stack<Either<GrpcWebLayer, Identity>, Stack<CorsLayer, Identity>>>;
+
+/// CORS for browser pages of the allowed origins: the headers gRPC-Web requests carry (the
+/// token's included) and the ones their responses must expose. No origin listed: no CORS
+/// headers, so a browser lets no other origin's page read a response.
+fn cors(origins: &[String]) -> CorsLayer {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let names = |list: &[&'static str]| list.iter().map(|n| HeaderName::from_static(n)).collect::<Vec<_>>();
+    let mut request_headers = names(&["x-grpc-web", "x-user-agent", "grpc-timeout", "x-request-id"]);
+    request_headers.extend([header::CONTENT_TYPE, header::AUTHORIZATION]);
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::POST])
+        .allow_headers(request_headers)
+        .expose_headers(names(&["grpc-status", "grpc-message", "grpc-status-details-bin"]))
+        .max_age(Duration::from_secs(3600))
+}
+
 /// The complete router: the Answerer service, health and reflection. The health reporter is
 /// returned so the caller can flip it to NOT_SERVING before draining.
-pub async fn router(service: AnswerService, tokens: Option<Arc<Tokens>>) -> Result<(Router, HealthReporter), GrpcError> {
+pub async fn router(service: AnswerService, access: Access) -> Result<(GrpcRouter, HealthReporter), GrpcError> {
+    let Access { tokens, tls, web, cors_origins } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::answerer_server::AnswererServer<AnswerService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -59,7 +101,15 @@ pub async fn router(service: AnswerService, tokens: Option<Arc<Tokens>>) -> Resu
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| GrpcError::Reflection(e.to_string()))?;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| GrpcError::Tls(e.to_string()))?;
+    }
+    let router = builder
+        // Browsers speak gRPC-Web over HTTP/1.1 as well as HTTP/2.
+        .accept_http1(web)
+        .layer(cors(&cors_origins))
+        .layer(tower::util::option_layer(web.then(tonic_web::GrpcWebLayer::new)))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
@@ -96,13 +146,13 @@ fn authorize(tokens: Option<Arc<Tokens>>) -> impl FnMut(tonic::Request<()>) -> R
     }
 }
 
-pub async fn serve_tcp(router: Router, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
+pub async fn serve_tcp(router: GrpcRouter, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| GrpcError::Serve(e.to_string()))
 }
 
 /// Serves on a Unix socket until `shutdown` resolves.
-pub async fn serve_unix(router: Router, listener: tokio::net::UnixListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
+pub async fn serve_unix(router: GrpcRouter, listener: tokio::net::UnixListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     router
         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
         .await

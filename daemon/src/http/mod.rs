@@ -12,6 +12,7 @@
 
 pub mod ollama;
 pub mod openai;
+pub mod server;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -95,9 +96,14 @@ pub fn router(front: Arc<HttpFront>) -> Router {
         .with_state(front)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
-pub async fn serve(router: Router, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), HttpError> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| HttpError(e.to_string()))
+/// Serves `router` on `listener` (TLS when `tls` is set) until `shutdown` resolves.
+pub async fn serve(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    server::serve(router, listener, tls, shutdown).await.map_err(|e| HttpError(e.to_string()))
 }
 
 /// Lets a request through when no tokens are configured or it carries one of them as
