@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use mdns_sd::{ServiceDaemon, ServiceInfo};
 
+use crate::config::DiscoverySection;
+
 /// The DNS-SD service type.
 pub const SERVICE_TYPE: &str = "_mulmd._tcp.local.";
 /// How long the stop waits for the goodbye packets to go out.
@@ -20,7 +22,6 @@ const GOODBYE: Duration = Duration::from_secs(1);
 
 /// What is advertised.
 pub struct Offer<'a> {
-    pub instance: &'a str,
     pub grpc: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub tls_fingerprint: Option<&'a str>,
@@ -34,9 +35,26 @@ pub struct Advert {
     fullname: String,
 }
 
-/// Registers the offer when one of its listeners is reachable beyond loopback; None when
-/// neither is. Errors say what failed (the daemon serves on without discovery).
-pub fn advertise(offer: &Offer) -> Result<Option<Advert>, String> {
+/// Advertises the offer as `[discovery]` says: None when it is off, when no listener is
+/// beyond loopback, or when mDNS fails (logged: the daemon serves on, and apps need the
+/// address).
+pub fn announce(cfg: &DiscoverySection, offer: &Offer) -> Option<Advert> {
+    if !cfg.mdns {
+        return None;
+    }
+    let instance = match cfg.instance.as_str() {
+        "" => format!("mulmd on {}", crate::host::sys::host_name().unwrap_or_else(|| "this board".into())),
+        name => name.to_string(),
+    };
+    advertise(&instance, offer).unwrap_or_else(|e| {
+        tracing::warn!("{e}; apps will need the address");
+        None
+    })
+}
+
+/// Registers the offer under `instance` when one of its listeners is reachable beyond
+/// loopback; None when neither is.
+fn advertise(instance: &str, offer: &Offer) -> Result<Option<Advert>, String> {
     let lan = |a: &Option<SocketAddr>| a.filter(|a| !a.ip().is_loopback());
     let (grpc, http) = (lan(&offer.grpc), lan(&offer.http));
     let Some(main) = grpc.or(http) else { return Ok(None) };
@@ -53,7 +71,7 @@ pub fn advertise(offer: &Offer) -> Result<Option<Advert>, String> {
     ];
     let host = crate::host::sys::host_name().unwrap_or_else(|| "mulmd".into());
     let ip = if main.ip().is_unspecified() { String::new() } else { main.ip().to_string() };
-    let mut info = ServiceInfo::new(SERVICE_TYPE, offer.instance, &format!("{host}.local."), ip.as_str(), main.port(), &txt[..])
+    let mut info = ServiceInfo::new(SERVICE_TYPE, instance, &format!("{host}.local."), ip.as_str(), main.port(), &txt[..])
         .map_err(|e| format!("mDNS: {e}"))?;
     if main.ip().is_unspecified() {
         // Bound to every interface: advertise every address the interfaces have, kept current.

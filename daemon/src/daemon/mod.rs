@@ -280,33 +280,17 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         servers.spawn(async move { endpoint.await.map_err(StartError::from) });
     }
     let model = &engine.model().manifest;
-    let advert = if config.discovery.mdns {
-        let instance = match config.discovery.instance.as_str() {
-            "" => format!("mulmd on {}", crate::host::sys::host_name().unwrap_or_else(|| "this board".into())),
-            name => name.to_string(),
-        };
-        let offer = discovery::Offer {
-            instance: &instance,
-            grpc: grpc_addr,
-            http: http_addr,
-            tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.as_str()),
-            tokens: tokens.is_some(),
-            model: &model.name,
-        };
-        match discovery::advertise(&offer) {
-            Ok(Some(a)) => {
-                fronts.push(format!("mDNS {}", a.name()));
-                Some(a)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!("{e}; apps will need the address");
-                None
-            }
-        }
-    } else {
-        None
+    let offer = discovery::Offer {
+        grpc: grpc_addr,
+        http: http_addr,
+        tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.as_str()),
+        tokens: tokens.is_some(),
+        model: &model.name,
     };
+    let advert = discovery::announce(&config.discovery, &offer);
+    if let Some(a) = &advert {
+        fronts.push(format!("mDNS {}", a.name()));
+    }
     let status = format!("serving {} ({}) on {}; warm-up opener {} ms", model.name, model.precision, fronts.join(", "), warm_up.as_millis());
     tracing::info!("{status}");
     systemd::ready(&status);
