@@ -1,6 +1,7 @@
 //! The gRPC front: `mulm.v1.Answerer` over TCP or a Unix socket, with grpc.health.v1 and
-//! server reflection (v1 and v1alpha) so grpcurl works untold. It only translates the answer
-//! service's events; it never composes an answer itself.
+//! server reflection (v1 and v1alpha) so grpcurl works untold. On TCP, [`Access`] adds what a
+//! LAN listener needs: bearer tokens, TLS, gRPC-Web for browsers behind a CORS allow-list. It
+//! only translates the answer service's events; it never composes an answer itself.
 
 mod convert;
 mod service;
@@ -122,13 +123,6 @@ pub async fn router(service: AnswerService, access: Access) -> Result<(GrpcRoute
     Ok((router, health))
 }
 
-/// Serves on a TCP listener until `shutdown` resolves, then stops accepting and lets open
-/// calls finish.
-///
-/// Every accepted connection gets TCP_NODELAY. With Nagle's algorithm on, a word sent while
-/// the response headers still awaited the client's (delayed) ACK sat in the kernel for ~30 ms:
-/// bench/grpc_latency.py measured mulm-28m's first word reaching the client 30 ms after the
-/// engine emitted it. tonic sets the option only on listeners it binds itself.
 /// The check in front of every service but health (which says only whether the daemon
 /// serves): with tokens configured, a call needs `authorization: Bearer <token>` metadata,
 /// else it ends UNAUTHENTICATED saying what is missing. The token's name is logged, never
@@ -146,6 +140,13 @@ fn authorize(tokens: Option<Arc<Tokens>>) -> impl FnMut(tonic::Request<()>) -> R
     }
 }
 
+/// Serves on a TCP listener until `shutdown` resolves, then stops accepting and lets open
+/// calls finish.
+///
+/// Every accepted connection gets TCP_NODELAY. With Nagle's algorithm on, a word sent while
+/// the response headers still awaited the client's (delayed) ACK sat in the kernel for ~30 ms:
+/// bench/grpc_latency.py measured mulm-28m's first word reaching the client 30 ms after the
+/// engine emitted it. tonic sets the option only on listeners it binds itself.
 pub async fn serve_tcp(router: GrpcRouter, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| GrpcError::Serve(e.to_string()))
