@@ -197,3 +197,25 @@ def test_the_quality_report_measures_what_4_bit_costs(fixture_dir, capsys):
 def test_quality_without_a_baseline_says_what_to_add(fixture_dir, capsys):
     assert cli.main(["verify", str(fixture_dir("tiny-q4")), "--quality"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_a_q4_0_gguf_keeps_its_blocks_in_a_q4_export(tmp_path, fixture_dir):
+    """Q4_0 is the q4 precision's own block format: a Q4_0 GGUF exported at q4 keeps every
+    weight exactly (the dequantized block still holds its −8·d extreme, so the scale and the
+    codes come back as they were), and its logits are llama.cpp's on the same file up to the
+    activations' rounding."""
+    gguf = tmp_path / "tiny-q4_0.gguf"
+    assert cli.main(["to-gguf", str(fixture_dir("tiny")), "--out", str(gguf), "--type", "Q4_0"]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["from-gguf", str(gguf), "--out", str(out), "--precision", "q4"]) == 0
+    arch, source, _ = gguf_source.read(str(gguf))
+    exported = onnx_weights.read(out / "model.onnx", arch)
+    matrices = [n for n, w in source.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]
+    assert len(matrices) == 7 * arch.num_layers
+    for name in matrices:
+        assert np.array_equal(exported[name], source[name]), name
+    assert np.array_equal(exported["__head__"], source["model.embed_tokens.weight"]), "the tied head"
+    ids = [1, 882, 198, 40, 1055]
+    got, want = OrtModel(out).step(ids), _llama_cpp_logits(gguf, ids)
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(got - want))) < 0.02 * scale and int(np.argmax(got)) == int(np.argmax(want))
