@@ -169,7 +169,12 @@ async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuatio
     assert_eq!(replies[0]["type"], "opener");
     let f = replies.last().unwrap();
     assert!(f["fallback"].is_null(), "the real server should have continued: {f}");
-    assert!(replies.iter().any(|r| r["type"] == "delta" && r["source"] == "cloud"));
+    // The server samples (its default temperature), so once in a while all it writes is a
+    // restatement the seam drops, and the device finishes the sentence: then the repair is on
+    // record. Either way the server's turn shows in what the client got.
+    let cloud_spoke = replies.iter().any(|r| r["type"] == "delta" && r["source"] == "cloud");
+    let repaired = f["repairs"].as_array().is_some_and(|r| !r.is_empty());
+    assert!(cloud_spoke || repaired, "the server's continuation neither reached the client nor was repaired away: {replies:?}");
     let (opener, continuation) = (f["opener"].as_str().unwrap(), f["continuation"].as_str().unwrap());
     assert_eq!(f["text"].as_str().unwrap(), format!("{opener}{continuation}"));
     let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
