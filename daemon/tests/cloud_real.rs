@@ -192,7 +192,8 @@ async fn mqtt_and_grpc_requests_get_the_opener_then_the_real_servers_continuatio
     assert!(matches!(first, Some(Some(Event::Word(_)))), "the opener's first word comes first");
     let Some(Event::Final(f)) = last else { panic!("no final") };
     assert!(f.fallback.is_none(), "{f:?}");
-    assert!(f.timings.unwrap().cloud_first_token_ms.is_some(), "the server answered: {f:?}");
+    // As above: the server's text reached the client, or the seam's repair is on record.
+    assert!(f.timings.as_ref().unwrap().cloud_first_token_ms.is_some() || !f.repairs.is_empty(), "the server answered: {f:?}");
     stop.cancel();
     daemon.await.unwrap();
 }
