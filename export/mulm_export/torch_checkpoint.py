@@ -47,6 +47,9 @@ _STORAGE_DTYPES = {
 }
 _TORCH_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# The zip layout's pickle describes tensors; their bytes are separate entries. Real ones are
+# kilobytes to a few megabytes.
+MAX_PICKLE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class LazyTensor:
     def numpy(self) -> np.ndarray:
         """The tensor's values (a copy), float32 for bfloat16 storages."""
         dtype = self.storage.type.dtype
+        # A view never holds more elements than its storage (weights are not broadcast): a
+        # hostile shape with zero strides cannot make the copy below exhaust memory.
+        if any(n < 0 for n in self.shape) or int(np.prod(self.shape, dtype=object)) > max(self.storage.numel, 1):
+            raise CheckpointError(f"a tensor of shape {self.shape} claims more elements than its storage {self.storage.key} holds")
         raw = self._source.storage_bytes(self.storage)
         if len(raw) < self.storage.numel * dtype.itemsize:
             raise CheckpointError(f"storage {self.storage.key} holds {len(raw)} bytes, "
@@ -208,9 +215,14 @@ class _ZipSource(_Source):
     def storage_bytes(self, storage: Storage) -> bytes:
         name = f"{self._prefix}data/{storage.key}"
         try:
-            return self._zf.read(name)
+            info = self._zf.getinfo(name)
         except KeyError as e:
             raise CheckpointError(f"the checkpoint lacks {name}, which a tensor refers to") from e
+        # Read no more than the storage's header promises (torch stores entries uncompressed;
+        # a compressed one must not inflate past that).
+        if info.file_size > storage.numel * storage.type.dtype.itemsize:
+            raise CheckpointError(f"{name} holds {info.file_size} bytes, more than its {storage.numel} elements need")
+        return self._zf.read(info)
 
 
 class _LegacySource(_Source):
@@ -246,6 +258,8 @@ def _load_zip(path: Path) -> object:
     pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
         raise CheckpointError(f"{path} is a zip file but not a torch.save checkpoint (no <archive>/data.pkl)")
+    if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: {pkl[0]} is over {MAX_PICKLE_BYTES >> 20} MiB; a checkpoint's pickle holds names and shapes, not data")
     prefix = pkl[0][: -len("data.pkl")]
     order = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in zf.namelist() else "little"
     if order != "little":

@@ -250,3 +250,25 @@ def test_a_folder_without_weights_says_where_it_looked(tmp_path, capsys):
     assert run_cli("from-hf", tmp_path, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "*.pth" in err and "models" in err
+
+
+def test_a_tensor_cannot_claim_more_than_its_storage(tmp_path):
+    """A hostile view (a huge shape on zero strides) is refused before anything is copied."""
+    obj = tc.load(HERE / "formats.pth")
+    t = obj["f32"]
+    for shape, stride in (((10**6, 10**6), (0, 0)), ((-1, 4), (4, 1))):
+        bad = tc.LazyTensor(t._source, t.storage, 0, shape, stride)
+        with pytest.raises(tc.CheckpointError) as e:
+            bad.numpy()
+        assert "claims more elements" in str(e.value)
+    # A storage entry larger than its element count says is not read.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(HERE / "formats.pth") as src, zipfile.ZipFile(buf, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data + bytes(1 << 20) if "/data/" in item.filename else data)
+    p = tmp_path / "long_storages.pth"
+    p.write_bytes(buf.getvalue())
+    with pytest.raises(tc.CheckpointError) as e:
+        tc.load(p)["f32"].numpy()
+    assert "more than its" in str(e.value)
