@@ -167,10 +167,10 @@ pub const PACKAGED_TOKENS: &str = "/etc/mulmd/credentials/tokens";
 /// by the deploy script), `packaged` is where the unit would load it from.
 pub fn credential_given(name: &str, packaged: &Path) -> bool {
     let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(d) => PathBuf::from(d).join(name),
-        None => packaged.to_path_buf(),
+        Some(_) => credential_path(name),
+        None => Some(packaged.to_path_buf()),
     };
-    std::fs::read_to_string(path).is_ok_and(|t| !t.trim().is_empty())
+    path.and_then(|p| std::fs::read_to_string(p).ok()).is_some_and(|t| !t.trim().is_empty())
 }
 
 /// `$CREDENTIALS_DIRECTORY/<name>` when systemd put a credential of that name there.
