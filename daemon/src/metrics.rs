@@ -98,6 +98,8 @@ fn describe() {
     describe_gauge!("mulmd_queue_depth", "Requests waiting for an inference worker.");
     describe_gauge!("mulmd_requests_in_flight", "Answers being produced now.");
     describe_counter!("mulmd_seam_repairs_total", "Repairs where opener and continuation meet, by kind: restated, scaffold, restart, finished.");
+    describe_counter!("mulmd_prompt_tokens_total", "Prompt tokens of the local model's prompts.");
+    describe_counter!("mulmd_prompt_tokens_reused_total", "Of those, tokens taken from a prompt cache (template head or engine.prefix_cache_mb) instead of computed.");
     describe_counter!("mulmd_output_caps_total", "Answers whose cloud continuation was cut at cloud.max_output_bytes or max_output_chunks.");
 }
 
@@ -117,6 +119,9 @@ pub struct Outcome<'a> {
     pub capped: bool,
     /// Seam repairs made.
     pub repairs: &'a [Repair],
+    /// The local model's prompt tokens, and how many of them came from a cache.
+    pub prompt_tokens: usize,
+    pub reused_prompt_tokens: usize,
 }
 
 /// A request began (the in-flight gauge rises until [`request_ended`]).
@@ -157,6 +162,10 @@ pub fn record(front: &'static str, o: &Outcome) {
     }
     for r in o.repairs {
         metrics::counter!("mulmd_seam_repairs_total", "kind" => r.name()).increment(1);
+    }
+    if o.prompt_tokens > 0 {
+        metrics::counter!("mulmd_prompt_tokens_total").increment(o.prompt_tokens as u64);
+        metrics::counter!("mulmd_prompt_tokens_reused_total").increment(o.reused_prompt_tokens as u64);
     }
 }
 

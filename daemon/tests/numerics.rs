@@ -2,6 +2,8 @@
 
 mod common;
 
+use mulmd::engine::PrefixCache;
+
 /// Largest |tract − onnxruntime| over a step's logits, relative to the logit scale (min 1).
 /// Both run float32 kernels with different summation orders; 1e-4 of the scale is far above
 /// that rounding and far below any real wiring error (which moves logits by O(scale)).
@@ -14,11 +16,21 @@ enum Start {
     Cold,
     /// The daemon's path: the template head from the cache prefilled at load, the rest fed.
     ReusedHead,
+    /// A follow-up's path: all but the last few prompt tokens from the cache an earlier
+    /// prompt (the same start) left in the engine's shared prompt cache.
+    CachedPrompt,
 }
 
 fn check(name: &str, start: Start) {
     let (Some(model), Some(reference)) = (common::load(name), common::reference(name)) else { return };
     let mut session = model.session().unwrap();
+    let cache = std::sync::Arc::new(PrefixCache::keeping(1 << 30, 1));
+    if start == Start::CachedPrompt {
+        session.share_prefixes(cache.clone());
+        let earlier = &reference.steps[0].fed[..reference.steps[0].fed.len() - 4];
+        session.forward_prompt(earlier).unwrap();
+        assert_eq!(cache.len(), 1, "{name}: the earlier prompt's cache should be kept");
+    }
     if start == Start::ReusedHead {
         assert!(
             model.prefilled_head_tokens() > 0 && model.prefilled_head_tokens() < reference.prompt_ids.len(),
@@ -33,7 +45,16 @@ fn check(name: &str, start: Start) {
     );
     for (i, step) in reference.steps.iter().enumerate() {
         let got = match (i, start) {
-            (0, Start::ReusedHead) => session.forward_prompt(&step.fed).unwrap(),
+            (0, Start::ReusedHead) => {
+                let (logits, reused) = session.forward_prompt(&step.fed).unwrap();
+                assert_eq!(reused, model.prefilled_head_tokens(), "{name}: the head should be reused");
+                logits
+            }
+            (0, Start::CachedPrompt) => {
+                let (logits, reused) = session.forward_prompt(&step.fed).unwrap();
+                assert_eq!(reused, step.fed.len() - 4, "{name}: the earlier prompt should be reused whole");
+                logits
+            }
             _ => session.forward(&step.fed).unwrap(),
         };
         assert_eq!(got.len(), step.logits.len());
@@ -82,6 +103,16 @@ fn tiny_q4_from_the_prefilled_head_matches_onnxruntime() {
 #[test]
 fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
     check("smollm2", Start::ReusedHead);
+}
+
+#[test]
+fn tiny_q4_from_an_earlier_prompts_cache_matches_onnxruntime() {
+    check("tiny-q4", Start::CachedPrompt);
+}
+
+#[test]
+fn smollm2_from_an_earlier_prompts_cache_matches_onnxruntime() {
+    check("smollm2", Start::CachedPrompt);
 }
 
 /// The paper authors' layout: a torch.save training checkpoint with their tokenizer and chat

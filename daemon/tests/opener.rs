@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use mulmd::engine::{
     write_opener, Engine, EngineConfig, Model, OpenerEvent, OpenerEvents, OpenerOptions, Prompt, RequestError, Sampling,
-    StopReason,
+    Speaker, StopReason, Turn,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -169,6 +169,51 @@ fn a_long_prompt_is_fed_in_chunks_that_a_cancel_stops() {
     let events = submit(&engine, &question, opts(4, 8), cancel.clone());
     cancel.cancel();
     assert_eq!(drain(events), [OpenerEvent::Error(RequestError::Cancelled)]);
+}
+
+/// Home Assistant's shape: a system prompt listing devices, then turns that resend it.
+fn home(history: &[(Speaker, &str)], query: &str) -> Prompt {
+    let devices: String = (0..20).map(|i| format!("- names: Lamp {i}\n  domain: light\n  state: 'off'\n  areas: Room {i}\n")).collect();
+    Prompt {
+        system: Some(format!("You are a voice assistant for Home Assistant.\nDevices:\n{devices}")),
+        history: history.iter().map(|(speaker, text)| Turn { speaker: *speaker, text: text.to_string() }).collect(),
+        query: query.into(),
+        continue_from: None,
+    }
+}
+
+fn done(engine: &Engine, prompt: &Prompt) -> mulmd::engine::Opener {
+    let events = drain(engine.submit(prompt, opts(4, 8), Instant::now(), CancellationToken::new()).unwrap());
+    match events.last() {
+        Some(OpenerEvent::Done(o)) => o.clone(),
+        other => panic!("no Done: {other:?}"),
+    }
+}
+
+#[test]
+fn repeats_and_follow_ups_feed_only_their_new_tokens_and_write_the_same_openers() {
+    let Some(model) = common::load("smollm2") else { return };
+    let config = EngineConfig { max_prompt_tokens: 4096, prefix_cache_bytes: 256 << 20, ..EngineConfig::default() };
+    let engine = Engine::start(model.clone(), config).unwrap();
+    let cold = Engine::start(model.clone(), EngineConfig { prefix_cache_bytes: 0, ..config }).unwrap();
+    let first = done(&engine, &home(&[], "Turn on lamp 3."));
+    assert!(first.prompt_tokens > 300, "{}", first.prompt_tokens);
+    assert!(first.reused_tokens < 10, "only the template's own start can be reused: {}", first.reused_tokens);
+
+    // Another question on the same system prompt: everything up to the question is reused.
+    let repeat = home(&[], "Is lamp 7 on?");
+    let again = done(&engine, &repeat);
+    // Fed: the question and the template's closing markers, a dozen tokens or so.
+    assert!(again.prompt_tokens - again.reused_tokens <= 16, "reused {} of {}", again.reused_tokens, again.prompt_tokens);
+
+    // A follow-up resends the conversation: the whole earlier prompt is reused.
+    let follow = home(&[(Speaker::User, "Is lamp 7 on?"), (Speaker::Assistant, &again.text)], "And lamp 8?");
+    let next = done(&engine, &follow);
+    assert!(next.reused_tokens >= again.prompt_tokens - 1, "reused {} of the {} before", next.reused_tokens, again.prompt_tokens);
+
+    // What the listener hears does not depend on where the prompt's cache came from.
+    assert_eq!(again.text, done(&cold, &repeat).text);
+    assert_eq!(next.text, done(&cold, &follow).text);
 }
 
 #[test]

@@ -256,6 +256,22 @@ def test_openai_clients_stream_with_and_without_usage_and_answer_whole(pb, daemo
     assert "n above 1" in str(e.value)
 
 
+def test_a_follow_up_reuses_the_cache_of_the_conversation_so_far(daemon):
+    """Assistants resend the system prompt (Home Assistant: the device list) and the whole
+    conversation every turn; the device model computes only what is new."""
+    client = openai.OpenAI(base_url=daemon["http"] + "/v1", api_key="unused")
+    devices = "".join(f"- names: Lamp {i}\n  domain: light\n  state: 'off'\n  areas: Room {i}\n" for i in range(12))
+    messages = [{"role": "system", "content": f"You are a voice assistant for Home Assistant.\nDevices:\n{devices}"}, {"role": "user", "content": "Is lamp 3 on?"}]
+    figures = []
+    for follow_up in ("And lamp 4?", "Turn it on."):
+        reply = client.chat.completions.create(model="mulmd", messages=messages, temperature=0, max_tokens=16)
+        figures.append(reply.model_dump()["mulmd"])
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content}, {"role": "user", "content": follow_up}]
+    first, second = figures
+    assert first["prompt_tokens"] > 200 and first["reused_prompt_tokens"] < 20, first
+    assert second["reused_prompt_tokens"] >= first["prompt_tokens"] - 1, (first, second)
+
+
 def test_a_voice_pipeline_speaks_the_devices_first_sentence_on_its_own(pb, daemon):
     """Home Assistant starts streaming text to speech past 60 characters, and Piper speaks a
     sentence once its end is followed by a capitalised word. With the Ollama front's voice

@@ -297,6 +297,7 @@ impl Continued {
                 total_ms: ms(arrived.elapsed()),
             },
             prompt_tokens: opener.prompt_tokens,
+            reused_prompt_tokens: opener.reused_tokens,
             local_tokens,
             cloud_tokens: self.tokens,
             cloud_prompt_tokens: self.prompt_tokens,

@@ -52,7 +52,11 @@ pub struct Answer {
     pub finish_reason: String,
     pub finish_detail: Option<String>,
     pub timings: AnswerTimings,
+    /// The local model's prompt, in its tokens.
     pub prompt_tokens: usize,
+    /// Of those, how many came from a cache (the template head, or an earlier prompt that
+    /// started the same way) rather than being computed for this answer.
+    pub reused_prompt_tokens: usize,
     /// Tokens the local model generated (opener plus any local finish).
     pub local_tokens: usize,
     pub cloud_tokens: Option<u64>,

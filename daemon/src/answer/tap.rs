@@ -51,7 +51,15 @@ impl Tap {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let (ttft_ms, opener_ms, total_ms) = (ms(o.timings.ttft), ms(o.timings.opener), ms(o.timings.total));
         self.span.in_scope(|| tracing::info!(ttft_ms, opener_ms, total_ms, words = o.words.len(), "opened"));
-        let outcome = Outcome { code: "done", ttft_ms: Some(ttft_ms), opener_ms: Some(opener_ms), total_ms: Some(total_ms), ..Default::default() };
+        let outcome = Outcome {
+            code: "done",
+            ttft_ms: Some(ttft_ms),
+            opener_ms: Some(opener_ms),
+            total_ms: Some(total_ms),
+            prompt_tokens: o.prompt_tokens,
+            reused_prompt_tokens: o.reused_tokens,
+            ..Default::default()
+        };
         metrics::record(self.front.name(), &outcome);
     }
 
@@ -69,6 +77,8 @@ impl Tap {
                 fallback,
                 finish_reason = a.finish_reason.as_str(),
                 repairs = ?a.repairs,
+                prompt_tokens = a.prompt_tokens,
+                reused_prompt_tokens = a.reused_prompt_tokens,
                 "answered"
             )
         });
@@ -82,6 +92,8 @@ impl Tap {
             fallback,
             capped: a.finish_reason == "output_cap",
             repairs: &a.repairs,
+            prompt_tokens: a.prompt_tokens,
+            reused_prompt_tokens: a.reused_prompt_tokens,
         };
         metrics::record(self.front.name(), &outcome);
         self.stats.record(a, self.opener_speed);

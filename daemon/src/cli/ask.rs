@@ -81,7 +81,7 @@ pub fn run(a: AskArgs) -> ExitCode {
         }
     };
     let base = file.clone().unwrap_or_default();
-    let config = EngineConfig { workers: 1, queue_depth: 1, max_prompt_tokens: base.opener.max_prompt_tokens, prefill_chunk: base.engine.prefill_chunk_tokens };
+    let config = EngineConfig { workers: 1, queue_depth: 1, max_prompt_tokens: base.opener.max_prompt_tokens, prefill_chunk: base.engine.prefill_chunk_tokens, prefix_cache_bytes: 0 };
     let engine = match Engine::start(model, config) {
         Ok(e) => Arc::new(e),
         Err(e) => {

@@ -72,6 +72,8 @@ pub struct EngineSection {
     pub cpu_affinity: Affinity,
     /// Prompt tokens fed per forward pass; cancellation and the watchdog are checked between.
     pub prefill_chunk_tokens: usize,
+    /// MiB of recent prompts' KV caches kept for prompts that start the same way; 0: none.
+    pub prefix_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -392,6 +394,9 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if !(16..=4096).contains(&c.engine.prefill_chunk_tokens) {
         p.push(problem("engine.prefill_chunk_tokens", "must be 16..=4096 tokens"));
+    }
+    if c.engine.prefix_cache_mb > 65536 {
+        p.push(problem("engine.prefix_cache_mb", "must be 0..=65536 MiB; 0 keeps no prompt caches"));
     }
     let o = &c.opener;
     if o.min_words == 0 || o.min_words > o.max_words {

@@ -149,6 +149,7 @@ fn start_engine(config: &Config) -> Result<Engine, StartError> {
         queue_depth: config.engine.queue_depth,
         max_prompt_tokens: config.opener.max_prompt_tokens,
         prefill_chunk: config.engine.prefill_chunk_tokens,
+        prefix_cache_bytes: config.engine.prefix_cache_mb.saturating_mul(1 << 20),
     };
     let started = Model::load(&config.model.dir(), threads)
         .map_err(StartError::from)

@@ -23,6 +23,11 @@ impl Prefix {
         Self { ids, kv }
     }
 
+    /// The token ids whose cache this holds.
+    pub(crate) fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
     /// Tokens held.
     pub(crate) fn len(&self) -> usize {
         self.ids.len()

@@ -7,6 +7,7 @@ use tract_onnx::prelude::*;
 use super::error::RequestError;
 use super::forward::{empty_cache, feed, logits};
 use super::model::Model;
+use super::prefix_cache::PrefixCache;
 use super::profile::OpProfile;
 
 /// Feeds tokens through the model, keeping the KV cache between calls.
@@ -18,14 +19,22 @@ pub struct Session {
     ids: Vec<i64>,
     /// When set, every forward pass times its ops into it (`mulmd probe --profile`).
     pub(crate) profile: Option<OpProfile>,
+    /// Earlier prompts' caches to start from, and to keep this session's prompts in.
+    prefixes: Option<Arc<PrefixCache>>,
 }
 
 impl Session {
     pub(crate) fn new(model: Arc<Model>) -> TractResult<Self> {
         let state = model.plan.spawn()?;
-        let mut s = Self { model, state, past: tvec!(), len: 0, ids: Vec::new(), profile: None };
+        let mut s = Self { model, state, past: tvec!(), len: 0, ids: Vec::new(), profile: None, prefixes: None };
         s.reset()?;
         Ok(s)
+    }
+
+    /// From now on, prompts start from the longest matching entry of `cache` when it covers
+    /// more than the template head, and each prompt's cache is offered to it after prefill.
+    pub fn share_prefixes(&mut self, cache: Arc<PrefixCache>) {
+        self.prefixes = Some(cache);
     }
 
     /// Forgets every token fed so far.
@@ -51,12 +60,13 @@ impl Session {
         logits(&out).map(|l| l.to_vec()).map_err(inference)
     }
 
-    /// Starts over with `prompt` as the daemon does (reusing the prefilled template head,
-    /// see [`Session::prefill`]) and returns a copy of the last position's logits.
-    pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<Vec<f32>, RequestError> {
+    /// Starts over with `prompt` as the daemon does (reusing the prefilled template head or a
+    /// shared prompt cache, see [`Session::prefill`]) and returns a copy of the last
+    /// position's logits and how many prompt tokens were reused rather than fed.
+    pub fn forward_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), RequestError> {
         let fed = self.prefill(prompt, usize::MAX, &mut || true).map_err(inference)?;
-        let (out, _) = fed.ok_or(RequestError::EmptyQuery)?;
-        logits(&out).map(|l| l.to_vec()).map_err(inference)
+        let (out, reused) = fed.ok_or(RequestError::EmptyQuery)?;
+        Ok((logits(&out).map(|l| l.to_vec()).map_err(inference)?, reused))
     }
 
     /// Feeds `ids` after everything fed so far; returns the logits for the last of them
@@ -70,26 +80,40 @@ impl Session {
         Ok(logits)
     }
 
-    /// Starts over with `prompt`: the part the model's prefilled template head covers comes
-    /// from its shared cache, the rest is fed `chunk` tokens per pass. Before every pass
+    /// Starts over with `prompt`: the part that the model's prefilled template head or an
+    /// earlier prompt's cache (see [`Session::share_prefixes`]) covers is taken from there,
+    /// whichever covers more; the rest is fed `chunk` tokens per pass. Before every pass
     /// `proceed` is asked whether to go on; when it says no, the prefill stops and returns
-    /// None. Otherwise returns the last prompt token's logits and how many prompt tokens came
-    /// from the cache. Chunks change the logits only by float rounding (the same products,
-    /// blocked differently).
+    /// None. Otherwise returns the last prompt token's logits and how many prompt tokens were
+    /// reused, and offers the prompt's cache to the shared one. Chunks and reuse change the
+    /// logits only by float rounding (the same products, blocked differently).
     pub(crate) fn prefill(&mut self, prompt: &[u32], chunk: usize, proceed: &mut dyn FnMut() -> bool) -> TractResult<Option<(TValue, usize)>> {
-        let reused = self.model.prefix.reusable(prompt);
-        if reused == 0 {
-            self.reset()?;
-        } else {
-            self.past = self.model.prefix.kv(reused)?;
-            self.len = reused;
-        }
+        let head = self.model.prefix.reusable(prompt);
+        let hit = self.prefixes.as_ref().and_then(|c| c.lookup(prompt)).filter(|h| h.tokens > head);
+        let reused = match hit {
+            Some(h) => {
+                self.past = h.prefix.kv(h.tokens)?;
+                h.tokens
+            }
+            None if head > 0 => {
+                self.past = self.model.prefix.kv(head)?;
+                head
+            }
+            None => {
+                self.reset()?;
+                0
+            }
+        };
+        self.len = reused;
         let mut out = None;
         for piece in prompt[reused..].chunks(chunk.max(1)) {
             if !proceed() {
                 return Ok(None);
             }
             out = Some(self.step(piece)?);
+        }
+        if let Some(cache) = &self.prefixes {
+            cache.keep(prompt, &self.past, prompt.len() - head);
         }
         Ok(out.map(|o| (o, reused)))
     }

@@ -18,6 +18,7 @@ use super::model::Model;
 use super::opener::{write, Opener, OpenerEvent, OpenerOptions, Pass, WordEvent};
 use super::prompt::Prompt;
 use super::queue::{Job, JobQueue};
+use super::prefix_cache::PrefixCache;
 use super::session::Session;
 
 /// One request's events as the engine produces them: zero or more `Word`, then exactly one
@@ -67,11 +68,14 @@ pub struct EngineConfig {
     pub max_prompt_tokens: usize,
     /// Prompt tokens per forward pass (cancellation and heartbeat are checked between).
     pub prefill_chunk: usize,
+    /// Bytes of earlier prompts' KV caches kept for later prompts that start the same way
+    /// (see `PrefixCache`); 0 keeps none.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { workers: 1, queue_depth: 8, max_prompt_tokens: 1024, prefill_chunk: 256 }
+        Self { workers: 1, queue_depth: 8, max_prompt_tokens: 1024, prefill_chunk: 256, prefix_cache_bytes: 0 }
     }
 }
 
@@ -99,9 +103,13 @@ impl Engine {
     /// Starts the workers. Fails only if a worker's session or thread cannot be created.
     pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<Self, RequestError> {
         let queue = Arc::new(JobQueue::new(config.queue_depth));
+        let prefixes = Arc::new(PrefixCache::new(config.prefix_cache_bytes));
         let mut engine = Self { model: model.clone(), config, queue: queue.clone(), workers: Vec::new(), states: Vec::new() };
         for i in 0..config.workers.max(1) {
-            let session = Session::new(model.clone()).map_err(|e| RequestError::Inference(format!("{e:#}")))?;
+            let mut session = Session::new(model.clone()).map_err(|e| RequestError::Inference(format!("{e:#}")))?;
+            if config.prefix_cache_bytes > 0 {
+                session.share_prefixes(prefixes.clone());
+            }
             let state = Arc::new(WorkerState::default());
             engine.states.push(state.clone());
             let (model, queue) = (model.clone(), queue.clone());

@@ -227,10 +227,17 @@ fn finish_reason(a: &Answer) -> &'static str {
     }
 }
 
+/// OpenAI's usage object. The prompt is the cloud's count when it gave one, else the device
+/// model's; only in the second case does `prompt_tokens_details.cached_tokens` (the device's
+/// reused prompt tokens) describe the same prompt, so only then is it set.
 fn usage(a: &Answer) -> Value {
     let prompt = a.cloud_prompt_tokens.unwrap_or(a.prompt_tokens as u64);
     let completion = a.local_tokens as u64 + a.cloud_tokens.unwrap_or(0);
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+    let mut v = json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion });
+    if a.cloud_prompt_tokens.is_none() {
+        v["prompt_tokens_details"] = json!({ "cached_tokens": a.reused_prompt_tokens });
+    }
+    v
 }
 
 /// mulmd's timings and hand-off facts, as an extension field clients ignore.
@@ -246,6 +253,8 @@ pub(crate) fn timings(a: &Answer) -> Value {
         "corrected": a.corrected,
         "fallback": a.fallback.as_ref().map(|f| json!({ "reason": f.reason, "message": f.message })),
         "finish_detail": a.finish_detail,
+        "prompt_tokens": a.prompt_tokens,
+        "reused_prompt_tokens": a.reused_prompt_tokens,
     })
 }
 
