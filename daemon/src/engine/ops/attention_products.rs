@@ -122,13 +122,23 @@ mod kernels {
 
     /// One batch element: `y` (`[m, n]`) from `a` (`[m, k]`) and `w`.
     pub fn run(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+        // Transposed here, outside the loop nests: a second call site of the mix inside
+        // `any` made the compiler vectorize both ten times worse.
+        let wt;
+        let (w, transposed) = if transposed && m >= ROWS_FOR_MIX {
+            wt = transpose(w, n, k);
+            (&wt[..], false)
+        } else {
+            (w, transposed)
+        };
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            use crate::engine::ops::isa::{allows, Level};
+            if allows(Level::Avx512) && std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { avx512(transposed, a, w, y, m, k, n) };
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if allows(Level::Avx2) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { avx2(transposed, a, w, y, m, k, n) };
             }
@@ -146,6 +156,25 @@ mod kernels {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
         any(transposed, a, w, y, m, k, n)
+    }
+
+    /// Rows from which scores are computed as a mix of the transposed keys rather than as
+    /// dot products. A dot product ends in a sum across lanes, paid once per score; a mix
+    /// keeps 16 scores in the lanes and pays one copy of the keys per product instead. At
+    /// decode (a few query rows per key head) the copy costs more than the sums it saves; in
+    /// a prompt it is nothing beside them (`mulmd probe --profile` on a 1,031-token SmolLM2
+    /// prompt: these products took 3.6 s of the 6.5 s prefill as dot products).
+    const ROWS_FOR_MIX: usize = 8;
+
+    /// `w` `[n, k]` → `[k, n]`: the keys as a matrix the query rows mix.
+    fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut wt = vec![0f32; k * n];
+        for (j, row) in w.chunks_exact(k).enumerate() {
+            for (l, x) in row.iter().enumerate() {
+                wt[l * n + j] = *x;
+            }
+        }
+        wt
     }
 
     /// Everything here is inlined into the callers above, so it is compiled with their
