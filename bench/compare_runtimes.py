@@ -19,6 +19,11 @@ float32, llama.cpp's own Q4_0 against q4), and SmolLM2 from the GGUF in the llm-
 the source of both ONNX precisions: its Q4_1 as is against q4, dequantized to F32 against
 float32.
 
+`--kernels LEVEL` measures one instruction set on any machine that has it: mulmd runs with
+MULMD_KERNELS=LEVEL (portable, avx2, avx-vnni, avx512), llama.cpp from a llama-cpp-python built
+for the same level (scripts/build-llama-cpp-python, cached; x86-64 only). onnxruntime has no
+such switch: its row is always this CPU's best path, and says so.
+
 Last, the memory-bandwidth floor: the bytes of weights a decode step must read, over this
 machine's measured copy bandwidth, and each runtime's decode rate as a share of that ceiling.
 """
@@ -136,8 +141,19 @@ def mulmd_binary() -> Path:
     return exe
 
 
-def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int, gguf: Path | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
+def llama_for(kernels: str) -> str | None:
+    """The folder of a llama-cpp-python built for `kernels` (None: the environment's own)."""
+    if kernels == "auto":
+        return None
+    out = subprocess.run([str(ROOT / "scripts" / "build-llama-cpp-python"), kernels], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_one(runtime: str, model: Path, threads: int, tokens: int, runs: int, gguf: Path | None = None,
+            kernels: str = "auto", llama_path: str | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads), MULMD_KERNELS=kernels)
+    if runtime == "llama.cpp" and llama_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [llama_path, env.get("PYTHONPATH")]))
     if runtime.startswith("mulmd"):
         cmd = [str(mulmd_binary()), "probe", "--model", str(model), "--threads", str(threads),
                "--tokens", str(tokens), "--runs", str(runs)] + (["--reuse-head"] if runtime == "mulmd+head" else [])
@@ -192,8 +208,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=2, help="timed generations per process")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--kernels", default="auto", help="mulmd's MULMD_KERNELS and llama.cpp's build level (see above)")
     p.add_argument("--json", help="also write the raw results here")
     a = p.parse_args()
+    llama_path = llama_for(a.kernels)
 
     from tokenizers import Tokenizer
 
@@ -209,9 +227,13 @@ def main() -> None:
             # Rotate the order every round so drift hits every runtime alike.
             order = runtimes[m][rnd % len(runtimes[m]):] + runtimes[m][: rnd % len(runtimes[m])]
             for rt in order:
-                raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs, ggufs[m]))
+                raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs, ggufs[m], a.kernels, llama_path))
         print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
 
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    used = raw[f"{configs[0][0]}|mulmd|{configs[0][1]}"][0].get("kernels", "?")
+    llama_level = a.kernels if llama_path else "this CPU's (scripts/llama-cpp-flags)"
+    print(f"== {cpu}; mulmd kernels {used}; llama.cpp built for {llama_level}; onnxruntime: its own best path\n")
     header = ("| model | thr | runtime | load ms | prefill tok/s | TTFT ms | 4 words ms | 8 words ms "
               "| decode tok/s | peak RSS MB |")
     print(header)

@@ -164,3 +164,43 @@ fn probe_profile_times_every_pass_by_op() {
     let table = String::from_utf8_lossy(&out.stderr);
     assert!(table.contains("F32MatMul") && table.contains("all ops"), "{table}");
 }
+
+/// `MULMD_KERNELS` forces a lower kernel level (how an AVX2 machine's path is measured on an
+/// AVX-512 one): every level this CPU offers writes the tokens the best one writes, through
+/// the float32 and the 4-bit kernels, the probe reports the level, and a level this machine
+/// cannot run stops the load naming the choices. (The tiny fixtures' top logits are 0.3 of
+/// their scale apart, so a kernel's rounding cannot flip a token; a wrong kernel would.)
+#[test]
+fn every_kernel_level_this_cpu_offers_writes_the_same_tokens() {
+    let levels: &[&str] = if cfg!(target_arch = "x86_64") { &["portable", "avx2", "avx-vnni", "avx512"] } else { &["portable", "neon", "dotprod"] };
+    for name in ["tiny", "tiny-q4"] {
+        let Some(dir) = common::fixture(name) else { return };
+        let run = |level: &str| {
+            mulmd().args(["probe", "--tokens", "8", "--runs", "1", "--model"]).arg(&dir).env("MULMD_KERNELS", level).output().unwrap()
+        };
+        let json = |out: &std::process::Output| -> serde_json::Value {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let best = json(&run("auto"));
+        let mut ran = Vec::new();
+        for level in levels {
+            let out = run(level);
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("lacks the instructions") && err.contains("portable"), "{level}: {err}");
+                continue;
+            }
+            let v = json(&out);
+            assert_eq!(v["kernels"], *level);
+            assert_eq!(v["runs"][0]["tokens"], best["runs"][0]["tokens"], "{name}: {level} wrote other tokens than {}", best["kernels"]);
+            ran.push(*level);
+        }
+        assert!(ran.contains(&"portable") && ran.len() >= 2, "ran {ran:?}");
+        assert!(ran.contains(&best["kernels"].as_str().unwrap()), "auto uses a level the switch offers");
+        let out = run("sse9");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("MULMD_KERNELS=sse9") && err.contains("portable"), "{err}");
+    }
+}

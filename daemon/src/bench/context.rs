@@ -13,6 +13,8 @@ pub struct StaticContext {
     /// /proc/device-tree/model on boards, else the DMI product name.
     pub board: Option<String>,
     pub cpu_model: Option<String>,
+    /// The engine kernels' instruction-set level (`MULMD_KERNELS`, else the best here).
+    pub kernels: String,
     pub cpus_online: usize,
     /// The CPUs this process may run on (its affinity), as the kernel lists them.
     pub cpus_allowed: Option<String>,
@@ -53,6 +55,7 @@ pub fn static_context(root: &Path) -> StaticContext {
     StaticContext {
         board: tree.board(),
         cpu_model: sys::cpu_brand(),
+        kernels: crate::engine::kernels::in_use().name().into(),
         cpus_online: tree.cpu_dirs().len(),
         cpus_allowed: tree.cpus_allowed(),
         governors: tree.governors(),

@@ -165,9 +165,10 @@ fn f(x: Option<f64>, digits: usize) -> String {
 /// comparison table when there are several models.
 pub fn markdown(r: &BenchReport) -> String {
     let mut s = String::new();
-    s.push_str(&format!("# mulmd bench\n\nmulmd {} · {} · {} CPUs online (allowed: {}) · kernel {} · governor {}\n\n",
+    s.push_str(&format!("# mulmd bench\n\nmulmd {} · {} · engine kernels {} · {} CPUs online (allowed: {}) · kernel {} · governor {}\n\n",
         r.mulmd_version,
         r.machine.board.clone().or(r.machine.cpu_model.clone()).unwrap_or_else(|| "unknown machine".into()),
+        r.machine.kernels,
         r.machine.cpus_online,
         r.machine.cpus_allowed.clone().unwrap_or_else(|| "?".into()),
         r.machine.kernel.clone().unwrap_or_else(|| "?".into()),

@@ -65,6 +65,8 @@ pub fn run(args: ProbeArgs) -> ExitCode {
         "model": model.manifest.name,
         "precision": model.manifest.precision,
         "threads": args.threads,
+        // The engine kernels' instruction-set level (MULMD_KERNELS, or the best here).
+        "kernels": crate::engine::kernels::in_use().name(),
         "reuse_head": args.reuse_head,
         "load_ms": ms(model.load_time),
         "warmup": warmup,

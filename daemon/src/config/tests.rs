@@ -143,3 +143,11 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn the_prompt_cache_is_on_by_default_and_bounded() {
+    assert_eq!(Config::default().engine.prefix_cache_mb, 128);
+    assert_eq!(parse("[engine]\nprefix_cache_mb = 0\n").unwrap().engine.prefix_cache_mb, 0, "0 turns it off");
+    let problems = parse("[engine]\nprefix_cache_mb = 100000\n").unwrap_err();
+    assert!(problems.iter().any(|p| p.key == "engine.prefix_cache_mb" && p.message.contains("0..=65536")), "{problems:?}");
+}

@@ -143,7 +143,7 @@ fn start_engine(config: &Config) -> Result<Engine, StartError> {
         0 => cores.as_ref().map(Vec::len).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         n => n,
     };
-    tracing::info!(cores = ?cores, threads, "inference placement");
+    tracing::info!(cores = ?cores, threads, kernels = crate::engine::kernels::in_use().name(), "inference placement");
     let engine_config = EngineConfig {
         workers: config.engine.workers,
         queue_depth: config.engine.queue_depth,

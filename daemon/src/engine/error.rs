@@ -20,6 +20,9 @@ pub enum LoadError {
     VocabularyMismatch { path: PathBuf, problem: String },
     #[error("chat template in {path}: {detail}")]
     BadTemplate { path: PathBuf, detail: String },
+    /// `MULMD_KERNELS` names a level this machine cannot run.
+    #[error("{0}")]
+    Kernels(String),
 }
 
 /// Why one request failed. The request's other events (words already sent) stay valid.

@@ -24,6 +24,8 @@ mod profile;
 mod load;
 mod ops;
 
+/// The engine kernels' instruction-set level (`MULMD_KERNELS`): for reports and checks.
+pub use ops::isa as kernels;
 pub use error::{LoadError, RequestError};
 pub use manifest::Manifest;
 pub use model::Model;

@@ -41,6 +41,8 @@ impl Model {
     /// Loads and checks a model directory. `threads` sets tract's matrix-multiply threads.
     pub fn load(dir: &Path, threads: usize) -> Result<Self, LoadError> {
         let started = Instant::now();
+        // A forced kernel level this CPU lacks must stop the load, not fall back unseen.
+        crate::engine::ops::isa::configured().map_err(LoadError::Kernels)?;
         let heap = LoadingHeap::begin();
         if !dir.is_dir() {
             return Err(LoadError::MissingFile {

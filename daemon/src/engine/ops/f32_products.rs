@@ -93,11 +93,12 @@ impl PanelWeights {
     fn run_kernel(&self, a: &[f32], m: usize, out: OutputShare) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            use super::isa::{allows, Level};
+            if allows(Level::Avx512) && std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { kernels::avx512(self, a, m, &out) };
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if allows(Level::Avx2) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { kernels::avx2(self, a, m, &out) };
             }

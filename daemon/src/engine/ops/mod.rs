@@ -10,10 +10,12 @@
 //! - [`product_rewrite`], [`op_swap`]: how the above replace tract's ops in a graph.
 //! - [`shares`], [`team`], [`aligned`]: splitting a product over threads, the helper team,
 //!   cache-aligned buffers.
+//! - [`isa`]: which instruction sets the kernels may use (all the CPU has, or a forced level).
 
 pub(crate) mod aligned;
 pub(crate) mod attention_products;
 pub(crate) mod f32_products;
+pub mod isa;
 pub(crate) mod op_swap;
 pub(crate) mod product_rewrite;
 pub(crate) mod rope;

@@ -7,10 +7,16 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::{row_tiles, run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
+use crate::engine::ops::isa::{allows, Level};
 
-/// Whether this core has the dot-product instructions.
+/// Whether this core has the dot-product instructions, and the kernel level allows them.
 pub fn has_dotprod() -> bool {
-    std::arch::is_aarch64_feature_detected!("dotprod")
+    allows(Level::Dotprod) && std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// Whether the NEON kernels may run (NEON is baseline; only `MULMD_KERNELS=portable` stops them).
+pub fn neon_allowed() -> bool {
+    allows(Level::Neon)
 }
 
 /// `out = a · Wᵀ` (see `Weights::matmul_quantized`); `a.k == w.k`, `out.len() == a.m · w.n`.

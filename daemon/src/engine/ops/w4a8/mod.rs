@@ -212,11 +212,13 @@ impl Weights {
             return;
         }
         #[cfg(target_arch = "aarch64")]
-        return match self.layout {
-            // SAFETY: with_layout made Rows4 only where the core has the dot-product extension.
-            Layout::Rows4 => unsafe { arm::rows4::matmul(self, a, out) },
-            _ => arm::matmul(self, a, out),
-        };
+        if arm::neon_allowed() {
+            return match self.layout {
+                // SAFETY: with_layout made Rows4 only where the core has the dot-product extension.
+                Layout::Rows4 => unsafe { arm::rows4::matmul(self, a, out) },
+                _ => arm::matmul(self, a, out),
+            };
+        }
         #[allow(unreachable_code)]
         portable::matmul(self, a, out);
     }
@@ -281,7 +283,9 @@ fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
         return unsafe { x86::quantize(a, values, scales) };
     }
     #[cfg(target_arch = "aarch64")]
-    return arm::quantize(a, values, scales);
+    if arm::neon_allowed() {
+        return arm::quantize(a, values, scales);
+    }
     #[allow(unreachable_code)]
     portable::quantize(a, values, scales)
 }

@@ -6,15 +6,17 @@
 use std::arch::x86_64::*;
 
 use super::{row_tiles, run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
+use crate::engine::ops::isa::{allows, Level};
 
-/// Whether this CPU runs these kernels (checked once; the answer is cached by std).
+/// Whether these kernels run here: the CPU has AVX2 and FMA (checked once; the answer is
+/// cached by std) and the kernel level allows them (see `ops::isa`).
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    allows(Level::Avx2) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// Whether this CPU also has AVX-VNNI.
+/// Whether this CPU also has AVX-VNNI, and the level allows it.
 pub fn has_vnni() -> bool {
-    is_x86_feature_detected!("avxvnni")
+    allows(Level::AvxVnni) && is_x86_feature_detected!("avxvnni")
 }
 
 /// See `portable::quantize`; the same arithmetic, 32 floats at a time.
@@ -214,7 +216,7 @@ pub(super) mod rows8 {
     }
 
     pub(crate) fn has_avx512_vnni() -> bool {
-        is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+        allows(Level::Avx512) && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
     }
 
     /// The kernel for one instruction encoding of `vpdpbusd` and the prompt tile it affords.
@@ -319,7 +321,7 @@ pub(super) mod rows16 {
 
     /// Whether this CPU has the extensions of [`matmul`].
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+        allows(Level::Avx512) && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
     }
 
     /// `out = a · Wᵀ` for `w` in `Layout::Rows16`; prompts in tiles of 8 activation rows.
