@@ -44,11 +44,17 @@ pub fn process_memory() -> ProcessMemory {
         s.refresh_processes_specifics(ProcessesToUpdate::Some(&[pid]), true, ProcessRefreshKind::nothing().with_memory());
         s.process(pid).map(|p| p.memory() as f64 / 1048576.0)
     });
+    // The high-water mark of this process image (VmHWM), not ru_maxrss: Linux carries that
+    // over exec, so a child of a large parent (a Python benchmark driver) reported the
+    // parent's peak. ru_maxrss only where /proc is not mounted.
+    let hwm_kb = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    });
     // SAFETY: getrusage writes one plain struct through a valid pointer.
-    let peak_kb = unsafe {
+    let peak_kb = hwm_kb.or_else(|| unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
         (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0).then_some(usage.ru_maxrss as f64)
-    };
+    });
     // Linux folds the resident count into the peak only at some events, so the peak can
     // trail the current size read a moment later; the peak is at least the current size.
     let peak_rss_mb = peak_kb.map(|kb| kb / 1024.0).map(|p| rss_mb.map_or(p, |r| p.max(r)));
