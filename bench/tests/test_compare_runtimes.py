@@ -13,3 +13,23 @@ def test_the_smollm2_gguf_is_found_without_importing_its_package(tmp_path):
     the GGUF llama.cpp runs must be found by file."""
     path = compare_runtimes.gguf_for(tmp_path, "smollm2-q4")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+def test_mulmd_probe_reports_its_own_peak_memory_not_its_parents(fixture_dir, need):
+    """compare_runtimes.py (a Python process that has loaded weights) starts every probe; the
+    peak a probe reports must be the probe's. Linux carries ru_maxrss over exec, which once
+    made mulm-28m q4 (60 MB) read as the driver's 281 MB."""
+    import json
+    import os
+    import subprocess
+
+    exe = Path(os.environ.get("MULMD_BIN") or Path(__file__).resolve().parents[2] / "target/debug/mulmd")
+    if not exe.exists():
+        need(f"the mulmd binary {exe}", "scripts/test builds it before pytest")
+    ballast = bytearray(600 << 20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touched, so resident
+    out = subprocess.run([str(exe), "probe", "--model", str(fixture_dir("tiny")), "--tokens", "2", "--runs", "1"],
+                         capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout)["peak_rss_mb"]
+    assert 0 < peak < 300, f"the probe reported {peak:.0f} MB: the 600 MB are its parent's"
+    del ballast
