@@ -31,19 +31,19 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from compare_runtimes import gguf_for, mulmd_binary, prepare  # noqa: E402
+from grpc_latency import free_port  # noqa: E402
+from seam_eval import wait_http  # noqa: E402
 
 AREAS = ["Kitchen", "Living Room", "Bedroom", "Office", "Hallway", "Garage", "Bathroom", "Garden", "Nursery", "Attic"]
 KINDS = [
@@ -88,24 +88,6 @@ def home_prompt(tokens: int, count, nonce: str) -> str:
         lines.append(entry)
         i += 1
     return "".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, what: str, log: Path) -> None:
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"{what} did not come up; its log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
 
 
 def start_mulmd(model: Path, threads: int, cache_mb: int, tmp: Path) -> tuple[str, subprocess.Popen]:
