@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_runtimes import gguf_for, mulmd_binary, prepare  # noqa: E402
+from compare_runtimes import cpu_name, gguf_for, mulmd_binary, prepare  # noqa: E402
 from grpc_latency import free_port  # noqa: E402
 from seam_eval import wait_http  # noqa: E402
 
@@ -185,7 +185,7 @@ def main() -> None:
 
 
 def report(results: list[dict], a) -> None:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     kernels = os.environ.get("MULMD_KERNELS", "best the CPU has")
     print(f"\n== {cpu}, {a.threads} thread(s), mulmd kernels: {kernels}; time to first text, ms (median of {a.rounds})")
     print("| model | system tokens | step | mulmd | llama.cpp | llama.cpp / mulmd |")

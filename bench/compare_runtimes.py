@@ -133,6 +133,12 @@ def weight_bytes_per_token(directory: Path) -> int:
     return sum(b for n, b in sizes.items() if not (separate_head and n == "model.embed_tokens.weight"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for a benchmark's machine line."""
+    with open("/proc/cpuinfo") as f:
+        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown CPU")
+
+
 def mulmd_binary() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     exe = target / "release" / "mulmd"
@@ -230,7 +236,7 @@ def main() -> None:
                 raw[f"{m}|{rt}|{t}"].append(run_one(rt, dirs[m], t, a.tokens, a.runs, ggufs[m], a.kernels, llama_path))
         print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     used = raw[f"{configs[0][0]}|mulmd|{configs[0][1]}"][0].get("kernels", "?")
     llama_level = a.kernels if llama_path else "this CPU's (scripts/llama-cpp-flags)"
     print(f"== {cpu}; mulmd kernels {used}; llama.cpp built for {llama_level}; onnxruntime: its own best path\n")

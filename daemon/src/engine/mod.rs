@@ -31,7 +31,7 @@ pub use manifest::Manifest;
 pub use model::Model;
 pub use opener::{write_opener, Opener, OpenerEvent, OpenerOptions, OpenerTimings, WordEvent};
 pub use prompt::{Prompt, Speaker, Turn};
-pub use prefix_cache::{PrefixCache, MIN_KEPT_TOKENS};
+pub use prefix_cache::PrefixCache;
 pub use probe::{probe, ProbeOptions, ProbeRun, RunProfile};
 pub use profile::{OpProfile, OpTime};
 pub use sampling::Sampling;

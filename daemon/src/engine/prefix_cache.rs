@@ -28,7 +28,7 @@ use super::prefix::Prefix;
 /// Prompts that extend the model's prefilled template head by fewer tokens than this are not
 /// kept: a single short question prefills in one short pass anyway, and keeping every one
 /// would push a long system prompt's entry out.
-pub const MIN_KEPT_TOKENS: usize = 64;
+pub(crate) const MIN_KEPT_TOKENS: usize = 64;
 
 /// The cache itself; one per engine, shared by its workers.
 pub struct PrefixCache {
@@ -100,7 +100,7 @@ impl PrefixCache {
     /// prompt shares. Evicts the least recently used entries to stay within the budget.
     pub(crate) fn keep(&self, ids: &[u32], kv: &TVec<TValue>, own: usize) {
         let bytes: usize = kv.iter().map(|t| t.len() * t.datum_type().size_of()).sum();
-        if own < self.min_new || bytes > self.budget || ids.is_empty() {
+        if own < self.min_new || bytes > self.budget {
             return;
         }
         let mut e = self.lock();
