@@ -209,8 +209,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     def precision(sp):
-        sp.add_argument("--precision", choices=["float32", "q4"], default="float32",
-                        help="weight precision: float32, or q4 (4-bit blocks of 32 against int8 activations: MatMulNBits, accuracy_level 4)")
+        sp.add_argument("--precision", choices=["float32", "q8", "q4"], default="float32",
+                        help="weight precision: float32, q8 or q4 (8- or 4-bit blocks of 32 against int8 activations: "
+                             "MatMulNBits, accuracy_level 4; GGML's Q8_0 and Q4_0)")
 
     g = sub.add_parser("generate", help="a model of a named shape with seeded random weights")
     g.add_argument("--shape", required=True, choices=["mulm-28m", "tiny"])

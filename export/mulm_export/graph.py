@@ -8,7 +8,7 @@ Interface (batch is always 1):
 
 Positions are derived inside the graph from the cache length, so a caller feeds token ids and
 the cache it got back last time, nothing else. Only standard ONNX ops are used (opset 17),
-plus com.microsoft MatMulNBits for 4-bit weights: attention, RoPE and RMSNorm are spelled out
+plus com.microsoft MatMulNBits for 4- and 8-bit weights: attention, RoPE and RMSNorm are spelled out
 in plain ops so one graph covers a prompt of any length against a cache of any length (the
 fused contrib attention ops accept only a first prompt or a single decode token).
 Only the last position's logits are computed: the head is the largest matmul in a small
@@ -22,10 +22,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .arch import Arch
-from .quant import ACCURACY_LEVEL, BLOCK, quantize_q4
+from .quant import ACCURACY_LEVEL, BLOCK, QUANTIZERS
 
 OPSET = 17
-PRECISIONS = ("float32", "q4")
+PRECISIONS = ("float32", "q4", "q8")
 
 
 class _Builder:
@@ -73,15 +73,22 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     def f32(a) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
+    quantized = precision in QUANTIZERS
+
+    def nbits(x: str, w: np.ndarray, wname: str) -> tuple[list[str], dict]:
+        """Inputs and attributes of a MatMulNBits of weight `w` [out, in], its codes named
+        `wname` + ".q4" or ".q8"."""
+        bits, quantize, _ = QUANTIZERS[precision]
+        n, k = w.shape
+        codes, scales = quantize(w)
+        inputs = [x, b.const(f"{wname}.{precision}", codes), b.const(wname + ".scales", scales)]
+        return inputs, dict(domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+
     def linear(x: str, wname: str, hint: str) -> str:
         w = f32(weights[wname])  # [out, in]
-        n, k = w.shape
-        if precision == "q4" and k % BLOCK == 0:
-            codes, scales = quantize_q4(w)
-            return b.op(
-                "MatMulNBits", [x, b.const(wname + ".q4", codes), b.const(wname + ".scales", scales)],
-                hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
-            )
+        if quantized and w.shape[1] % BLOCK == 0:
+            node_inputs, attrs = nbits(x, w, wname)
+            return b.op("MatMulNBits", node_inputs, hint, **attrs)
         return b.op("MatMul", [x, b.const(wname + ".T", np.ascontiguousarray(w.T))], hint)
 
     def rmsnorm(x: str, wname: str) -> str:
@@ -133,10 +140,10 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     mask = b.op("Where", [future, neg_inf, zero_f], "causal_mask")
 
     embed = f32(weights["model.embed_tokens.weight"])
-    if precision == "q4":
-        # At 4 bits the head has 4-bit constants of its own, so the table serves only the
-        # lookup of one row per token: float16 halves the largest tensor of the file (and of
-        # resident memory) at a rounding far below the 4-bit weights' own.
+    if quantized:
+        # Quantized, the head has constants of its own, so the table serves only the lookup
+        # of one row per token: float16 halves the largest tensor of the file (and of resident
+        # memory) at a rounding far below the quantized weights' own.
         table = b.const("model.embed_tokens.weight", embed.astype(np.float16))
         x = b.op("Cast", [b.op("Gather", [table, "input_ids"], "embed16", axis=0)], "embed", to=TensorProto.FLOAT)
     else:
@@ -173,12 +180,9 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     last = b.op("Gather", [xn, b.op("Sub", [seq_len, c_one], "last_idx")], "last", axis=1)
     head_name = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
     head = f32(weights[head_name])
-    if precision == "q4":
-        codes, scales = quantize_q4(head)
-        b.nodes.append(helper.make_node(
-            "MatMulNBits", [last, b.const("head.q4", codes), b.const("head.scales", scales)], ["logits"],
-            name="logits", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
-        ))
+    if quantized:
+        head_inputs, attrs = nbits(last, head, "head")
+        b.nodes.append(helper.make_node("MatMulNBits", head_inputs, ["logits"], name="logits", **attrs))
     else:
         # Gemm with transB reads the [vocab, hidden] table in place: a tied head costs no copy.
         src = head_name if arch.tied_embeddings else b.const(head_name, head)
@@ -187,7 +191,7 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
 
     graph = helper.make_graph(b.nodes, "mulm_decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", OPSET)]
-    if precision == "q4":
+    if quantized:
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
     model.ir_version = 8

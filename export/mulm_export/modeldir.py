@@ -4,7 +4,7 @@ mulm.json (the manifest) is the contract with the engine:
   format           "mulmd-model/1"
   name             a label for logs and reports
   architecture     the Arch fields plus head_dim
-  precision        "float32" or "q4"
+  precision        "float32", "q8" or "q4"
   context_length   the longest sequence (prompt + generated) the model supports
   special_tokens   bos / eos token text (bos may be null), add_bos, and stop: every token text
                    that ends generation

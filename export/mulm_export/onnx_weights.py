@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from .arch import Arch, weight_names
-from .quant import ACCURACY_LEVEL, dequantize_q4
+from .quant import ACCURACY_LEVEL, QUANTIZERS
 
 
 def read(path, arch: Arch) -> dict:
@@ -23,15 +23,21 @@ def read(path, arch: Arch) -> dict:
             weights[name] = numpy_helper.to_array(inits[name])
         elif name + ".T" in inits:
             weights[name] = numpy_helper.to_array(inits[name + ".T"]).T
-        elif name + ".q4" in inits:
-            weights[name] = dequantize_q4(numpy_helper.to_array(inits[name + ".q4"]),
-                                          numpy_helper.to_array(inits[name + ".scales"]))
+        elif (w := _dequantized(inits, name)) is not None:
+            weights[name] = w
         else:
             raise ValueError(f"{path}: no initializer holds {name}")
-    if "head.q4" in inits:
-        weights["__head__"] = dequantize_q4(numpy_helper.to_array(inits["head.q4"]),
-                                            numpy_helper.to_array(inits["head.scales"]))
+    if (head := _dequantized(inits, "head")) is not None:
+        weights["__head__"] = head
     return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+
+
+def _dequantized(inits: dict, name: str) -> np.ndarray | None:
+    """The float weight a quantized `name` (codes `name.q4` or `name.q8`) stands for, if any."""
+    for precision, (_, _, dequantize) in QUANTIZERS.items():
+        if f"{name}.{precision}" in inits:
+            return dequantize(numpy_helper.to_array(inits[f"{name}.{precision}"]), numpy_helper.to_array(inits[name + ".scales"]))
+    return None
 
 
 def int8_products(path) -> frozenset[str]:
@@ -42,6 +48,6 @@ def int8_products(path) -> frozenset[str]:
     for node in model.graph.node:
         level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
         if node.op_type == "MatMulNBits" and level == ACCURACY_LEVEL:
-            weight = node.input[1].removesuffix(".q4")
+            weight = node.input[1].removesuffix(".q4").removesuffix(".q8")
             names.add("__head__" if weight == "head" else weight)
     return frozenset(names)

@@ -1,14 +1,16 @@
-"""Block-wise 4-bit weight quantization in the layout of com.microsoft MatMulNBits.
+"""Block-wise 4- and 8-bit weight quantization in the layout of com.microsoft MatMulNBits.
 
 A weight W of shape [N, K] (N outputs, K inputs) is cut into blocks of 32 consecutive inputs
-per output. Each block stores one float scale and 32 unsigned 4-bit codes; a code q stands for
-(q - 8) * scale. Two codes share a byte, the even index in the low nibble. With block 32 and
-K a multiple of 32 this is exactly GGML's Q4_0, so one file serves mulmd and onnxruntime.
+per output. Each block stores one float scale and 32 unsigned codes; at 4 bits a code q stands
+for (q - 8) * scale and two codes share a byte, the even index in the low nibble; at 8 bits a
+code q stands for (q - 128) * scale, one a byte. With block 32 and K a multiple of 32 these are
+exactly GGML's Q4_0 and Q8_0 (whose signed code is q - 128), so one file serves mulmd,
+onnxruntime and, written as GGUF, llama.cpp.
 
 Activations are quantized too (MatMulNBits `accuracy_level = 4`): each row of the input is cut
 into the same blocks of 32 and rounded to int8 with one scale per block (max|x| / 127), and the
-products are integer dot products, as llama.cpp computes Q4_0 × Q8_0. onnxruntime does this
-when the attribute asks for it; mulmd always does (daemon/src/engine/w4a8). It is several
+products are integer dot products, as llama.cpp computes Q4_0 × Q8_0 and Q8_0 × Q8_0. onnxruntime does this
+when the attribute asks for it; mulmd always does (daemon/src/engine/ops/quantized). It is several
 times faster than widening 4-bit weights to float on a CPU, and its error (a few tenths of a
 percent of the output scale) is small next to the 4-bit weights' own.
 """
@@ -56,6 +58,36 @@ def dequantize_q4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def roundtrip_q4(w: np.ndarray) -> np.ndarray:
     """The weight as a 4-bit model will see it."""
     return dequantize_q4(*quantize_q4(w))
+
+
+def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (codes uint8 [N, K/32, 32], scales float32 [N * K/32]) for a [N, K] weight.
+
+    GGML's Q8_0: scale max|x| / 127 kept as float16, code round(x / scale) + 128. Codes are
+    taken against the float16 scale the file keeps, so the block's largest magnitude lands on
+    ±127 exactly; a weight that is already Q8_0 (dequantized from a GGUF written by llama.cpp
+    or the gguf package, every block using its full range) comes back with the same codes and
+    scales."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"8-bit quantization needs inputs in multiples of {BLOCK}, got {k}")
+    blocks = w.astype(np.float32).reshape(n, k // BLOCK, BLOCK)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    scale = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.clip(np.rint(blocks * inverse), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8), scale.reshape(-1).astype(np.float32)
+
+
+def dequantize_q8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_q8: the float32 [N, K] weight the codes stand for."""
+    n, nb, block = codes.shape
+    w = (codes.astype(np.int16) - 128).astype(np.float32) * scales.reshape(n, nb, 1)
+    return w.reshape(n, nb * block)
+
+
+# Per quantized precision: its bits, and the quantizer and its inverse.
+QUANTIZERS = {"q4": (4, quantize_q4, dequantize_q4), "q8": (8, quantize_q8, dequantize_q8)}
 
 
 def int8_activation(x: np.ndarray) -> np.ndarray:

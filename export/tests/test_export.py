@@ -38,6 +38,25 @@ def test_quantization_roundtrip_error_is_bounded():
     assert np.all(berr[np.arange(16), extreme] <= np.abs(blocks[np.arange(16), extreme]) * 2.0**-10)
 
 
+def test_8_bit_quantization_is_ggml_q8_0_and_round_trips():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    codes, scales = quant.quantize_q8(w)
+    assert codes.shape == (8, 2, 32) and codes.dtype == np.uint8 and scales.shape == (16,)
+    back = quant.dequantize_q8(codes, scales)
+    assert np.all(back[0, :32] == 0)
+    # Half a step of rounding, the step being the float16 scale.
+    step = np.repeat(scales, 32).reshape(8, 64)
+    assert np.all(np.abs(back - w) <= step * 0.5 + 1e-7)
+    # Every block uses its full range (its extreme on ±127), so quantizing the dequantized
+    # weight again gives the same codes and scales: what keeps a Q8_0 GGUF's blocks as they are.
+    signed = codes.astype(np.int16) - 128
+    assert np.all(np.abs(signed).max(axis=2)[scales.reshape(8, 2) > 0] == 127)
+    codes2, scales2 = quant.quantize_q8(back)
+    assert np.array_equal(codes2, codes) and np.array_equal(scales2, scales)
+
+
 def test_generate_is_reproducible(tmp_path):
     for name in ("a", "b"):
         assert run_cli("generate", "--shape", "tiny", "--seed", 5, "--out", tmp_path / name) == 0
@@ -65,6 +84,18 @@ def test_verify_reports_what_4_bit_costs(fixture_dir, capsys):
     assert report["reference"]["ok"], "onnxruntime must match the reference on the dequantized weights"
     cost = report["precision_cost"]
     assert cost["max_abs_error"] > 0, "4-bit weights cannot be free"
+
+
+def test_8_bit_runs_in_onnxruntime_as_the_reference_says_and_costs_less_than_4_bit(fixture_dir, capsys):
+    costs = {}
+    for name in ("tiny-q8", "tiny-q4"):
+        assert cli.main(["verify", str(fixture_dir(name)), "--baseline", str(fixture_dir("tiny"))]) == 0
+        report = json.loads(capsys.readouterr().out)
+        # The reference quantizes activations to int8 as the contract says; onnxruntime's
+        # 8-bit MatMulNBits at accuracy_level 4 must do the same to agree this closely.
+        assert report["reference"]["ok"], name
+        costs[name] = report["precision_cost"]["max_abs_error"]
+    assert 0 < costs["tiny-q8"] < costs["tiny-q4"] / 4, costs
 
 
 def test_smollm2_agrees_with_llama_cpp(fixture_dir, capsys):
@@ -199,15 +230,16 @@ def test_quality_without_a_baseline_says_what_to_add(fixture_dir, capsys):
     assert "--baseline" in capsys.readouterr().err
 
 
-def test_a_q4_0_gguf_keeps_its_blocks_in_a_q4_export(tmp_path, fixture_dir):
-    """Q4_0 is the q4 precision's own block format: a Q4_0 GGUF exported at q4 keeps every
-    weight exactly (the dequantized block still holds its −8·d extreme, so the scale and the
-    codes come back as they were), and its logits are llama.cpp's on the same file up to the
-    activations' rounding."""
-    gguf = tmp_path / "tiny-q4_0.gguf"
-    assert cli.main(["to-gguf", str(fixture_dir("tiny")), "--out", str(gguf), "--type", "Q4_0"]) == 0
+@pytest.mark.parametrize("gguf_type,precision", [("Q4_0", "q4"), ("Q8_0", "q8")])
+def test_a_q4_0_or_q8_0_gguf_keeps_its_blocks(tmp_path, fixture_dir, gguf_type, precision):
+    """Q4_0 and Q8_0 are the q4 and q8 precisions' own block formats: such a GGUF exported at
+    that precision keeps every weight exactly (the dequantized block still holds its extreme,
+    −8·d or ±127·d, so the scale and the codes come back as they were), and its logits are
+    llama.cpp's on the same file up to the activations' rounding."""
+    gguf = tmp_path / f"tiny-{gguf_type}.gguf"
+    assert cli.main(["to-gguf", str(fixture_dir("tiny")), "--out", str(gguf), "--type", gguf_type]) == 0
     out = tmp_path / "out"
-    assert cli.main(["from-gguf", str(gguf), "--out", str(out), "--precision", "q4"]) == 0
+    assert cli.main(["from-gguf", str(gguf), "--out", str(out), "--precision", precision]) == 0
     arch, source, _ = gguf_source.read(str(gguf))
     exported = onnx_weights.read(out / "model.onnx", arch)
     matrices = [n for n, w in source.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]
