@@ -86,6 +86,11 @@ fn tiny_q4_matches_onnxruntime() {
 }
 
 #[test]
+fn tiny_q8_matches_onnxruntime() {
+    check("tiny-q8", Start::Cold);
+}
+
+#[test]
 fn smollm2_matches_onnxruntime() {
     check("smollm2", Start::Cold);
 }
@@ -101,6 +106,11 @@ fn tiny_q4_from_the_prefilled_head_matches_onnxruntime() {
 }
 
 #[test]
+fn tiny_q8_from_the_prefilled_head_matches_onnxruntime() {
+    check("tiny-q8", Start::ReusedHead);
+}
+
+#[test]
 fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
     check("smollm2", Start::ReusedHead);
 }
@@ -108,6 +118,11 @@ fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
 #[test]
 fn tiny_q4_from_an_earlier_prompts_cache_matches_onnxruntime() {
     check("tiny-q4", Start::CachedPrompt);
+}
+
+#[test]
+fn tiny_q8_from_an_earlier_prompts_cache_matches_onnxruntime() {
+    check("tiny-q8", Start::CachedPrompt);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Where a forward pass spends its time, by kind of op (the plan's op names: the engine's
-//! `W4A8MatMul`, `F32MatMul`, `ActivationProduct`, tract's `ApplyRope`, …), for `mulmd probe
+//! `QuantizedMatMul`, `F32MatMul`, `ActivationProduct`, tract's `ApplyRope`, …), for `mulmd probe
 //! --profile`: the evidence behind bench/RESULTS.md's account of what limits each model,
 //! reproducible on the board itself.
 

@@ -1,18 +1,20 @@
-//! 4-bit MatMulNBits weights turned into tract's Q4_0 blocks while the file is read, so the
-//! ONNX copy of each weight is freed before the next is converted.
+//! MatMulNBits weights turned into tract block-quant constants while the file is read, so the
+//! ONNX copy of each weight is freed before the next is converted: 4 bits into tract's Q4_0,
+//! 8 bits into tract's Q8_1 (Q8_0's codes and scale with an unused sum beside them).
 //!
-//! tract-onnx converts a MatMulNBits weight when it makes the typed model, while the inference
-//! model still holds every original: at that step the 4-bit weights were resident twice, the
-//! process's peak for every q4 model. Peak RSS in `mulmd probe`, release build, on top of the
-//! streaming reader and [`super::heap`]: mulm-28m q4 80 → 61 MB, SmolLM2-135M q4 295 → 211 MB
-//! (139 MB of weights).
+//! tract-onnx converts a 4-bit MatMulNBits weight when it makes the typed model, while the
+//! inference model still holds every original: at that step the 4-bit weights were resident
+//! twice, the process's peak for every q4 model. Peak RSS in `mulmd probe`, release build, on
+//! top of the streaming reader and [`super::heap`]: mulm-28m q4 80 → 61 MB, SmolLM2-135M q4
+//! 295 → 211 MB (139 MB of weights). tract-onnx refuses 8-bit MatMulNBits outright, so those
+//! run only through here.
 //!
-//! [`convert`] takes the nodes whose weight fits Q4_0 exactly (4 bits, blocks of 32, no zero
-//! points, no bias: what `mulm-export` writes) out of the protobuf before parsing. Each
-//! becomes a node of its own type whose builder wires what tract-onnx would have wired: a cast
-//! to f32, the Q4_0 constant, the `…k,gnk->…n` product and a cast back. The graph tract then
-//! optimizes, and the products [`crate::engine::ops::w4a8`] replaces, are the same. Other MatMulNBits nodes
-//! are left to tract-onnx.
+//! [`convert`] takes the nodes whose weight fits Q4_0 or Q8_0 exactly (4 or 8 bits, blocks of
+//! 32, no zero points, no bias: what `mulm-export` writes) out of the protobuf before parsing.
+//! Each becomes a node of its own type whose builder wires what tract-onnx would have wired for
+//! 4 bits: a cast to f32, the block-quant constant, the `…k,gnk->…n` product and a cast back.
+//! The graph tract then optimizes, and the products [`crate::engine::ops::quantized`] replaces,
+//! are the same. Other MatMulNBits nodes are left to tract-onnx.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -26,26 +28,32 @@ use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_hir::internal::*;
-use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
+use tract_linalg::block_quant::{BlockQuant, BlockQuantFact, BlockQuantStorage, Q4_0, Q8_1};
 
 /// The op type a converted node gets; not an ONNX operator, so no file can already use it.
-const OP_TYPE: &str = "mulmd.MatMulQ4_0";
+const OP_TYPE: &str = "mulmd.MatMulBlockQuant";
 
-/// The weights Q4_0 stores per block, and the bytes of a block in MatMulNBits' layout.
+/// The weights a block holds.
 const BLOCK: usize = 32;
-const BLOCK_BYTES: usize = BLOCK / 2;
 
-/// A converted weight: `[N, K]`, as a Q4_0 block-quant tensor of shape `[1, N, K]`.
+/// A converted weight: `[N, K]`, as a Q4_0 or Q8_1 block-quant tensor of shape `[1, N, K]`.
 #[derive(Clone)]
-struct Q4Weight {
+struct BlockWeight {
     n: usize,
     k: usize,
+    bits: usize,
     blocks: Arc<Tensor>,
 }
 
-impl std::fmt::Debug for Q4Weight {
+impl BlockWeight {
+    fn format(&self) -> Box<dyn BlockQuant> {
+        if self.bits == 8 { Box::new(Q8_1) } else { Box::new(Q4_0) }
+    }
+}
+
+impl std::fmt::Debug for BlockWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4Weight {{ n: {}, k: {} }}", self.n, self.k)
+        write!(f, "BlockWeight {{ n: {}, k: {}, bits: {} }}", self.n, self.k, self.bits)
     }
 }
 
@@ -53,7 +61,7 @@ thread_local! {
     /// Converted weights by node name, from [`convert`] to the builder. The builder is a plain
     /// `fn` (tract-onnx's `OpBuilder`) and parsing runs on the calling thread, so this is how
     /// the weights reach it. [`Converted`] empties it when dropped.
-    static CONVERTED: RefCell<HashMap<String, Q4Weight>> = RefCell::new(HashMap::new());
+    static CONVERTED: RefCell<HashMap<String, BlockWeight>> = RefCell::new(HashMap::new());
 }
 
 /// The weights [`convert`] took out of a protobuf, waiting for parsing; dropping it discards
@@ -71,7 +79,7 @@ pub(super) fn register(ops: &mut OnnxOpRegister) {
     ops.insert(OP_TYPE, build);
 }
 
-/// Converts every MatMulNBits node of the top-level graph that Q4_0 holds exactly, freeing each
+/// Converts every MatMulNBits node of the top-level graph that Q4_0 or Q8_0 holds exactly, freeing each
 /// weight's ONNX bytes as it goes. Returns how many were converted and the guard to keep until
 /// parsing has finished.
 pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)> {
@@ -116,16 +124,18 @@ fn reader_counts(graph: &GraphProto) -> HashMap<String, usize> {
     counts
 }
 
-/// A node found convertible: its shape and the initializers holding its codes and scales.
+/// A node found convertible: its shape, code width and the initializers holding its codes
+/// and scales.
 struct Plan {
     n: usize,
     k: usize,
+    bits: usize,
     codes: usize,
     scales: usize,
 }
 
 impl Plan {
-    /// `Some` when node `index` is a MatMulNBits whose weight Q4_0 holds exactly and whose
+    /// `Some` when node `index` is a MatMulNBits whose weight Q4_0 or Q8_0 holds exactly and whose
     /// codes and scales are initializers only it reads.
     fn for_node(graph: &GraphProto, index: usize, readers: &HashMap<String, usize>) -> TractResult<Option<Self>> {
         let node = &graph.node[index];
@@ -139,10 +149,10 @@ impl Plan {
         let bits = int("bits").unwrap_or(4);
         // Zero points, act-order indices and a bias are inputs 3 to 5; any of them is tract's.
         let extra_inputs = node.input.iter().skip(3).any(|i| !i.is_empty());
-        if bits != 4 || block_size != BLOCK as i64 || k <= 0 || n <= 0 || k % BLOCK as i64 != 0 || extra_inputs {
+        if !(bits == 4 || bits == 8) || block_size != BLOCK as i64 || k <= 0 || n <= 0 || k % BLOCK as i64 != 0 || extra_inputs {
             return Ok(None);
         }
-        let (n, k) = (n as usize, k as usize);
+        let (n, k, bits) = (n as usize, k as usize, bits as usize);
         if node.input.len() < 3 || node.output.len() != 1 || node_key(node).is_empty() {
             return Ok(None);
         }
@@ -157,14 +167,15 @@ impl Plan {
             Ok(DataType::Float16) => 2,
             _ => return Ok(None),
         };
-        if c.data_type != DataType::Uint8 as i32 || c.raw_data.len() != blocks * BLOCK_BYTES || s.raw_data.len() != blocks * scale_bytes {
+        let code_bytes = BLOCK * bits / 8;
+        if c.data_type != DataType::Uint8 as i32 || c.raw_data.len() != blocks * code_bytes || s.raw_data.len() != blocks * scale_bytes {
             return Ok(None);
         }
-        Ok(Some(Plan { n, k, codes, scales }))
+        Ok(Some(Plan { n, k, bits, codes, scales }))
     }
 
-    /// Removes the two initializers from the graph and packs them as Q4_0.
-    fn take_and_convert(self, graph: &mut GraphProto) -> TractResult<Q4Weight> {
+    /// Removes the two initializers from the graph and packs them as Q4_0 or Q8_1.
+    fn take_and_convert(self, graph: &mut GraphProto) -> TractResult<BlockWeight> {
         // Remove the later index first so the earlier one still points at its tensor.
         let (first, second) = if self.codes > self.scales { (self.codes, self.scales) } else { (self.scales, self.codes) };
         let a = graph.initializer.swap_remove(first);
@@ -175,15 +186,34 @@ impl Plan {
         } else {
             scales.raw_data.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
         };
-        // MatMulNBits stores row by row, block by block, the even weight of each pair in the low
-        // nibble: byte i of a row holds weights 2i and 2i+1, Q4_0's "nibbles" order.
-        let packed = Q4_0
-            .pack_prequantized_nibbles(&codes.raw_data, &scales, self.n, self.k)
-            .with_context(|| format!("packing {} as Q4_0", codes.name))?;
-        let storage = BlockQuantStorage::new(Box::new(Q4_0), self.n, self.k, Arc::new(packed))?;
+        let packed = if self.bits == 8 {
+            q8_1_blocks(&codes.raw_data, &scales)
+        } else {
+            // MatMulNBits stores row by row, block by block, the even weight of each pair in the
+            // low nibble: byte i of a row holds weights 2i and 2i+1, Q4_0's "nibbles" order.
+            Q4_0.pack_prequantized_nibbles(&codes.raw_data, &scales, self.n, self.k)
+                .with_context(|| format!("packing {} as Q4_0", codes.name))?
+        };
+        let weight = BlockWeight { n: self.n, k: self.k, bits: self.bits, blocks: Arc::new(Tensor::default()) };
+        let storage = BlockQuantStorage::new(weight.format(), self.n, self.k, Arc::new(packed))?;
         let blocks = Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, self.n, self.k]));
-        Ok(Q4Weight { n: self.n, k: self.k, blocks })
+        Ok(BlockWeight { blocks, ..weight })
     }
+}
+
+/// MatMulNBits' 8-bit codes (`q + 128`, row by row, block by block) and per-block scales as
+/// tract's Q8_1 blocks: float16 scale, float16 sum of the block's weights (tract's kernels do
+/// not read it), then the 32 signed `q`.
+fn q8_1_blocks(codes: &[u8], scales: &[f32]) -> tract_onnx::tract_core::internal::Blob {
+    let mut out = Vec::with_capacity(scales.len() * (4 + BLOCK));
+    for (block, &scale) in codes.chunks_exact(BLOCK).zip(scales) {
+        let q: Vec<i8> = block.iter().map(|&c| (c ^ 0x80) as i8).collect();
+        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        out.extend_from_slice(&f16::from_f32(scale).to_bits().to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(scale * sum as f32).to_bits().to_le_bytes());
+        out.extend(q.iter().map(|&v| v as u8));
+    }
+    tract_onnx::tract_core::internal::Blob::from_bytes(&out).expect("a byte buffer")
 }
 
 /// tract-onnx's builder for [`OP_TYPE`] nodes.
@@ -191,18 +221,18 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
     let key = node_key(node);
     let weight = CONVERTED.with(|c| c.borrow_mut().remove(&key));
     let weight = weight.with_context(|| format!("no converted weight for {key}: {OP_TYPE} nodes come only from mulmd's loader"))?;
-    Ok((expand(MatMulQ4_0 { weight }), vec![]))
+    Ok((expand(MatMulBlockQuant { weight }), vec![]))
 }
 
-/// `Y = A · Wᵀ` for a Q4_0 weight `W` of `[N, K]`, `A` of `[.., K]`.
+/// `Y = A · Wᵀ` for a block-quantized weight `W` of `[N, K]`, `A` of `[.., K]`.
 #[derive(Debug, Clone)]
-struct MatMulQ4_0 {
-    weight: Q4Weight,
+struct MatMulBlockQuant {
+    weight: BlockWeight,
 }
 
-impl Expansion for MatMulQ4_0 {
+impl Expansion for MatMulBlockQuant {
     fn name(&self) -> StaticName {
-        "MatMulQ4_0".into()
+        "MatMulBlockQuant".into()
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -228,10 +258,10 @@ impl Expansion for MatMulQ4_0 {
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let fact = model.outlet_fact(inputs[0])?.clone();
-        ensure!((1..=9).contains(&fact.rank()), "{prefix}: a 4-bit product takes an input of 1 to 9 axes, not {}", fact.rank());
+        ensure!((1..=9).contains(&fact.rank()), "{prefix}: a quantized product takes an input of 1 to 9 axes, not {}", fact.rank());
         let (n, k) = (self.weight.n, self.weight.k);
         let a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[inputs[0]])?[0];
-        let bq_fact = BlockQuantFact::new(Box::new(Q4_0), tvec!(1, n, k));
+        let bq_fact = BlockQuantFact::new(self.weight.format(), tvec!(1, n, k));
         let konst = Const::new_with_exotic_fact(self.weight.blocks.clone(), Box::new(bq_fact))?;
         let w = model.wire_node(format!("{prefix}.weight_bq"), konst, &[])?[0];
         let lead: String = "abcdefgh".chars().take(fact.rank() - 1).collect();

@@ -11,7 +11,7 @@ use tract_onnx::tract_core::internal::DimLike;
 use super::onnx_file;
 use crate::engine::error::LoadError;
 use crate::engine::manifest::Manifest;
-use crate::engine::ops::{attention_products, f32_products, rope, softmax, w4a8};
+use crate::engine::ops::{attention_products, f32_products, quantized, rope, softmax};
 
 /// The optimized, runnable graph every session of a model shares.
 pub type Plan = Arc<TypedRunnableModel>;
@@ -58,9 +58,10 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And attention's softmax, row by row (see `softmax`).
     let replaced = softmax::use_masked_softmax(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention softmax on the row kernel");
-    // 4-bit products run on the engine's integer kernels (see `w4a8`), not tract's float ones.
-    let replaced = w4a8::use_w4a8_products(&mut typed).map_err(bad)?;
-    tracing::debug!(replaced, "4-bit matrix products on W4A8 kernels");
+    // 4- and 8-bit products run on the engine's integer kernels (see `quantized`), not tract's
+    // float ones (tract has none at all for 8 bits).
+    let replaced = quantized::use_quantized_products(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "quantized matrix products on integer kernels");
     // So do float32 products of a constant weight (see `f32_products`).
     let replaced = f32_products::use_f32_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "float32 matrix products on panel kernels");

@@ -2,8 +2,8 @@
 //! at load (see `load::plan`). Each op states its contract in its module doc and is checked
 //! against the tract op it replaces (or onnxruntime) in its tests.
 //!
-//! - [`w4a8`]: 4-bit weights × 8-bit activations on integer dot products (AVX-512 VNNI,
-//!   AVX-VNNI, AVX2, `sdot`, NEON), chosen at run time.
+//! - [`quantized`]: 4- and 8-bit weights × 8-bit activations on integer dot products
+//!   (AVX-512 VNNI, AVX-VNNI, AVX2, `sdot`, NEON), chosen at run time.
 //! - [`f32_products`]: float32 weights streamed in 16-output panels.
 //! - [`attention_products`]: attention's products of two activations.
 //! - [`rope`], [`softmax`]: rotary embedding and attention's masked softmax in one pass.
@@ -18,8 +18,8 @@ pub(crate) mod f32_products;
 pub mod isa;
 pub(crate) mod op_swap;
 pub(crate) mod product_rewrite;
+pub(crate) mod quantized;
 pub(crate) mod rope;
 pub(crate) mod shares;
 pub(crate) mod softmax;
 pub(crate) mod team;
-pub(crate) mod w4a8;

@@ -88,7 +88,7 @@ impl Team {
         let helpers = (1..threads.max(1))
             .filter_map(|i| {
                 let shared = shared.clone();
-                let spawned = std::thread::Builder::new().name(format!("mulmd-w4a8-{i}")).spawn(move || helper(&shared));
+                let spawned = std::thread::Builder::new().name(format!("mulmd-team-{i}")).spawn(move || helper(&shared));
                 spawned.map_err(|e| tracing::warn!("4-bit products get one thread fewer: starting a helper failed: {e}")).ok()
             })
             .collect();

@@ -1,4 +1,4 @@
-//! aarch64 kernels for the W4A8 contract, chosen at run time: `sdot` on rows side by side
+//! aarch64 kernels for the quantized-product contract (4- and 8-bit codes), chosen at run time: `sdot` on rows side by side
 //! where the core has the dot-product extension (Cortex-A76/A55 in the RK3588 and most boards
 //! since), else NEON widening multiplies row by row. Their speed on a board is not measured
 //! yet; qemu checks what they compute.
@@ -6,7 +6,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::{row_tiles, run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
+use super::{row_tiles, run_group_tiles, Bits, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
 use crate::engine::ops::isa::{allows, Level};
 
 /// Whether this core has the dot-product instructions, and the kernel level allows them.
@@ -30,18 +30,24 @@ pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     }
 }
 
-/// 16 code bytes to the block's 32 weights (code − 8), inputs 0..16 then 16..32.
+/// A block's code bytes to its 32 signed weights (code − offset), inputs 0..16 then 16..32.
 #[inline(always)]
-unsafe fn signed_weights(codes: *const u8) -> [int8x16_t; 2] {
+unsafe fn signed_weights<const EIGHT: bool>(codes: *const u8) -> [int8x16_t; 2] {
     // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
     // enables, and every pointer it reads or writes stays inside the slice it comes from.
     unsafe {
-        let packed = vld1q_u8(codes);
-        let eight = vdupq_n_s8(8);
-        [
-            vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f))), eight),
-            vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)), eight),
-        ]
+        if EIGHT {
+            // code − 128 is the code with its top bit flipped.
+            let flip = vdupq_n_u8(0x80);
+            [vreinterpretq_s8_u8(veorq_u8(vld1q_u8(codes), flip)), vreinterpretq_s8_u8(veorq_u8(vld1q_u8(codes.add(16)), flip))]
+        } else {
+            let packed = vld1q_u8(codes);
+            let eight = vdupq_n_s8(8);
+            [
+                vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f))), eight),
+                vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)), eight),
+            ]
+        }
     }
 }
 
@@ -55,15 +61,25 @@ macro_rules! row_kernel {
             // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
             // enables, and every pointer it reads or writes stays inside the slice it comes from.
             unsafe {
-                row_tiles!(tile).run(w, a, &out)
+                match w.bits {
+                    Bits::Four => row_tiles!(tile, false).run(w, a, &out),
+                    Bits::Eight => row_tiles!(tile, true).run(w, a, &out),
+                }
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
+        unsafe fn tile<const R: usize, const T: usize, const EIGHT: bool>(
+            w: &Weights,
+            a: &QuantizedRows,
+            j0: usize,
+            r0: usize,
+            out: &OutputShare,
+        ) {
             // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
             // enables, and every pointer it reads or writes stays inside the slice it comes from.
             unsafe {
+                let block_bytes = Bits::of::<EIGHT>().block_bytes();
                 let (codes, w_scales) = w.tile_rows::<R>(j0);
                 let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
                 let mut acc = [[vdupq_n_f32(0.0); T]; R];
@@ -74,7 +90,7 @@ macro_rules! row_kernel {
                         x[t] = [vld1q_s8(p), vld1q_s8(p.add(BLOCK / 2))];
                     }
                     for i in 0..R {
-                        let weight = signed_weights(codes[i].add(b * BLOCK / 2));
+                        let weight = signed_weights::<EIGHT>(codes[i].add(b * block_bytes));
                         let ws = *w_scales[i].add(b);
                         for t in 0..T {
                             let dot = vcvtq_f32_s32($dot(weight, x[t]));
@@ -92,7 +108,7 @@ macro_rules! row_kernel {
     };
 }
 
-/// Plain NEON: widening multiplies to i16 (|w| ≤ 8, |q| ≤ 127: a pair's sum fits), then
+/// Plain NEON: widening multiplies to i16 (|w| ≤ 128, |q| ≤ 127: a pair's sum fits), then
 /// pairwise widening adds to four i32 lanes.
 pub(super) mod neon {
     use super::*;
@@ -138,9 +154,10 @@ pub(super) mod dotprod {
 
 /// `sdot` by element on [`Layout::Rows4`](super::Layout::Rows4): each i32 lane is one of 4
 /// output rows. A block is 8 `sdot`, each multiplying 4 codes of every row by the same 4
-/// activation bytes (an element of the activation register, no broadcast needed); the codes
+/// activation bytes (an element of the activation register, no broadcast needed). 4-bit codes
 /// stay unsigned (0..16) and their offset of 8 comes off once per block for all 4 rows as
-/// 8 · (the block's activation sum).
+/// 8 · (the block's activation sum); 8-bit codes, which `sdot` cannot take unsigned, are made
+/// signed as they are loaded.
 pub(super) mod rows4 {
     use super::*;
 
@@ -154,29 +171,32 @@ pub(super) mod rows4 {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            run_group_tiles(w, a, &out, 4, groups::<4>, groups::<1>)
+            match w.bits {
+                Bits::Four => run_group_tiles(w, a, &out, 4, groups::<4, false>, groups::<1, false>),
+                Bits::Eight => run_group_tiles(w, a, &out, 4, groups::<4, true>, groups::<1, true>),
+            }
         }
     }
 
-    /// Σ over one block of 4 rows' codes (4 registers of low nibbles, 4 of high) times the
-    /// block's activation (`x[0]` inputs 0..16, `x[1]` 16..32), added to `acc`.
+    /// Σ over one block of 4 rows' operands (operand `c` holding codes `4c..4c + 4` of each
+    /// row) times the block's activation (`x[0]` inputs 0..16, `x[1]` 16..32), added to `acc`.
     #[inline(always)]
-    unsafe fn block_dot(mut acc: int32x4_t, low: &[int8x16_t; 4], high: &[int8x16_t; 4], x: [int8x16_t; 2]) -> int32x4_t {
+    unsafe fn block_dot(mut acc: int32x4_t, ops: &[int8x16_t; 8], x: [int8x16_t; 2]) -> int32x4_t {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
             asm!(
-                "sdot {acc:v}.4s, {l0:v}.16b, {xa:v}.4b[0]",
-                "sdot {acc:v}.4s, {l1:v}.16b, {xa:v}.4b[1]",
-                "sdot {acc:v}.4s, {l2:v}.16b, {xa:v}.4b[2]",
-                "sdot {acc:v}.4s, {l3:v}.16b, {xa:v}.4b[3]",
-                "sdot {acc:v}.4s, {h0:v}.16b, {xb:v}.4b[0]",
-                "sdot {acc:v}.4s, {h1:v}.16b, {xb:v}.4b[1]",
-                "sdot {acc:v}.4s, {h2:v}.16b, {xb:v}.4b[2]",
-                "sdot {acc:v}.4s, {h3:v}.16b, {xb:v}.4b[3]",
+                "sdot {acc:v}.4s, {o0:v}.16b, {xa:v}.4b[0]",
+                "sdot {acc:v}.4s, {o1:v}.16b, {xa:v}.4b[1]",
+                "sdot {acc:v}.4s, {o2:v}.16b, {xa:v}.4b[2]",
+                "sdot {acc:v}.4s, {o3:v}.16b, {xa:v}.4b[3]",
+                "sdot {acc:v}.4s, {o4:v}.16b, {xb:v}.4b[0]",
+                "sdot {acc:v}.4s, {o5:v}.16b, {xb:v}.4b[1]",
+                "sdot {acc:v}.4s, {o6:v}.16b, {xb:v}.4b[2]",
+                "sdot {acc:v}.4s, {o7:v}.16b, {xb:v}.4b[3]",
                 acc = inout(vreg) acc,
-                l0 = in(vreg) low[0], l1 = in(vreg) low[1], l2 = in(vreg) low[2], l3 = in(vreg) low[3],
-                h0 = in(vreg) high[0], h1 = in(vreg) high[1], h2 = in(vreg) high[2], h3 = in(vreg) high[3],
+                o0 = in(vreg) ops[0], o1 = in(vreg) ops[1], o2 = in(vreg) ops[2], o3 = in(vreg) ops[3],
+                o4 = in(vreg) ops[4], o5 = in(vreg) ops[5], o6 = in(vreg) ops[6], o7 = in(vreg) ops[7],
                 xa = in(vreg) x[0], xb = in(vreg) x[1],
                 options(pure, nomem, nostack, preserves_flags),
             );
@@ -184,32 +204,45 @@ pub(super) mod rows4 {
         }
     }
 
-    /// Every group of 4 weight rows against activation rows `r0..r0 + T`.
-    #[target_feature(enable = "neon,dotprod")]
-    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+    /// A group block's codes as eight signed operands: 4-bit, chunk `c` gives operands `c`
+    /// (low nibbles) and `4 + c` (high); 8-bit, chunk `c` is operand `c`, its top bits flipped.
+    #[inline(always)]
+    unsafe fn group_operands<const EIGHT: bool>(block: *const u8) -> [int8x16_t; 8] {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            const CHUNKS: usize = BLOCK / 2 / 4;
+            let load = |c: usize| vld1q_u8(block.add(c * 16));
+            if EIGHT {
+                std::array::from_fn(|c| vreinterpretq_s8_u8(veorq_u8(load(c), vdupq_n_u8(0x80))))
+            } else {
+                std::array::from_fn(|c| {
+                    let bytes = load(c % 4);
+                    vreinterpretq_s8_u8(if c < 4 { vandq_u8(bytes, vdupq_n_u8(0x0f)) } else { vshrq_n_u8::<4>(bytes) })
+                })
+            }
+        }
+    }
+
+    /// Every group of 4 weight rows against activation rows `r0..r0 + T`.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn groups<const T: usize, const EIGHT: bool>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let group_block = GROUP * Bits::of::<EIGHT>().block_bytes();
             let blocks = w.k / BLOCK;
             let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
             for g in out.cols().start / GROUP..out.cols().end / GROUP {
                 let (codes, scales) = w.group(g);
                 let mut acc = [vdupq_n_f32(0.0); T];
                 for b in 0..blocks {
-                    let block = codes.add(b * GROUP * BLOCK / 2);
-                    let mut low = [vdupq_n_s8(0); CHUNKS];
-                    let mut high = [vdupq_n_s8(0); CHUNKS];
-                    for c in 0..CHUNKS {
-                        let bytes = vld1q_u8(block.add(c * 16));
-                        low[c] = vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f)));
-                        high[c] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
-                    }
+                    let ops = group_operands::<EIGHT>(codes.add(b * group_block));
                     let w_scales = vld1q_f32(scales.add(b * GROUP));
                     for t in 0..T {
                         let x = x_values[t].add(b * BLOCK);
-                        let start = vdupq_n_s32(-8 * *x_sums[t].add(b));
-                        let dot = block_dot(start, &low, &high, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
+                        // 8-bit operands are already signed; 4-bit ones carry the offset of 8.
+                        let start = vdupq_n_s32(if EIGHT { 0 } else { -8 * *x_sums[t].add(b) });
+                        let dot = block_dot(start, &ops, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
                         acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(dot), vmulq_n_f32(w_scales, *x_scales[t].add(b)));
                     }
                 }

@@ -1,15 +1,17 @@
-//! Matrix products of 4-bit weights with 8-bit activations ("W4A8"), the way llama.cpp runs
-//! Q4_0 and onnxruntime runs MatMulNBits at `accuracy_level = 4`.
+//! Matrix products of 4- or 8-bit weights with 8-bit activations ("W4A8", "W8A8"), the way
+//! llama.cpp runs Q4_0 and Q8_0 and onnxruntime runs MatMulNBits at `accuracy_level = 4`.
 //!
-//! Contract (what a 4-bit model file means to every runtime that runs it, checked against
-//! onnxruntime in tests/numerics.rs): the weight is Q4_0 — blocks of 32 inputs per output, each
-//! a scale `sw` and 32 codes, weight = `(code − 8) · sw`. Each row of the activation is cut into
-//! the same blocks of 32 and quantized symmetrically: `sa = max|x| / 127`,
-//! `q = round_half_even(x · (1 / sa))` (0 when the block is all zeros). Then
-//! `y = Σ_blocks sw · sa · Σ_i (code_i − 8) · q_i`, the inner sum exact in integers. Only the
-//! order of the float additions over blocks is the kernel's. (mulm-export writes blocks of 32.
-//! A file with wider blocks, which tract-onnx splits into blocks of 32, still gets activation
-//! blocks of 32 here, where onnxruntime would use its block size: close, not identical.)
+//! Contract (what a quantized model file means to every runtime that runs it, checked against
+//! onnxruntime in tests/numerics.rs): the weight is blocks of 32 inputs per output, each a
+//! scale `sw` and 32 unsigned codes, weight = `(code − offset) · sw`, offset 8 for 4-bit codes
+//! (Q4_0) and 128 for 8-bit ones (Q8_0, whose signed `q` is `code − 128`). Each row of the
+//! activation is cut into the same blocks of 32 and quantized symmetrically: `sa = max|x| /
+//! 127`, `q = round_half_even(x · (1 / sa))` (0 when the block is all zeros). Then
+//! `y = Σ_blocks sw · sa · Σ_i (code_i − offset) · q_i`, the inner sum exact in integers. Only
+//! the order of the float additions over blocks is the kernel's. (mulm-export writes blocks of
+//! 32. A 4-bit file with wider blocks, which tract-onnx splits into blocks of 32, still gets
+//! activation blocks of 32 here, where onnxruntime would use its block size: close, not
+//! identical.)
 //!
 //! Layout and threads: weights are reordered at load for the CPU's kernel (see [`Layout`]);
 //! products of 2^16 multiply-adds or more are split by output rows over `--threads` threads,
@@ -17,8 +19,11 @@
 //!
 //! Why: tract 0.23.9 dequantizes Q4_0 to float inside its matmul, and on x86 it has only a
 //! one-column kernel for it, so 4-bit decode and prompts ran slower than float32 (the profile
-//! in bench/RESULTS.md). Integer dot products read the 4-bit codes directly: 32 products per
-//! instruction on AVX2 (`vpmaddubsw`), `vpdpbusd` on AVX-VNNI, `sdot` on aarch64.
+//! in bench/RESULTS.md); it has no 8-bit MatMulNBits at all. Integer dot products read the
+//! codes directly: 32 products per instruction on AVX2 (`vpmaddubsw`), `vpdpbusd` on AVX-VNNI,
+//! `sdot` on aarch64. Both widths share every kernel: a block is eight groups of four codes,
+//! each group meeting four activation bytes; 4-bit codes are unpacked from nibbles into that
+//! shape, 8-bit ones are read as they lie.
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
@@ -27,7 +32,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use op::use_w4a8_products;
+pub use op::use_quantized_products;
 
 use std::cell::RefCell;
 
@@ -39,14 +44,56 @@ use super::shares::{split_columns, OutputShare};
 /// Inputs per quantization block, for weights and activations alike.
 pub const BLOCK: usize = 32;
 
-/// A Q4_0 weight of `n` outputs × `k` inputs, laid out for the kernels.
+/// How wide a weight's codes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bits {
+    /// Q4_0: two codes a byte.
+    Four,
+    /// Q8_0: a code a byte.
+    Eight,
+}
+
+impl Bits {
+    /// Bytes of codes per block of 32 weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Bits::Four => BLOCK / 2,
+            Bits::Eight => BLOCK,
+        }
+    }
+
+    /// What a code is above the value it stands for: weight = (code − offset) · scale.
+    pub const fn offset(self) -> i32 {
+        match self {
+            Bits::Four => 8,
+            Bits::Eight => 128,
+        }
+    }
+
+    /// The kernels' compile-time form of the width: `EIGHT` is true for 8-bit codes.
+    const fn of<const EIGHT: bool>() -> Self {
+        if EIGHT { Bits::Eight } else { Bits::Four }
+    }
+
+    /// The GGML block format these codes come in.
+    fn format(self) -> &'static str {
+        match self {
+            Bits::Four => "Q4_0",
+            Bits::Eight => "Q8_0",
+        }
+    }
+}
+
+/// A quantized weight of `n` outputs × `k` inputs, laid out for the kernels.
 pub struct Weights {
     pub n: usize,
     pub k: usize,
+    bits: Bits,
     layout: Layout,
-    /// 16 bytes per block of 32 codes. Within a row's block, byte `j` holds code `j` in its
-    /// low nibble and code `j + 16` in its high nibble (GGML's order: one shift splits a block
-    /// into its two halves). How blocks are ordered is the layout's.
+    /// [`Bits::block_bytes`] per block of 32 codes. 4-bit: within a row's block, byte `j`
+    /// holds code `j` in its low nibble and code `j + 16` in its high nibble (GGML's order: one
+    /// shift splits a block into its two halves). 8-bit: byte `j` is code `j`. How blocks are
+    /// ordered is the layout's.
     codes: CacheAligned,
     /// One scale per block, ordered like the codes.
     scales: Vec<f32>,
@@ -58,8 +105,9 @@ pub enum Layout {
     /// Row by row, `[n, k/32]` blocks: what every kernel reads.
     Rows,
     /// Eight rows side by side, for kernels whose 8 vector lanes are output rows (x86 with
-    /// AVX-VNNI): `[n/8, k/32]` groups of blocks; within a group's block four chunks, chunk
-    /// `c` holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales `[n/8, k/32, 8]`.
+    /// AVX-VNNI): `[n/8, k/32]` groups of blocks; within a group's block four chunks (eight at
+    /// 8 bits), chunk `c` holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales
+    /// `[n/8, k/32, 8]`.
     /// A lane then sums its own row, so no horizontal sums, and the rows share each broadcast
     /// of four activation bytes.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -111,13 +159,13 @@ pub struct QuantizedRows {
     values: Vec<i8>,
     /// `[m, k/32]`.
     scales: Vec<f32>,
-    /// Sum of each block's values, `[m, k/32]`: what the code offset of 8 costs a block.
+    /// Sum of each block's values, `[m, k/32]`: what the codes' offset costs a block.
     sums: Vec<i32>,
 }
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4_0 {} × {}", self.n, self.k)
+        write!(f, "{} {} × {}", self.bits.format(), self.n, self.k)
     }
 }
 
@@ -125,7 +173,14 @@ impl Weights {
     /// Builds weights from Q4_0 blocks as GGML and tract store them, per block a little-endian
     /// float16 scale then 16 bytes of codes, in the layout this CPU's kernels read fastest.
     pub fn from_q4_0_blocks(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        Self::with_layout(bytes, n, k, Self::preferred_layout(n))
+        Self::with_layout(Bits::Four, bytes, n, k, Self::preferred_layout(n))
+    }
+
+    /// Builds weights from 8-bit blocks as tract stores Q8_1, per block a little-endian
+    /// float16 scale, a float16 sum (unused), then 32 signed codes `q` (weight = `q · scale`,
+    /// GGML's Q8_0 with a sum between), in the layout this CPU's kernels read fastest.
+    pub fn from_q8_1_blocks(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
+        Self::with_layout(Bits::Eight, bytes, n, k, Self::preferred_layout(n))
     }
 
     fn preferred_layout(n: usize) -> Layout {
@@ -135,15 +190,25 @@ impl Weights {
             .unwrap_or(Layout::Rows)
     }
 
-    /// [`Weights::from_q4_0_blocks`] in a given layout.
-    pub fn with_layout(bytes: &[u8], n: usize, k: usize, layout: Layout) -> Result<Self, String> {
-        const BLOCK_BYTES: usize = 2 + BLOCK / 2;
+    /// [`Weights::from_q4_0_blocks`] or [`Weights::from_q8_1_blocks`] in a given layout.
+    pub fn with_layout(bits: Bits, bytes: &[u8], n: usize, k: usize, layout: Layout) -> Result<Self, String> {
+        // Ahead of a block's codes: its scale, and at 8 bits a sum.
+        let head = match bits {
+            Bits::Four => 2,
+            Bits::Eight => 4,
+        };
+        let code_bytes = bits.block_bytes();
+        let block_bytes = head + code_bytes;
+        let format = match bits {
+            Bits::Four => "Q4_0",
+            Bits::Eight => "Q8_1",
+        };
         if k % BLOCK != 0 || n == 0 {
-            return Err(format!("a Q4_0 weight needs inputs in multiples of {BLOCK} and at least one output, got {n} × {k}"));
+            return Err(format!("a {format} weight needs inputs in multiples of {BLOCK} and at least one output, got {n} × {k}"));
         }
         let blocks = n * (k / BLOCK);
-        if bytes.len() != blocks * BLOCK_BYTES {
-            return Err(format!("a {n} × {k} Q4_0 weight is {} bytes, found {}", blocks * BLOCK_BYTES, bytes.len()));
+        if bytes.len() != blocks * block_bytes {
+            return Err(format!("a {n} × {k} {format} weight is {} bytes, found {}", blocks * block_bytes, bytes.len()));
         }
         if !layout.runs_here() {
             return Err(format!("no kernel on this CPU reads the {layout:?} layout"));
@@ -156,18 +221,22 @@ impl Weights {
         // building a weight holds it once, not once per step: loading's peak includes the
         // largest weight being built beside all the others.
         let per_row = k / BLOCK;
-        let mut codes = CacheAligned::zeroed(blocks * BLOCK / 2);
+        let mut codes = CacheAligned::zeroed(blocks * code_bytes);
         let mut scales = vec![0f32; blocks];
-        for (i, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+        for (i, block) in bytes.chunks_exact(block_bytes).enumerate() {
             let (row, b) = (i / per_row, i % per_row);
             let (first, lane) = ((row / group * per_row + b) * group, row % group);
             scales[first + lane] = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-            for (chunk, bytes) in block[2..].chunks_exact(4).enumerate() {
-                let at = first * BLOCK / 2 + (chunk * group + lane) * 4;
+            for (chunk, bytes) in block[head..].chunks_exact(4).enumerate() {
+                let at = first * code_bytes + (chunk * group + lane) * 4;
                 codes[at..at + 4].copy_from_slice(bytes);
+                if bits == Bits::Eight {
+                    // Signed q to the unsigned code q + 128 (flipping the top bit).
+                    codes[at..at + 4].iter_mut().for_each(|c| *c ^= 0x80);
+                }
             }
         }
-        Ok(Self { n, k, layout, codes, scales })
+        Ok(Self { n, k, bits, layout, codes, scales })
     }
 
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
@@ -225,7 +294,7 @@ impl Weights {
 
     /// Row `row`'s codes, in [`Layout::Rows`].
     fn row_codes(&self, row: usize) -> &[u8] {
-        let len = self.k / 2;
+        let len = self.k / BLOCK * self.bits.block_bytes();
         &self.codes[row * len..][..len]
     }
 
@@ -306,10 +375,15 @@ struct RowTiles {
     narrow_single: RowTile,
 }
 
-/// The [`RowTiles`] of a kernel's generic `tile::<R, T>` function.
+/// The [`RowTiles`] of a kernel's generic `tile::<R, T, EIGHT>` function for one code width.
 macro_rules! row_tiles {
-    ($tile:ident) => {
-        RowTiles { wide: $tile::<2, 4>, wide_single: $tile::<1, 4>, narrow: $tile::<4, 1>, narrow_single: $tile::<1, 1> }
+    ($tile:ident, $eight:literal) => {
+        RowTiles {
+            wide: $tile::<2, 4, $eight>,
+            wide_single: $tile::<1, 4, $eight>,
+            narrow: $tile::<4, 1, $eight>,
+            narrow_single: $tile::<1, 1, $eight>,
+        }
     };
 }
 #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
@@ -384,7 +458,7 @@ impl Weights {
     #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
     fn group(&self, g: usize) -> (*const u8, *const f32) {
         let (rows, blocks) = (self.layout.group(), self.k / BLOCK);
-        (self.codes[g * blocks * rows * BLOCK / 2..].as_ptr(), self.scales[g * blocks * rows..].as_ptr())
+        (self.codes[g * blocks * rows * self.bits.block_bytes()..].as_ptr(), self.scales[g * blocks * rows..].as_ptr())
     }
 }
 

@@ -1,7 +1,7 @@
-//! The W4A8 contract in plain Rust: the reference the vector kernels are tested against, and
+//! The quantized-product contract in plain Rust: the reference the vector kernels are tested against, and
 //! what runs where no vector kernel exists (LLVM vectorizes the integer dot on its own).
 
-use super::{OutputShare, QuantizedRows, Weights, BLOCK};
+use super::{Bits, OutputShare, QuantizedRows, Weights, BLOCK};
 
 /// Quantizes blocks of 32 floats to int8 with one scale each (see the module contract).
 pub fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
@@ -21,13 +21,14 @@ pub fn quantize(a: &[f32], values: &mut [i8], scales: &mut [f32]) {
 
 pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     let mut unpacked = [0i8; BLOCK];
+    let block_bytes = w.bits.block_bytes();
     for j in out.cols() {
         let (codes, w_scales) = (w.row_codes(j), w.row_scales(j));
         for r in 0..a.m {
             let (q, a_scales) = a.row(r);
             let mut acc = 0f32;
             for b in 0..w_scales.len() {
-                unpack(&codes[b * BLOCK / 2..][..BLOCK / 2], &mut unpacked);
+                unpack(w.bits, &codes[b * block_bytes..][..block_bytes], &mut unpacked);
                 let dot: i32 = unpacked.iter().zip(&q[b * BLOCK..][..BLOCK]).map(|(&w, &x)| w as i32 * x as i32).sum();
                 acc += dot as f32 * (w_scales[b] * a_scales[b]);
             }
@@ -36,10 +37,19 @@ pub fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     }
 }
 
-/// One block's 16 bytes to its 32 signed weights (code − 8), in input order.
-fn unpack(bytes: &[u8], out: &mut [i8; BLOCK]) {
-    for (i, &byte) in bytes.iter().enumerate() {
-        out[i] = (byte & 0x0f) as i8 - 8;
-        out[i + BLOCK / 2] = (byte >> 4) as i8 - 8;
+/// One block's code bytes to its 32 signed weights (code − offset), in input order.
+fn unpack(bits: Bits, bytes: &[u8], out: &mut [i8; BLOCK]) {
+    match bits {
+        Bits::Four => {
+            for (i, &byte) in bytes.iter().enumerate() {
+                out[i] = (byte & 0x0f) as i8 - 8;
+                out[i + BLOCK / 2] = (byte >> 4) as i8 - 8;
+            }
+        }
+        Bits::Eight => {
+            for (w, &byte) in out.iter_mut().zip(bytes) {
+                *w = (byte ^ 0x80) as i8;
+            }
+        }
     }
 }

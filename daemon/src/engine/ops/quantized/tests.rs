@@ -4,23 +4,45 @@ use rand_chacha::ChaCha8Rng;
 use super::*;
 use crate::engine::ops::shares::PARALLEL_PRODUCT;
 
-/// A random Q4_0 weight in GGML block bytes, and the float weight it stands for.
-fn random_weight(rng: &mut ChaCha8Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {
+/// A random weight in tract's block bytes for `bits` (Q4_0, or Q8_1 at 8 bits), and the float
+/// weight it stands for. 8-bit codes cover their whole range, −128 included.
+fn random_weight(rng: &mut ChaCha8Rng, bits: Bits, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {
     let mut bytes = Vec::new();
     let mut dense = vec![0f64; n * k];
     for j in 0..n {
         for b in 0..k / BLOCK {
             let scale = f16::from_f32(rng.random_range(0.001f32..0.1));
             bytes.extend_from_slice(&scale.to_bits().to_le_bytes());
-            for i in 0..BLOCK / 2 {
-                let (lo, hi) = (rng.random_range(0u8..16), rng.random_range(0u8..16));
-                bytes.push(lo | (hi << 4));
-                dense[j * k + b * BLOCK + i] = (lo as f64 - 8.0) * scale.to_f64();
-                dense[j * k + b * BLOCK + i + BLOCK / 2] = (hi as f64 - 8.0) * scale.to_f64();
+            let at = j * k + b * BLOCK;
+            match bits {
+                Bits::Four => {
+                    for i in 0..BLOCK / 2 {
+                        let (lo, hi) = (rng.random_range(0u8..16), rng.random_range(0u8..16));
+                        bytes.push(lo | (hi << 4));
+                        dense[at + i] = (lo as f64 - 8.0) * scale.to_f64();
+                        dense[at + i + BLOCK / 2] = (hi as f64 - 8.0) * scale.to_f64();
+                    }
+                }
+                Bits::Eight => {
+                    // The sum tract keeps beside the scale; the kernels must not need it.
+                    bytes.extend_from_slice(&f16::from_f32(f32::NAN).to_bits().to_le_bytes());
+                    for i in 0..BLOCK {
+                        let q = if i == 0 && b == 0 { -128i8 } else { rng.random_range(-128i16..128) as i8 };
+                        bytes.push(q as u8);
+                        dense[at + i] = q as f64 * scale.to_f64();
+                    }
+                }
             }
         }
     }
     (bytes, dense)
+}
+
+fn from_blocks(bits: Bits, bytes: &[u8], n: usize, k: usize) -> Result<Weights, String> {
+    match bits {
+        Bits::Four => Weights::from_q4_0_blocks(bytes, n, k),
+        Bits::Eight => Weights::from_q8_1_blocks(bytes, n, k),
+    }
 }
 
 fn random_activation(rng: &mut ChaCha8Rng, m: usize, k: usize) -> Vec<f32> {
@@ -73,42 +95,45 @@ fn quantized_activations_follow_the_contract() {
 
 #[test]
 fn products_match_the_contract_for_every_tile_shape() {
+    for bits in [Bits::Four, Bits::Eight] {
+        products_match_the_contract(bits);
+    }
+}
+
+fn products_match_the_contract(bits: Bits) {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // m = 1 (decode), 5 (a tile of 4 activation rows and one left over); n = 7 leaves weight
     // rows outside full tiles.
     for (m, n, k) in [(1, 8, 64), (1, 7, 96), (5, 7, 64), (9, 16, 128), (4, 24, 32), (2, 12, 64), (17, 16, 64), (1, 32, 64), (11, 48, 96)] {
-        let (bytes, dense) = random_weight(&mut rng, n, k);
-        let w = Weights::with_layout(&bytes, n, k, Layout::Rows).unwrap();
+        let (bytes, dense) = random_weight(&mut rng, bits, n, k);
+        let w = Weights::with_layout(bits, &bytes, n, k, Layout::Rows).unwrap();
         let a = random_activation(&mut rng, m, k);
         let want = contract(&dense, &QuantizedRows::new(&a, m, k), n);
+        let shape = format!("{bits:?}-bit codes, {m}×{k} · {n}×{k}");
         let mut got = vec![f32::NAN; m * n];
         w.matmul(&a, m, &mut got);
-        assert_close(&got, &want, &format!("dispatched kernel, {m}×{k} · {n}×{k}"));
+        assert_close(&got, &want, &format!("dispatched kernel, {shape}"));
         for (name, kernel) in kernels() {
             let mut out = vec![f32::NAN; m * n];
             // SAFETY: kernels() lists only what this CPU runs.
             unsafe { kernel(&w, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
-            assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
+            assert_close(&out, &want, &format!("{name} kernel, {shape}"));
         }
         for layout in [Layout::Rows16, Layout::Rows8, Layout::Rows4] {
-            match Weights::with_layout(&bytes, n, k, layout) {
+            match Weights::with_layout(bits, &bytes, n, k, layout) {
                 Ok(side_by_side) => {
                     for (name, kernel) in side_by_side_kernels(layout) {
                         let mut out = vec![f32::NAN; m * n];
                         // SAFETY: side_by_side_kernels lists only what this CPU runs.
                         unsafe { kernel(&side_by_side, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
-                        assert_close(&out, &want, &format!("{name} kernel, {m}×{k} · {n}×{k}"));
+                        assert_close(&out, &want, &format!("{name} kernel, {shape}"));
                     }
                 }
                 Err(e) => assert!(!(layout_expected(layout) && n % layout.group() == 0), "{e}"),
             }
         }
         let fastest = [Layout::Rows16, Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l) && n % l.group() == 0);
-        assert_eq!(
-            Weights::from_q4_0_blocks(&bytes, n, k).unwrap().layout,
-            fastest.unwrap_or(Layout::Rows),
-            "the layout this CPU reads fastest"
-        );
+        assert_eq!(from_blocks(bits, &bytes, n, k).unwrap().layout, fastest.unwrap_or(Layout::Rows), "the layout this CPU reads fastest");
     }
 }
 
@@ -196,6 +221,8 @@ fn weights_of_the_wrong_size_are_refused() {
     assert!(err.contains("18 bytes, found 17"), "{err}");
     let err = Weights::from_q4_0_blocks(&[0u8; 18], 1, 30).unwrap_err();
     assert!(err.contains("multiples of 32"), "{err}");
+    let err = Weights::from_q8_1_blocks(&[0u8; 34], 1, 32).unwrap_err();
+    assert!(err.contains("Q8_1 weight is 36 bytes, found 34"), "{err}");
 }
 
 #[test]
@@ -204,21 +231,23 @@ fn products_split_over_threads_equal_the_single_threaded_ones() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     // Large enough to be split: m · n · k ≥ PARALLEL_PRODUCT.
     let (n, k) = (1032, 1024);
-    let (bytes, _) = random_weight(&mut rng, n, k);
-    let w = Weights::from_q4_0_blocks(&bytes, n, k).unwrap();
-    for m in [1, 5] {
-        assert!(m * n * k >= PARALLEL_PRODUCT);
-        let a = random_activation(&mut rng, m, k);
-        let mut single = vec![f32::NAN; m * n];
-        w.matmul(&a, m, &mut single);
-        // Many products in a row, as a decode step runs them: helpers awake, asleep, woken.
-        let pool = Executor::multithread(3);
-        for round in 0..50 {
-            let mut split = vec![f32::NAN; m * n];
-            multithread_tract_scope(pool.clone(), || w.matmul(&a, m, &mut split));
-            assert_eq!(single, split, "m = {m}, round {round}");
-            if round == 25 {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+    for bits in [Bits::Four, Bits::Eight] {
+        let (bytes, _) = random_weight(&mut rng, bits, n, k);
+        let w = from_blocks(bits, &bytes, n, k).unwrap();
+        for m in [1, 5] {
+            assert!(m * n * k >= PARALLEL_PRODUCT);
+            let a = random_activation(&mut rng, m, k);
+            let mut single = vec![f32::NAN; m * n];
+            w.matmul(&a, m, &mut single);
+            // Many products in a row, as a decode step runs them: helpers awake, asleep, woken.
+            let pool = Executor::multithread(3);
+            for round in 0..50 {
+                let mut split = vec![f32::NAN; m * n];
+                multithread_tract_scope(pool.clone(), || w.matmul(&a, m, &mut split));
+                assert_eq!(single, split, "{bits:?}-bit codes, m = {m}, round {round}");
+                if round == 25 {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
         }
     }

@@ -1,11 +1,11 @@
-//! x86-64 kernels for the W4A8 contract, chosen at run time. With AVX-512 VNNI (Zen 4 and
+//! x86-64 kernels for the quantized-product contract (4- and 8-bit codes), chosen at run time. With AVX-512 VNNI (Zen 4 and
 //! later, Ice Lake and later Xeons), weights whose rows make groups of 16 sit side by side and
 //! run on [`rows16`]; with AVX-VNNI (Alder Lake), groups of 8 on [`rows8`]; otherwise row by
 //! row, with `vpdpbusd` where there is AVX-VNNI and AVX2 + FMA elsewhere.
 
 use std::arch::x86_64::*;
 
-use super::{row_tiles, run_group_tiles, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
+use super::{row_tiles, run_group_tiles, Bits, OutputShare, QuantizedRows, RowTiles, Weights, BLOCK};
 use crate::engine::ops::isa::{allows, Level};
 
 /// Whether these kernels run here: the CPU has AVX2 and FMA (checked once; the answer is
@@ -66,26 +66,36 @@ pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
     }
 }
 
-/// A row-by-row kernel for one way of computing a block's integer dot: `$unpack` turns 16
-/// code bytes into the weight operand, `$dot(weight, activation)` gives the block's products
-/// summed into 8 i32 lanes.
+/// A row-by-row kernel for one way of computing a block's integer dot: `$weight::<EIGHT>(p)`
+/// turns the block's code bytes at `p` into the weight operand, `$dot::<EIGHT>(weight,
+/// activation)` gives the block's products summed into 8 i32 lanes.
 macro_rules! row_kernel {
-    ($features:literal, $unpack:ident, $dot:ident) => {
+    ($features:literal, $weight:ident, $dot:ident) => {
         /// # Safety
         /// The CPU must have this module's extensions; `a.k == w.k`.
         pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
             // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
             // enables, and every pointer it reads or writes stays inside the slice it comes from.
             unsafe {
-                row_tiles!(tile).run(w, a, &out)
+                match w.bits {
+                    Bits::Four => row_tiles!(tile, false).run(w, a, &out),
+                    Bits::Eight => row_tiles!(tile, true).run(w, a, &out),
+                }
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn tile<const R: usize, const T: usize>(w: &Weights, a: &QuantizedRows, j0: usize, r0: usize, out: &OutputShare) {
+        unsafe fn tile<const R: usize, const T: usize, const EIGHT: bool>(
+            w: &Weights,
+            a: &QuantizedRows,
+            j0: usize,
+            r0: usize,
+            out: &OutputShare,
+        ) {
             // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
             // enables, and every pointer it reads or writes stays inside the slice it comes from.
             unsafe {
+                let block_bytes = Bits::of::<EIGHT>().block_bytes();
                 let (codes, w_scales) = w.tile_rows::<R>(j0);
                 let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -95,10 +105,10 @@ macro_rules! row_kernel {
                         x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
                     }
                     for i in 0..R {
-                        let weight = $unpack(_mm_loadu_si128(codes[i].add(b * BLOCK / 2) as *const __m128i));
+                        let weight = $weight::<EIGHT>(codes[i].add(b * block_bytes));
                         let ws = *w_scales[i].add(b);
                         for t in 0..T {
-                            let dot = _mm256_cvtepi32_ps($dot(weight, x[t]));
+                            let dot = _mm256_cvtepi32_ps($dot::<EIGHT>(weight, x[t]));
                             acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * *x_scales[t].add(b)), acc[i][t]);
                         }
                     }
@@ -113,34 +123,47 @@ macro_rules! row_kernel {
     };
 }
 
-/// Low nibbles are inputs 0..16 and high nibbles 16..32: one shift and one mask give all 32
-/// codes in order.
+/// A block's 32 codes in input order. 4-bit: low nibbles are inputs 0..16 and high nibbles
+/// 16..32, so one shift and one mask give all 32; 8-bit: the bytes as they lie.
 #[inline(always)]
-unsafe fn codes_in_order(packed: __m128i) -> __m256i {
+unsafe fn codes_in_order<const EIGHT: bool>(codes: *const u8) -> __m256i {
     // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
     // enables, and every pointer it reads or writes stays inside the slice it comes from.
     unsafe {
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), _mm256_set1_epi8(0x0f))
+        if EIGHT {
+            _mm256_loadu_si256(codes as *const __m256i)
+        } else {
+            let packed = _mm_loadu_si128(codes as *const __m128i);
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), _mm256_set1_epi8(0x0f))
+        }
     }
 }
 
-/// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, so the weight (code − 8) goes in as
-/// its magnitude and its sign moves onto the activation; |w| ≤ 8 and |q| ≤ 127 keep each pair's
-/// sum within i16, and `vpmaddwd` against ones widens to i32.
+/// The codes' offset in every byte: 8, or 128 (as the byte 0x80).
+#[inline(always)]
+unsafe fn offsets<const EIGHT: bool>() -> __m256i {
+    // SAFETY: register-only intrinsic, inside functions with AVX enabled.
+    unsafe { _mm256_set1_epi8(Bits::of::<EIGHT>().offset() as u8 as i8) }
+}
+
+/// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, so the weight (code − offset) goes
+/// in as its magnitude and its sign moves onto the activation; |w| ≤ 128 and |q| ≤ 127 keep
+/// each pair's sum within i16 (2 · 128 · 127 < 2^15), and `vpmaddwd` against ones widens to i32.
 pub(super) mod avx2 {
     use super::*;
 
     #[inline(always)]
-    unsafe fn signed_weight(packed: __m128i) -> __m256i {
+    unsafe fn signed_weight<const EIGHT: bool>(codes: *const u8) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            _mm256_sub_epi8(codes_in_order(packed), _mm256_set1_epi8(8))
+            // At 8 bits the byte subtraction wraps: code − 128 is code with its top bit flipped.
+            _mm256_sub_epi8(codes_in_order::<EIGHT>(codes), offsets::<EIGHT>())
         }
     }
 
     #[inline(always)]
-    unsafe fn dot(weight: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot<const EIGHT: bool>(weight: __m256i, x: __m256i) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
@@ -153,18 +176,18 @@ pub(super) mod avx2 {
 }
 
 /// AVX-VNNI: `vpdpbusd` multiplies the unsigned codes by the signed activation and sums four
-/// products per i32 lane in one instruction; the code's offset of 8 comes off afterwards as
-/// 8 · (the lane's sum of activations), the same `vpdpbusd` against eights.
+/// products per i32 lane in one instruction; the codes' offset comes off afterwards as
+/// offset · (the lane's sum of activations), the same `vpdpbusd` against the offset.
 pub(super) mod vnni {
     use super::*;
 
     #[inline(always)]
-    unsafe fn dot(codes: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot<const EIGHT: bool>(codes: __m256i, x: __m256i) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
             let zero = _mm256_setzero_si256();
-            _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, _mm256_set1_epi8(8), x))
+            _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, offsets::<EIGHT>(), x))
         }
     }
 
@@ -190,8 +213,8 @@ unsafe fn horizontal_max(v: __m256) -> f32 {
 /// AVX-VNNI on [`Layout::Rows8`](super::Layout::Rows8): each i32 lane is one of 8 output rows.
 /// A block is 8 `vpdpbusd`, each multiplying 4 codes of every row by the same 4 activation
 /// bytes (broadcast), so a block costs a fraction of the one-row-at-a-time kernel's
-/// instructions and needs no horizontal sums. The codes' offset of 8 is taken off once per
-/// block for all 8 rows: 8 · (the block's activation sum).
+/// instructions and needs no horizontal sums. The codes' offset (8 or 128) is taken off once
+/// per block for all 8 rows: offset · (the block's activation sum).
 pub(super) mod rows8 {
     use super::*;
 
@@ -228,43 +251,35 @@ pub(super) mod rows8 {
                 // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
                 // enables, and every pointer it reads or writes stays inside the slice it comes from.
                 unsafe {
-                    debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows8);
-                    run_group_tiles(w, a, &out, $wide, groups::<$wide>, groups::<1>)
+                    debug_assert_eq!(w.layout, crate::engine::ops::quantized::Layout::Rows8);
+                    match w.bits {
+                        Bits::Four => run_group_tiles(w, a, &out, $wide, groups::<$wide, false>, groups::<1, false>),
+                        Bits::Eight => run_group_tiles(w, a, &out, $wide, groups::<$wide, true>, groups::<1, true>),
+                    }
                 }
             }
 
             /// Every group of 8 weight rows against activation rows `r0..r0 + T`.
             #[target_feature(enable = $features)]
-            unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+            unsafe fn groups<const T: usize, const EIGHT: bool>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
                 // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
                 // enables, and every pointer it reads or writes stays inside the slice it comes from.
                 unsafe {
-                    const CHUNKS: usize = BLOCK / 2 / 4;
+                    let bits = Bits::of::<EIGHT>();
                     let blocks = w.k / BLOCK;
-                    let low_nibbles = _mm256_set1_epi8(0x0f);
                     let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
                     for g in out.cols().start / GROUP..out.cols().end / GROUP {
                         let (codes, scales) = w.group(g);
                         let mut acc = [_mm256_setzero_ps(); T];
                         for b in 0..blocks {
-                            let block = codes.add(b * GROUP * BLOCK / 2);
-                            let mut low = [_mm256_setzero_si256(); CHUNKS];
-                            let mut high = [_mm256_setzero_si256(); CHUNKS];
-                            for c in 0..CHUNKS {
-                                let bytes = _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
-                                low[c] = _mm256_and_si256(bytes, low_nibbles);
-                                high[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles);
-                            }
+                            let ops = group_operands::<EIGHT>(codes.add(b * GROUP * bits.block_bytes()));
                             let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
                             for t in 0..T {
                                 let x = x_values[t].add(b * BLOCK) as *const i32;
-                                // Start from −8 · Σq: the offset of every row's codes, at once.
-                                let mut dot = _mm256_set1_epi32(-8 * *x_sums[t].add(b));
-                                for c in 0..CHUNKS {
-                                    // Codes 4c..4c+4 (low nibbles) meet inputs 4c..4c+4, codes
-                                    // 16+4c.. (high nibbles) inputs 16+4c..
-                                    dot = $dpbusd(dot, low[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
-                                    dot = $dpbusd(dot, high[c], _mm256_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                                // Start from −offset · Σq: the offset of every row's codes, at once.
+                                let mut dot = _mm256_set1_epi32(-bits.offset() * *x_sums[t].add(b));
+                                for (c, op) in ops.iter().enumerate() {
+                                    dot = $dpbusd(dot, *op, _mm256_set1_epi32(x.add(c).read_unaligned()));
                                 }
                                 let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
                                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
@@ -277,6 +292,28 @@ pub(super) mod rows8 {
                 }
             }
         };
+    }
+
+    /// A group block's codes as eight operands, operand `c` holding codes `4c..4c + 4` of
+    /// each of the 8 rows (to meet activation bytes `4c..4c + 4`). 4-bit: chunk `c` of the
+    /// block gives operands `c` (low nibbles) and `4 + c` (high); 8-bit: chunk `c` is operand `c`.
+    #[inline(always)]
+    unsafe fn group_operands<const EIGHT: bool>(block: *const u8) -> [__m256i; 8] {
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let load = |c: usize| _mm256_loadu_si256(block.add(c * 32) as *const __m256i);
+            if EIGHT {
+                std::array::from_fn(load)
+            } else {
+                let low_nibbles = _mm256_set1_epi8(0x0f);
+                std::array::from_fn(|c| {
+                    let bytes = load(c % 4);
+                    let bytes = if c < 4 { bytes } else { _mm256_srli_epi16::<4>(bytes) };
+                    _mm256_and_si256(bytes, low_nibbles)
+                })
+            }
+        }
     }
 
     /// VEX-encoded `vpdpbusd`: 16 registers, prompt tiles of 4 activation rows.
@@ -332,52 +369,69 @@ pub(super) mod rows16 {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            debug_assert_eq!(w.layout, crate::engine::ops::w4a8::Layout::Rows16);
-            run_group_tiles(w, a, &out, 8, groups::<8>, groups::<1>)
+            debug_assert_eq!(w.layout, crate::engine::ops::quantized::Layout::Rows16);
+            match w.bits {
+                Bits::Four => run_group_tiles(w, a, &out, 8, groups::<8, false>, groups::<1, false>),
+                Bits::Eight => run_group_tiles(w, a, &out, 8, groups::<8, true>, groups::<1, true>),
+            }
+        }
+    }
+
+    /// [`rows8::group_operands`] on 512-bit vectors: operand `c` holds codes `4c..4c + 4` of
+    /// each of the 16 rows.
+    #[inline(always)]
+    unsafe fn group_operands<const EIGHT: bool>(block: *const u8) -> [__m512i; 8] {
+        // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+        // enables, and every pointer it reads or writes stays inside the slice it comes from.
+        unsafe {
+            let load = |c: usize| _mm512_loadu_si512(block.add(c * 64) as *const _);
+            if EIGHT {
+                std::array::from_fn(load)
+            } else {
+                let low_nibbles = _mm512_set1_epi8(0x0f);
+                std::array::from_fn(|c| {
+                    let bytes = load(c % 4);
+                    let bytes = if c < 4 { bytes } else { _mm512_srli_epi16::<4>(bytes) };
+                    _mm512_and_si512(bytes, low_nibbles)
+                })
+            }
         }
     }
 
     /// Every group of 16 weight rows against activation rows `r0..r0 + T`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn groups<const T: usize>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
+    unsafe fn groups<const T: usize, const EIGHT: bool>(w: &Weights, a: &QuantizedRows, r0: usize, out: &OutputShare) {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            const CHUNKS: usize = BLOCK / 2 / 4;
+            let bits = Bits::of::<EIGHT>();
+            let group_block = GROUP * bits.block_bytes();
             let blocks = w.k / BLOCK;
-            let low_nibbles = _mm512_set1_epi8(0x0f);
             let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
             for g in out.cols().start / GROUP..out.cols().end / GROUP {
                 let (codes, scales) = w.group(g);
                 let mut acc = [_mm512_setzero_ps(); T];
                 for b in 0..blocks {
-                    let block = codes.add(b * GROUP * BLOCK / 2);
+                    let block = codes.add(b * group_block);
                     if T == 1 {
-                        for line in 0..4 {
+                        for line in 0..group_block / 64 {
                             _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line * 64) as *const i8);
                         }
                         _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(b * GROUP + PREFETCH / 4) as *const i8);
                     }
-                    let mut low = [_mm512_setzero_si512(); CHUNKS];
-                    let mut high = [_mm512_setzero_si512(); CHUNKS];
-                    for c in 0..CHUNKS {
-                        let bytes = _mm512_loadu_si512(block.add(c * 64) as *const _);
-                        low[c] = _mm512_and_si512(bytes, low_nibbles);
-                        high[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low_nibbles);
-                    }
+                    let ops = group_operands::<EIGHT>(block);
                     let w_scales = _mm512_loadu_ps(scales.add(b * GROUP));
                     for t in 0..T {
                         let x = x_values[t].add(b * BLOCK) as *const i32;
-                        // Start from −8 · Σq: the offset of every row's codes, at once. Decode sums
-                        // into CHAINS registers: in one chain, a block's 8 dependent `vpdpbusd`
-                        // waited on each other's latency.
+                        // Start from −offset · Σq: the offset of every row's codes, at once.
+                        // Decode sums into CHAINS registers: in one chain, a block's 8 dependent
+                        // `vpdpbusd` waited on each other's latency.
                         let mut dots = [_mm512_setzero_si512(); CHAINS];
-                        dots[0] = _mm512_set1_epi32(-8 * *x_sums[t].add(b));
+                        dots[0] = _mm512_set1_epi32(-bits.offset() * *x_sums[t].add(b));
                         let chains = if T == 1 { CHAINS } else { 1 };
-                        for c in 0..CHUNKS {
+                        for (c, op) in ops.iter().enumerate() {
                             let d = &mut dots[c % chains];
-                            *d = _mm512_dpbusd_epi32(*d, low[c], _mm512_set1_epi32(x.add(c).read_unaligned()));
-                            *d = _mm512_dpbusd_epi32(*d, high[c], _mm512_set1_epi32(x.add(CHUNKS + c).read_unaligned()));
+                            *d = _mm512_dpbusd_epi32(*d, *op, _mm512_set1_epi32(x.add(c).read_unaligned()));
                         }
                         let dot = if T == 1 { sum_chains(dots) } else { dots[0] };
                         let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales[t].add(b)));
