@@ -38,10 +38,15 @@ PROMPTS = [
 ]
 
 
-def write_f32_gguf(src: Path, dst: Path) -> None:
-    """The source GGUF with every tensor dequantized to float32 (metadata copied as is)."""
+def write_f32_gguf(src: Path, dst: Path, qtype: str = "F32") -> None:
+    """The source GGUF with every tensor dequantized to float32 (metadata copied as is), or
+    with `qtype="Q8_0"` its matrices quantized again to Q8_0 by the gguf package (vectors, the
+    norms, stay float32, as llama.cpp's own quantizer keeps them)."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize, quantize
+
+    if qtype not in ("F32", "Q8_0"):
+        raise ValueError(f"GGUF type {qtype!r} is not F32 or Q8_0")
 
     reader = GGUFReader(str(src))
     writer = GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents())
@@ -51,10 +56,15 @@ def write_f32_gguf(src: Path, dst: Path) -> None:
         vtype = GGUFValueType(field.types[0])
         sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    writer.add_key_value("general.file_type", 0, GGUFValueType.UINT32)  # ALL_F32
+    # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q8_0
+    writer.add_key_value("general.file_type", 0 if qtype == "F32" else 7, GGUFValueType.UINT32)
     for t in reader.tensors:
         data = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        writer.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType.F32)
+        if qtype == "Q8_0" and data.ndim == 2:
+            q8 = GGMLQuantizationType.Q8_0
+            writer.add_tensor(t.name, quantize(data, q8), raw_dtype=q8)  # shape read from the block bytes
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

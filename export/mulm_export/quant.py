@@ -63,20 +63,24 @@ def roundtrip_q4(w: np.ndarray) -> np.ndarray:
 def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (codes uint8 [N, K/32, 32], scales float32 [N * K/32]) for a [N, K] weight.
 
-    GGML's Q8_0: scale max|x| / 127 kept as float16, code round(x / scale) + 128. Codes are
-    taken against the float16 scale the file keeps, so the block's largest magnitude lands on
-    ±127 exactly; a weight that is already Q8_0 (dequantized from a GGUF written by llama.cpp
-    or the gguf package, every block using its full range) comes back with the same codes and
-    scales."""
+    GGML's Q8_0, computed as llama.cpp's ggml-quants.c does (and the gguf package, bit for
+    bit): d = max|x| / 127, code round(x / d) rounded half away from zero, plus 128; the scale
+    kept is d as float16. So a float weight exports to the very blocks llama.cpp would make of
+    it, and a weight that is already Q8_0 (every block's extreme on ±127·d, as those quantizers
+    write it) comes back with the same codes and scales."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"8-bit quantization needs inputs in multiples of {BLOCK}, got {k}")
     blocks = w.astype(np.float32).reshape(n, k // BLOCK, BLOCK)
-    amax = np.abs(blocks).max(axis=2, keepdims=True)
-    scale = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
-    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
-    q = np.clip(np.rint(blocks * inverse), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8), scale.reshape(-1).astype(np.float32)
+    d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    x = blocks * inverse
+    # Half away from zero, as C's roundf; written without adding 0.5, which in float32 rounds
+    # 0.49999997 up to 1.
+    a = np.abs(x)
+    q = np.sign(x) * (np.floor(a) + np.floor(2 * (a - np.floor(a))))
+    codes = (np.clip(q, -127, 127).astype(np.int16) + 128).astype(np.uint8)
+    return codes, d.astype(np.float16).astype(np.float32).reshape(-1)
 
 
 def dequantize_q8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -46,9 +46,17 @@ def test_8_bit_quantization_is_ggml_q8_0_and_round_trips():
     assert codes.shape == (8, 2, 32) and codes.dtype == np.uint8 and scales.shape == (16,)
     back = quant.dequantize_q8(codes, scales)
     assert np.all(back[0, :32] == 0)
-    # Half a step of rounding, the step being the float16 scale.
+    # Half a step of rounding, the step being the scale; codes are taken against the scale
+    # before its float16 rounding (as llama.cpp does), which moves the extreme by ≤ 127 · 2^-11.
     step = np.repeat(scales, 32).reshape(8, 64)
-    assert np.all(np.abs(back - w) <= step * 0.5 + 1e-7)
+    assert np.all(np.abs(back - w) <= step * (0.5 + 127 * 2.0**-11) + 1e-7)
+
+    # The very blocks llama.cpp's quantizer (the gguf package's port of it, bit for bit) makes.
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as ggml_quantize
+    ggml = ggml_quantize(w, GGMLQuantizationType.Q8_0).reshape(16, 34)
+    assert np.array_equal(ggml[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1), scales)
+    assert np.array_equal(ggml[:, 2:].view(np.int8).astype(np.int16) + 128, codes.reshape(16, 32))
     # Every block uses its full range (its extreme on ±127), so quantizing the dequantized
     # weight again gives the same codes and scales: what keeps a Q8_0 GGUF's blocks as they are.
     signed = codes.astype(np.int16) - 128
