@@ -98,8 +98,16 @@ macro_rules! row_kernel {
                 let block_bytes = Bits::of::<EIGHT>().block_bytes();
                 let (codes, w_scales) = w.tile_rows::<R>(j0);
                 let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
+                // Decode reads each weight once: ask for the rows `ROWS_AHEAD` rows on, at the
+                // same place, so they are on their way while this tile runs (see ROWS_AHEAD).
+                let ahead = ROWS_AHEAD * w.k / BLOCK * block_bytes;
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..w.k / BLOCK {
+                    if T == 1 {
+                        for row in codes {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * block_bytes + ahead) as *const i8);
+                        }
+                    }
                     let mut x = [_mm256_setzero_si256(); T];
                     for t in 0..T {
                         x[t] = _mm256_loadu_si256(x_values[t].add(b * BLOCK) as *const __m256i);
@@ -122,6 +130,14 @@ macro_rules! row_kernel {
         }
     };
 }
+
+/// How far ahead of the rows being read decode's row-by-row kernels ask for codes, in rows.
+/// A row is short (SmolLM2's 576 inputs are 9 cache lines at 8 bits), too short for the
+/// hardware's stream prefetcher to learn before it ends, so without the hint each tile waited on
+/// memory. With `MULMD_KERNELS=avx2`, decode with the hint against without (`mulmd probe`,
+/// medians of 3 interleaved rounds, tok/s): SmolLM2 q8 40 → 60, q4 63 → 95; mulm-28m q8
+/// 518 → 666, q4 600 → 636.
+const ROWS_AHEAD: usize = 8;
 
 /// A block's 32 codes in input order. 4-bit: low nibbles are inputs 0..16 and high nibbles
 /// 16..32, so one shift and one mask give all 32; 8-bit: the bytes as they lie.
@@ -272,7 +288,18 @@ pub(super) mod rows8 {
                         let (codes, scales) = w.group(g);
                         let mut acc = [_mm256_setzero_ps(); T];
                         for b in 0..blocks {
-                            let ops = group_operands::<EIGHT>(codes.add(b * GROUP * bits.block_bytes()));
+                            let block = codes.add(b * GROUP * bits.block_bytes());
+                            if T == 1 && !EIGHT {
+                                // As rows16 does, and for the same reason; 4-bit only. Forced to
+                                // this kernel, decode with the hint against without (`mulmd probe`,
+                                // medians of 3 interleaved rounds): SmolLM2 q4 83 → 142 tok/s,
+                                // mulm-28m q4 967 → 1065, but SmolLM2 q8 66 → 58, already reading
+                                // about as fast as the AVX-512 kernel does.
+                                for line in 0..GROUP * bits.block_bytes() / 64 {
+                                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(super::rows16::PREFETCH + line * 64) as *const i8);
+                                }
+                            }
+                            let ops = group_operands::<EIGHT>(block);
                             let w_scales = _mm256_loadu_ps(scales.add(b * GROUP));
                             for t in 0..T {
                                 let x = x_values[t].add(b * BLOCK) as *const i32;
@@ -342,7 +369,7 @@ pub(super) mod rows16 {
     /// about what arrives in one trip to memory at this kernel's rate. At 2 KB, probe medians
     /// of three interleaved rounds fell from 2213 to 1844 tok/s on mulm-28m q4 and from 261
     /// to 224 on SmolLM2 q4; 1 KB and 16 KB were slower than 2 KB (SmolLM2, two rounds).
-    const PREFETCH: usize = 4096;
+    pub(super) const PREFETCH: usize = 4096;
 
     /// Independent sums a decode block's products go into (prompt tiles have one per row).
     const CHAINS: usize = 4;
