@@ -7,7 +7,9 @@
 //! twice, the process's peak for every q4 model. Peak RSS in `mulmd probe`, release build, on
 //! top of the streaming reader and [`super::heap`]: mulm-28m q4 80 → 61 MB, SmolLM2-135M q4
 //! 295 → 211 MB (139 MB of weights). tract-onnx refuses 8-bit MatMulNBits outright, so those
-//! run only through here.
+//! run only through here, and only on the engine's kernels: tract 0.23.9 has no CPU kernel for
+//! a Q8_1 product, so an 8-bit product the rewrite in `load::plan` left to tract would fail to
+//! optimize.
 //!
 //! [`convert`] takes the nodes whose weight fits Q4_0 or Q8_0 exactly (4 or 8 bits, blocks of
 //! 32, no zero points, no bias: what `mulm-export` writes) out of the protobuf before parsing.
@@ -94,9 +96,13 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
     for index in 0..graph.node.len() {
         // The builder finds a node's weight by its name, so a name used twice stays tract's.
         if names.get(&node_key(&graph.node[index])) != Some(&1) {
+            refuse_8_bits(&graph.node[index])?;
             continue;
         }
-        let Some(plan) = Plan::for_node(graph, index, &readers)? else { continue };
+        let Some(plan) = Plan::for_node(graph, index, &readers)? else {
+            refuse_8_bits(&graph.node[index])?;
+            continue;
+        };
         let weight = plan.take_and_convert(graph)?;
         let node = &mut graph.node[index];
         node.input.truncate(1);
@@ -107,6 +113,21 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
         converted += 1;
     }
     Ok((converted, guard))
+}
+
+/// An error for an 8-bit MatMulNBits node [`convert`] could not take: tract-onnx has none at
+/// all, and its own message ("only bits=4 and bits=2") would not say what mulmd runs.
+fn refuse_8_bits(node: &NodeProto) -> TractResult<()> {
+    let bits = node.attribute.iter().find(|a| a.name == "bits").map(|a| a.i);
+    if node.op_type == "MatMulNBits" && bits == Some(8) {
+        anyhow::bail!(
+            "MatMulNBits node {:?} has 8-bit weights in a form mulmd does not run: it takes them in blocks of 32, \
+             without zero points, act-order indices or bias, from a node with a name of its own and weights \
+             no other node reads (what `mulm-export --precision q8` writes); export the model again that way",
+            node_key(node)
+        );
+    }
+    Ok(())
 }
 
 /// The name tract-onnx gives a node, which is also its key in [`CONVERTED`].

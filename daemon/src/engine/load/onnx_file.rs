@@ -39,7 +39,7 @@ pub fn read_onnx(path: &Path) -> TractResult<InferenceModel> {
     let Some(dir_str) = dir.to_str() else { return tract_onnx::onnx().model_for_path(path) };
     let mut proto = decode(path)?;
     let (converted, _pending) = matmul_nbits::convert(&mut proto)?;
-    tracing::debug!(converted, "MatMulNBits weights converted to Q4_0 while reading");
+    tracing::debug!(converted, "MatMulNBits weights converted to block-quant constants while reading");
     let blobs = move_weights_out(&mut proto);
     let dir = dir.canonicalize().with_context(|| format!("Resolving the model directory {dir:?}"))?;
     let mut onnx = tract_onnx::onnx();
@@ -271,12 +271,26 @@ mod tests {
         }
     }
 
-    /// `y = x · Wᵀ` as a 4-bit MatMulNBits of N = 8, K = 64 (blocks of 32), with zero points
-    /// when `zero_points` (which mulmd leaves to tract-onnx).
-    fn write_nbits_model(dir: &Path, zero_points: bool) -> PathBuf {
+    /// `y = x · Wᵀ` as a `bits`-bit MatMulNBits of N = 8, K = 64 (blocks of 32), with zero
+    /// points when `zero_points` (which mulmd leaves to tract-onnx at 4 bits). Returns the file
+    /// and the float weight `[N, K]` the codes stand for.
+    fn write_nbits_model(dir: &Path, bits: usize, zero_points: bool) -> (PathBuf, Vec<f32>) {
         let (n, k) = (8usize, 64usize);
-        let codes: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 256) as u8).collect();
+        let codes: Vec<u8> = (0..n * k * bits / 8).map(|i| (i * 37 % 256) as u8).collect();
         let scales: Vec<f32> = (0..n * k / 32).map(|i| 0.01 + i as f32 * 0.003).collect();
+        let dense: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let (row, col) = (i / k, i % k);
+                let (block, at) = (col / 32, col % 32);
+                let code = if bits == 8 {
+                    codes[row * k + col] as i32 - 128
+                } else {
+                    let byte = codes[(row * k + block * 32) / 2 + at / 2];
+                    (if at % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i32 - 8
+                };
+                code as f32 * scales[row * (k / 32) + block]
+            })
+            .collect();
         let init = |name: &str, dims: Vec<i64>, ty: tensor_proto::DataType, raw: Vec<u8>| TensorProto {
             name: name.into(),
             dims,
@@ -285,7 +299,7 @@ mod tests {
             ..Default::default()
         };
         let mut initializer = vec![
-            init("codes", vec![n as i64, (k / 32) as i64, 16], tensor_proto::DataType::Uint8, codes),
+            init("codes", vec![n as i64, (k / 32) as i64, (32 * bits / 8) as i64], tensor_proto::DataType::Uint8, codes),
             init("scales", vec![(n * k / 32) as i64], tensor_proto::DataType::Float, scales.iter().flat_map(|s| s.to_le_bytes()).collect()),
         ];
         let mut input = vec!["x".to_string(), "codes".into(), "scales".into()];
@@ -305,7 +319,7 @@ mod tests {
             name: "product".into(),
             input,
             output: vec!["y".into()],
-            attribute: vec![int("K", k as i64), int("N", n as i64), int("bits", 4), int("block_size", 32)],
+            attribute: vec![int("K", k as i64), int("N", n as i64), int("bits", bits as i64), int("block_size", 32)],
             ..Default::default()
         };
         let graph = GraphProto {
@@ -317,24 +331,71 @@ mod tests {
         };
         let path = dir.join("model.onnx");
         std::fs::write(&path, model(graph, vec![opset("", 17), opset("com.microsoft", 1)]).encode_to_vec()).unwrap();
-        path
+        (path, dense)
+    }
+
+    fn nbits_input() -> Tensor {
+        Tensor::from_shape(&[1, 3, 64], &(0..192).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>()).unwrap()
+    }
+
+    fn converted(model: &InferenceModel) -> bool {
+        model.nodes().iter().any(|n| n.op.name() == "MatMulBlockQuant")
     }
 
     #[test]
     fn a_4_bit_product_converted_while_reading_computes_what_tracts_own_does() {
-        let x = Tensor::from_shape(&[1, 3, 64], &(0..192).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>()).unwrap();
+        let x = nbits_input();
         for zero_points in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let path = write_nbits_model(dir.path(), zero_points);
+            let (path, _) = write_nbits_model(dir.path(), 4, zero_points);
             let ours = read_onnx(&path).unwrap();
-            let converted = ours.nodes().iter().any(|n| n.op.name() == "MatMulQ4_0");
-            assert_eq!(converted, !zero_points, "only a weight Q4_0 holds exactly is converted");
+            assert_eq!(converted(&ours), !zero_points, "only a weight Q4_0 holds exactly is converted");
             let ours = run(ours, x.clone());
             let tracts = run(tract_onnx::onnx().model_for_path(&path).unwrap(), x.clone());
             assert_eq!(ours.len(), 24);
             assert!(ours.iter().any(|v| *v != 0.0));
             assert_eq!(ours, tracts, "zero points: {zero_points}");
         }
+    }
+
+    /// tract-onnx has no 8-bit MatMulNBits, and tract no CPU kernel for a Q8_1 product:
+    /// converted while reading and put on the engine's kernels, the product is the float
+    /// weight's, up to the int8 rounding of the activation (half a step of each block's scale).
+    #[test]
+    fn an_8_bit_product_converted_while_reading_computes_the_weight_it_stands_for() {
+        let x = nbits_input();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, dense) = write_nbits_model(dir.path(), 8, false);
+        let ours = read_onnx(&path).unwrap();
+        assert!(converted(&ours));
+        let mut typed = ours.into_typed().unwrap().into_decluttered().unwrap();
+        assert_eq!(crate::engine::ops::quantized::use_quantized_products(&mut typed).unwrap(), 1);
+        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
+        let y = plan.run(tvec!(x.clone().into())).unwrap();
+        let got = y[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let x = x.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        assert_eq!(got.len(), 24);
+        for (i, g) in got.iter().enumerate() {
+            let (r, j) = (i / 8, i % 8);
+            let want: f32 = (0..64).map(|c| x[r * 64 + c] * dense[j * 64 + c]).sum();
+            let bound: f32 = (0..64)
+                .map(|c| {
+                    let block_max = x[r * 64 + c / 32 * 32..][..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    dense[j * 64 + c].abs() * block_max / 127.0 * 0.5
+                })
+                .sum();
+            assert!((g - want).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, the weight gives {want} (bound {bound})");
+        }
+    }
+
+    /// An 8-bit product mulmd cannot take (here, with zero points) stops the load with what
+    /// mulmd does take and how to get it, not tract-onnx's "only 2 and 4 bits".
+    #[test]
+    fn an_8_bit_product_mulmd_cannot_run_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = write_nbits_model(dir.path(), 8, true);
+        let err = format!("{:#}", read_onnx(&path).unwrap_err());
+        assert!(err.contains("product") && err.contains("blocks of 32") && err.contains("--precision q8"), "{err}");
     }
 
     #[test]
