@@ -241,7 +241,7 @@ pub(super) mod rows4 {
                     for t in 0..T {
                         let x = x_values[t].add(b * BLOCK);
                         // 8-bit operands are already signed; 4-bit ones carry the offset of 8.
-                        let start = vdupq_n_s32(if EIGHT { 0 } else { -8 * *x_sums[t].add(b) });
+                        let start = vdupq_n_s32(if EIGHT { 0 } else { -Bits::Four.offset() * *x_sums[t].add(b) });
                         let dot = block_dot(start, &ops, [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))]);
                         acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(dot), vmulq_n_f32(w_scales, *x_scales[t].add(b)));
                     }
