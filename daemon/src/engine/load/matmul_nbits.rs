@@ -227,12 +227,13 @@ impl Plan {
 /// not read it), then the 32 signed `q`.
 fn q8_1_blocks(codes: &[u8], scales: &[f32]) -> tract_onnx::tract_core::internal::Blob {
     let mut out = Vec::with_capacity(scales.len() * (4 + BLOCK));
+    // Flipping a code's top bit makes it the signed q (q + 128 → q).
+    let signed = |c: u8| (c ^ 0x80) as i8;
     for (block, &scale) in codes.chunks_exact(BLOCK).zip(scales) {
-        let q: Vec<i8> = block.iter().map(|&c| (c ^ 0x80) as i8).collect();
-        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        let sum: i32 = block.iter().map(|&c| signed(c) as i32).sum();
         out.extend_from_slice(&f16::from_f32(scale).to_bits().to_le_bytes());
         out.extend_from_slice(&f16::from_f32(scale * sum as f32).to_bits().to_le_bytes());
-        out.extend(q.iter().map(|&v| v as u8));
+        out.extend(block.iter().map(|&c| signed(c) as u8));
     }
     tract_onnx::tract_core::internal::Blob::from_bytes(&out).expect("a byte buffer")
 }
