@@ -36,6 +36,29 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_name(gguf_name: str) -> str | None:
+    """The HF Llama name of a GGUF tensor, None for one that is not part of the model."""
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    if gguf_name.startswith("blk."):
+        _, layer, kind, _ = gguf_name.split(".")
+        if kind in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"
+    return None
+
+
+def block_formats(path: str) -> dict[str, str]:
+    """Each model tensor's GGML type by HF name ("Q4_1", "Q8_0", "F32", ...): what an export
+    can keep as it is."""
+    from gguf import GGUFReader
+
+    return {hf: t.tensor_type.name for t in GGUFReader(path).tensors if (hf := _hf_name(t.name))}
+
+
 def read_tokenizer_only(path: str) -> tuple[None, None, dict]:
     """Just the tokenizer info (no tensors are dequantized)."""
     return read(path, tensors=False)
@@ -80,23 +103,19 @@ def read(path: str, tensors: bool = True) -> tuple[Arch, dict, dict]:
     weights = {}
     for t in (reader.tensors if tensors else []):
         data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if t.name == "token_embd.weight":
-            weights["model.embed_tokens.weight"] = data
-        elif t.name == "output_norm.weight":
-            weights["model.norm.weight"] = data
-        elif t.name == "output.weight":
-            weights["lm_head.weight"] = data
-        elif t.name.startswith("blk."):
-            _, layer, kind, _ = t.name.split(".")
-            if kind not in _LAYER_NAMES:
+        hf = _hf_name(t.name)
+        if hf is None:
+            if t.name.startswith("blk."):
                 raise GgufError(f"{path}: tensor {t.name} is not part of a Llama block")
-            if kind == "attn_q":
-                data = _unpermute(data, n_head)
-            elif kind == "attn_k":
-                data = _unpermute(data, n_kv)
-            weights[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"] = data
-        elif t.name != "rope_freqs.weight":
-            raise GgufError(f"{path}: unexpected tensor {t.name}")
+            if t.name != "rope_freqs.weight":
+                raise GgufError(f"{path}: unexpected tensor {t.name}")
+            continue
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if kind == "attn_q":
+            data = _unpermute(data, n_head)
+        elif kind == "attn_k":
+            data = _unpermute(data, n_kv)
+        weights[hf] = data
     token_types = list(_field(reader, "tokenizer.ggml.token_type"))
     tok = {
         "tokens": tokens,

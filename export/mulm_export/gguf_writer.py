@@ -5,7 +5,7 @@ The inverse of gguf_source.read: HF Llama names become GGUF names, Q and K rows 
 back into llama.cpp's adjacent-pair rotary layout, and the tokenizer travels as
 `tokenizer.ggml.*` (byte-level BPE, the tokens and merges of tokenizer.json). Weights are read
 back out of model.onnx (a q4 directory's blocks dequantized first), then written as F32 or
-quantized by the gguf package to Q8_0 or Q4_0.
+quantized by the gguf package to Q8_0, Q4_0 or Q4_1.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from . import onnx_weights
 from .arch import Arch
 
-QTYPES = ("F32", "Q8_0", "Q4_0")
+QTYPES = ("F32", "Q8_0", "Q4_0", "Q4_1")
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -26,7 +26,8 @@ _LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_FILE_TYPE = {"F32": 0, "Q4_0": 2, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_0 / MOSTLY_Q8_0
+# llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_0 / MOSTLY_Q4_1 / MOSTLY_Q8_0
+_FILE_TYPE = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 _TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3
 
 

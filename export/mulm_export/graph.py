@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .arch import Arch
-from .quant import ACCURACY_LEVEL, BLOCK, QUANTIZERS
+from .quant import ACCURACY_LEVEL, BLOCK, QUANTIZERS, quantize_q4_1
 
 OPSET = 17
 PRECISIONS = ("float32", "q4", "q8")
@@ -61,8 +61,11 @@ def rope_tables(arch: Arch) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.ModelProto:
-    """The ONNX model for `weights` (HF Llama names, float arrays) at `precision`."""
+def build(arch: Arch, weights: dict, precision: str, producer: str, block_formats: dict | None = None) -> onnx.ModelProto:
+    """The ONNX model for `weights` (HF Llama names, float arrays) at `precision`.
+    `block_formats` names the GGML block format a weight came in ("Q4_1", ...): at q4, Q4_1
+    and Q8_0 blocks are kept as they are rather than turned into Q4_0."""
+    block_formats = block_formats or {}
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     arch.validate()
@@ -75,20 +78,41 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
 
     quantized = precision in QUANTIZERS
 
-    def nbits(x: str, w: np.ndarray, wname: str) -> tuple[list[str], dict]:
-        """Inputs and attributes of a MatMulNBits of weight `w` [out, in], its codes named
-        `wname` + ".q4" or ".q8"."""
-        bits, quantize, _ = QUANTIZERS[precision]
+    def blocks_shape(rank: int) -> str:
+        if rank not in shape_blocks:
+            shape_blocks[rank] = b.const(f"shape_blocks{rank}", np.array([0] * (rank - 1) + [-1, BLOCK], dtype=np.int64))
+        return shape_blocks[rank]
+
+    def nbits(x: str, w: np.ndarray, wname: str, hint: str, output: str | None = None, rank: int = 3,
+              source: str | None = None) -> str:
+        """A MatMulNBits of weight `w` [out, in], its codes named `wname` + ".q4" or ".q8".
+        A weight whose source blocks are Q8_0 keeps them at q4 too (an 8-bit MatMulNBits).
+        One whose source blocks are Q4_1 keeps them at q4: the MatMulNBits holds codes
+        and scales, and each block's offset (`wname` + ".offsets", [in/32, out]) meets the sum
+        of the activation's block in a float product added to it. `output` names the result, `rank`
+        is the activation's, `source` the weight's name in `weights` where it is not `wname`."""
         n, k = w.shape
+        attrs = dict(domain="com.microsoft", K=k, N=n, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+        if precision == "q4" and block_formats.get(source or wname) == "Q4_1":
+            codes, scales, offsets = quantize_q4_1(w)
+            inputs = [x, b.const(f"{wname}.{precision}", codes), b.const(wname + ".scales", scales)]
+            main = b.op("MatMulNBits", inputs, hint, bits=4, **attrs)
+            sums = b.op("ReduceSum", [b.op("Reshape", [x, blocks_shape(rank)], hint + "_blocks"), c_minus1], hint + "_block_sums", keepdims=0)
+            term = b.op("MatMul", [sums, b.const(wname + ".offsets", np.ascontiguousarray(offsets.T))], hint + "_offsets")
+            return b.op("Add", [main, term], hint) if output is None else b.op_to("Add", [main, term], output)
+        # A Q8_0 weight stays 8-bit at q4: its blocks kept, not quantized again to fewer bits.
+        kind = "q8" if precision == "q4" and block_formats.get(source or wname) == "Q8_0" else precision
+        bits, quantize, _ = QUANTIZERS[kind]
         codes, scales = quantize(w)
-        inputs = [x, b.const(f"{wname}.{precision}", codes), b.const(wname + ".scales", scales)]
-        return inputs, dict(domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+        inputs = [x, b.const(f"{wname}.{kind}", codes), b.const(wname + ".scales", scales)]
+        if output is None:
+            return b.op("MatMulNBits", inputs, hint, bits=bits, **attrs)
+        return b.op_to("MatMulNBits", inputs, output, bits=bits, **attrs)
 
     def linear(x: str, wname: str, hint: str) -> str:
         w = f32(weights[wname])  # [out, in]
         if quantized and w.shape[1] % BLOCK == 0:
-            node_inputs, attrs = nbits(x, w, wname)
-            return b.op("MatMulNBits", node_inputs, hint, **attrs)
+            return nbits(x, w, wname, hint)
         return b.op("MatMul", [x, b.const(wname + ".T", np.ascontiguousarray(w.T))], hint)
 
     def rmsnorm(x: str, wname: str) -> str:
@@ -126,6 +150,9 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     shape_q5 = b.const("shape_q5", np.array([1, kvh, group, -1, hd], dtype=np.int64))
     shape_o4 = b.const("shape_o4", np.array([1, nh, -1, hd], dtype=np.int64))
     shape_o = b.const("shape_o", np.array([1, -1, h], dtype=np.int64))
+    # An activation [1, seq, in] or the head's [1, in] cut into blocks of 32 inputs (0 keeps a
+    # dimension); written when a Q4_1 weight first needs it.
+    shape_blocks: dict[int, str] = {}
 
     # Positions of the new tokens: past_len .. past_len + seq_len.
     seq_len = b.op("Squeeze", [b.op("Slice", [b.op("Shape", ["input_ids"], "ids_shape"), c_one1, c_two1], "s1")], "seq_len")
@@ -181,8 +208,7 @@ def build(arch: Arch, weights: dict, precision: str, producer: str) -> onnx.Mode
     head_name = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
     head = f32(weights[head_name])
     if quantized:
-        head_inputs, attrs = nbits(last, head, "head")
-        b.nodes.append(helper.make_node("MatMulNBits", head_inputs, ["logits"], name="logits", **attrs))
+        nbits(last, head, "head", "logits", output="logits", rank=2, source=head_name)
     else:
         # Gemm with transB reads the [vocab, hidden] table in place: a tied head costs no copy.
         src = head_name if arch.tied_embeddings else b.const(head_name, head)

@@ -90,18 +90,74 @@ def dequantize_q8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return w.reshape(n, nb * block)
 
 
+def quantize_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGML's Q4_1, for a weight whose GGUF blocks are Q4_1: per block a scale d = (max − min) / 15,
+    the minimum m, and codes trunc((x − m) / d + 0.5) in 0..15, weight = code · d + m, computed
+    as the gguf package (and ggml-quants.c) do, with d and m kept as float16. A weight that is
+    already Q4_1 (each block holds its minimum at code 0 and its maximum at code 15, as those
+    quantizers write it) comes back with the same codes, scales and minimums.
+
+    Returns (codes, scales, offsets) in q4's layout, where a code stands for (code − 8) · d as
+    MatMulNBits reads it: codes uint8 [N, K/32, 16], scales d float32 [N * K/32], and each
+    block's offset c = m + 8 · d, float32 [N, K/32], so that (code − 8) · d + c = code · d + m.
+    The graph adds c times the activation block's sum (see graph.py)."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"4-bit quantization needs inputs in multiples of {BLOCK}, got {k}")
+    blocks = w.astype(np.float32).reshape(n, k // BLOCK, BLOCK)
+    lo = blocks.min(axis=2, keepdims=True)
+    d = (blocks.max(axis=2, keepdims=True) - lo) / np.float32(15)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.trunc((blocks - lo) * inverse + np.float32(0.5)).clip(0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    d16 = d.astype(np.float16).astype(np.float32).reshape(n, -1)
+    m16 = lo.astype(np.float16).astype(np.float32).reshape(n, -1)
+    return packed, d16.reshape(-1), (m16 + np.float32(8) * d16).astype(np.float32)
+
+
+def dequantize_q4_1(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_q4_1: the float32 [N, K] weight the codes stand for."""
+    n, nb, _ = packed.shape
+    return (dequantize_q4(packed, scales).reshape(n, nb, BLOCK) + offsets.reshape(n, nb, 1)).reshape(n, nb * BLOCK)
+
+
 # Per quantized precision: its bits, and the quantizer and its inverse.
 QUANTIZERS = {"q4": (4, quantize_q4, dequantize_q4), "q8": (8, quantize_q8, dequantize_q8)}
 
 
-def int8_activation(x: np.ndarray) -> np.ndarray:
+# How close two runtimes' values of one activation must be, relative to the largest magnitude
+# in their row, to count as the same value computed in another float order. Correct float32
+# evaluations of a 30-layer model differ by up to ~1e-4 of it; a wiring error moves values by
+# a large share of it.
+SAME_VALUE = 1e-3
+
+
+def int8_activation(x: np.ndarray, edges_from: np.ndarray | None = None) -> np.ndarray:
     """What an int8-compute product sees of an activation: each row cut into blocks of 32,
     quantized with scale max|x| / 127 and rounded half to even, then scaled back. Computed in
     float32 with the operations and order onnxruntime uses, so codes on a rounding edge land
-    on the same side."""
+    on the same side.
+
+    `edges_from` is the same activation as another runtime computed it: a value both compute
+    within SAME_VALUE of each other takes that runtime's code. The two codes differ only where
+    the value sits on a rounding edge, and there the side it falls on is the float order's
+    choice; over many layers one such value grows into logit differences of several percent.
+    Every other value is rounded from `x` alone."""
+    v, scale = _in_steps(x)
+    q = np.rint(v)
+    if edges_from is not None:
+        other = np.reshape(edges_from, np.shape(x)).astype(np.float32)
+        theirs, _ = _in_steps(other)
+        row_max = np.abs(other).max(axis=-1, keepdims=True)
+        same = (np.abs(np.asarray(x, dtype=np.float64) - other) <= SAME_VALUE * row_max).reshape(v.shape)
+        q = np.where(same, np.rint(theirs), q)
+    return (q.astype(np.float64) * scale).reshape(np.shape(x))
+
+
+def _in_steps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x's blocks of 32 divided by their scales (float32, before rounding), and the scales."""
     x32 = np.asarray(x, dtype=np.float32)
     blocks = x32.reshape(*x32.shape[:-1], x32.shape[-1] // BLOCK, BLOCK)
     scale = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
     inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
-    q = np.rint(blocks * inverse)
-    return (q.astype(np.float64) * scale).reshape(x.shape)
+    return blocks * inverse, scale

@@ -9,16 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 from .arch import Arch
-from .quant import int8_activation
+from .quant import BLOCK, int8_activation
 
 
 class Reference:
-    def __init__(self, arch: Arch, weights: dict, int8_products: frozenset[str] = frozenset()) -> None:
+    def __init__(self, arch: Arch, weights: dict, int8_products: dict | None = None) -> None:
         """`int8_products` names the weights whose products see their input quantized to int8
-        (4-bit files, see quant.py); the rest see it exactly."""
+        (quantized files, see quant.py), each with its blocks' offsets [N, K/32] where it
+        keeps Q4_1 blocks (else None); the rest see their input exactly."""
         self.arch = arch
         self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-        self.int8 = int8_products
+        self.int8 = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in (int8_products or {}).items()}
+        self.edges_from: dict = {}
         self.k_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
         self.v_cache = [np.zeros((arch.num_kv_heads, 0, arch.head_dim)) for _ in range(arch.num_layers)]
 
@@ -27,9 +29,17 @@ class Reference:
         return x / np.sqrt(var + self.arch.rms_norm_eps) * self.w[name]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        if name in self.int8:
-            x = int8_activation(x)
-        return x @ self.w[name].T
+        if name not in self.int8:
+            return x @ self.w[name].T
+        offsets = self.int8[name]
+        xq = int8_activation(x, self.edges_from.get(name))
+        if offsets is None:
+            return xq @ self.w[name].T
+        # Q4_1 kept: the codes' part meets the int8 activation, each block's offset the exact
+        # sum of the activation's block (graph.py).
+        codes_part = self.w[name] - np.repeat(offsets, BLOCK, axis=1)
+        sums = x.reshape(*x.shape[:-1], -1, BLOCK).sum(axis=-1)
+        return xq @ codes_part.T + sums @ offsets.T
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         # x: [heads, seq, head_dim]; dimension i pairs with i + head_dim/2.
@@ -41,8 +51,11 @@ class Reference:
         a, b = x[..., :half], x[..., half:]
         return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
-    def forward(self, ids: list[int]) -> np.ndarray:
-        """Feeds `ids` after everything fed so far; returns the last position's logits."""
+    def forward(self, ids: list[int], edges_from: dict | None = None) -> np.ndarray:
+        """Feeds `ids` after everything fed so far; returns the last position's logits.
+        `edges_from` holds, by weight name, the input another runtime gave that product on the
+        same step: int8 codes on a rounding edge are rounded as there (see int8_activation)."""
+        self.edges_from = edges_from or {}
         a = self.arch
         past = self.k_cache[0].shape[1]
         pos = np.arange(past, past + len(ids), dtype=np.float64)

@@ -65,6 +65,58 @@ def test_8_bit_quantization_is_ggml_q8_0_and_round_trips():
     assert np.array_equal(codes2, codes) and np.array_equal(scales2, scales)
 
 
+def test_q4_1_quantization_is_ggml_q4_1_and_round_trips():
+    """Q4_1 blocks are kept as they are: the quantizer makes the gguf package's blocks (its
+    port of llama.cpp's, bit for bit), and quantizing their dequantized weight again gives the
+    same codes, scales and offsets."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((8, 64)).astype(np.float32) + 0.3
+    w[0, :32] = 0.25  # a constant block: no range, its value in the minimum
+    codes, scales, offsets = quant.quantize_q4_1(w)
+    assert codes.shape == (8, 2, 16) and scales.shape == (16,) and offsets.shape == (8, 2)
+    back = quant.dequantize_q4_1(codes, scales, offsets)
+    assert np.allclose(back[0, :32], 0.25, rtol=2.0**-10)
+    # Half a step of rounding, the step being the scale (plus its float16 rounding).
+    step = np.repeat(scales, 32).reshape(8, 64)
+    assert np.all(np.abs(back - w) <= step * 0.52 + 1e-3)
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as ggml_quantize
+    ggml = ggml_quantize(w, GGMLQuantizationType.Q4_1).reshape(16, 20)
+    d = ggml[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    m = ggml[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(-1)
+    assert np.array_equal(d, scales)
+    assert np.array_equal(m + 8 * d, offsets.reshape(-1))
+    # GGML keeps code j in byte j's low nibble and code j + 16 in its high one; MatMulNBits
+    # keeps codes 2i and 2i + 1 in byte i.
+    ggml_codes = np.concatenate([ggml[:, 4:] & 0x0F, ggml[:, 4:] >> 4], axis=1)
+    ours = codes.reshape(16, 16)
+    assert np.array_equal(np.stack([ours & 0x0F, ours >> 4], axis=2).reshape(16, 32), ggml_codes)
+    again = quant.quantize_q4_1(back)
+    for a, b in zip(again, (codes, scales, offsets)):
+        assert np.array_equal(a, b)
+
+
+def test_int8_activations_on_a_rounding_edge_round_as_the_other_runtime_did():
+    """verify's reference takes onnxruntime's code only for values both compute within
+    SAME_VALUE of each other (where they differ, the value is on a rounding edge); every other
+    value is its own, whatever the other runtime computed."""
+    x = np.linspace(-1, 1, 32, dtype=np.float32)
+    x[0] = -1.0  # the block's scale is 1/127: a value in steps is x · 127
+    x[5] = np.float32(10.5 + 2e-4) / np.float32(127)   # on the edge, above it
+    x[9] = np.float32(20.4) / np.float32(127)          # clear of any edge
+    theirs = x.copy()
+    theirs[5] = np.float32(10.5 - 2e-4) / np.float32(127)  # the same value, a hair below the edge
+    theirs[9] = 0.0
+    step = 1.0 / 127
+    ours = quant.int8_activation(x)
+    assert round(ours[5] / step) == 11 and round(ours[9] / step) == 20
+    resolved = quant.int8_activation(x, edges_from=theirs)
+    assert round(resolved[5] / step) == 10, "on the edge: the other runtime's side"
+    assert round(resolved[9] / step) == 20, "clear of the edge: our own value, not theirs"
+    assert np.array_equal(np.delete(resolved, 5), np.delete(ours, 5))
+
+
 def test_generate_is_reproducible(tmp_path):
     for name in ("a", "b"):
         assert run_cli("generate", "--shape", "tiny", "--seed", 5, "--out", tmp_path / name) == 0
@@ -156,9 +208,11 @@ def test_the_launcher_runs_from_a_shell():
     assert out.returncode == 0 and "mulm-export" in out.stdout
 
 
-def test_verify_catches_a_miswired_graph(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["float32", "q4"])
+def test_verify_catches_a_miswired_graph(tmp_path, monkeypatch, capsys, precision):
     """verify's reference is independent of the graph writer: a graph whose rotary embedding
-    turns the wrong way must fail it."""
+    turns the wrong way must fail it, at q4 too, where the reference takes onnxruntime's
+    rounding of values on an int8 rounding edge."""
     from mulm_export import graph
 
     real = graph.rope_tables
@@ -167,7 +221,7 @@ def test_verify_catches_a_miswired_graph(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sources, "generated_weights",
                         lambda arch, seed, real_gen=sources.generated_weights: {
                             k: (v * 50 if v.ndim == 2 else v) for k, v in real_gen(arch, seed).items()})
-    assert run_cli("generate", "--shape", "tiny", "--seed", 2, "--out", tmp_path / "bad") == 0
+    assert run_cli("generate", "--shape", "tiny", "--seed", 2, "--precision", precision, "--out", tmp_path / "bad") == 0
     with pytest.raises(SystemExit) as e:
         cli.main(["verify", str(tmp_path / "bad")])
     assert e.value.code == 1
@@ -236,6 +290,35 @@ def test_the_quality_report_measures_what_4_bit_costs(fixture_dir, capsys):
 def test_quality_without_a_baseline_says_what_to_add(fixture_dir, capsys):
     assert cli.main(["verify", str(fixture_dir("tiny-q4")), "--quality"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_a_q4_1_gguf_keeps_its_blocks_at_q4(tmp_path, fixture_dir):
+    """SmolLM2's GGUF is Q4_1: exported at q4, every matrix keeps its blocks (codes, scales and
+    minimums, the minimum as the block's offset term) instead of being turned into Q4_0, and
+    the logits are llama.cpp's on the same file up to the activations' rounding, in
+    onnxruntime and in the numpy reference alike."""
+    gguf = tmp_path / "tiny-Q4_1.gguf"
+    assert cli.main(["to-gguf", str(fixture_dir("tiny")), "--out", str(gguf), "--type", "Q4_1"]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["from-gguf", str(gguf), "--out", str(out), "--precision", "q4"]) == 0
+    arch, source, _ = gguf_source.read(str(gguf))
+    formats = gguf_source.block_formats(str(gguf))
+    exported = onnx_weights.read(out / "model.onnx", arch)
+    products = onnx_weights.int8_products(out / "model.onnx")
+    matrices = [n for n, w in source.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]
+    assert len(matrices) == 7 * arch.num_layers
+    for name in matrices + ["__head__"]:
+        src = source["model.embed_tokens.weight" if name == "__head__" else name]
+        assert formats.get(name, "Q4_1") == "Q4_1" and products[name] is not None, name
+        # The same weights up to float32 rounding: (code − 8) · d + (m + 8d) against code · d + m.
+        assert np.allclose(exported[name], src, rtol=0, atol=4 * np.abs(src).max() * 2.0**-23), name
+        again = quant.quantize_q4_1(exported[name])
+        assert np.array_equal(again[0], quant.quantize_q4_1(src)[0]), f"{name}: codes moved"
+    ids = [1, 882, 198, 40, 1055]
+    got, want = OrtModel(out).step(ids), _llama_cpp_logits(gguf, ids)
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(got - want))) < 0.02 * scale and int(np.argmax(got)) == int(np.argmax(want))
+    assert cli.main(["verify", str(out)]) == 0, "onnxruntime agrees with the numpy reference"
 
 
 @pytest.mark.parametrize("gguf_type,precision", [("Q4_0", "q4"), ("Q8_0", "q8")])
