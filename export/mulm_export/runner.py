@@ -13,7 +13,9 @@ from .modeldir import read_manifest
 class OrtModel:
     """One onnxruntime session plus its KV cache; `step(ids)` feeds tokens, returns logits."""
 
-    def __init__(self, directory: Path, threads: int = 1) -> None:
+    def __init__(self, directory: Path, threads: int = 1, taps: tuple[str, ...] = ()) -> None:
+        """`taps` names inner values to return too: after each step, `tapped` holds them."""
+        import onnx
         import onnxruntime as ort
 
         self.manifest = read_manifest(directory)
@@ -22,7 +24,13 @@ class OrtModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        path = str(Path(directory) / "model.onnx")
+        if taps:
+            model = onnx.load(path)
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in taps)
+            path = model.SerializeToString()
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.tapped: dict[str, np.ndarray] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -36,6 +44,7 @@ class OrtModel:
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outs))
         self.past = {n.replace("present.", "past."): v for n, v in result.items() if n.startswith("present.")}
+        self.tapped = {n: v for n, v in result.items() if n != "logits" and not n.startswith("present.")}
         return result["logits"][0]
 
 
