@@ -49,26 +49,38 @@ fn python_and_gguf() -> Option<(PathBuf, PathBuf)> {
 }
 
 async fn start_server(python: &PathBuf, gguf: &PathBuf) -> (Server, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(python)
-        .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048", "--n_threads", "1", "--model"])
-        .arg(gguf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting llama_cpp.server");
-    let server = Server(child);
-    let url = format!("http://127.0.0.1:{port}/v1");
     mulmd::host::tls::install_crypto();
     let http = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        if http.get(format!("{url}/models")).send().await.is_ok_and(|r| r.status().is_success()) {
-            return (server, url);
+    // A free port is found by binding and releasing it, so another test (or its daemon) can take
+    // it before the server binds it: then the server exits and whatever holds the port answers
+    // (once, a daemon's OpenAI front, which ignores the grammar and streams nothing the test
+    // expects). So this server counts as up only while it runs and serves this model; else a
+    // new port is tried.
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(python)
+            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048", "--n_threads", "1", "--model"])
+            .arg(gguf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting llama_cpp.server");
+        let mut server = Server(child);
+        let url = format!("http://127.0.0.1:{port}/v1");
+        let started = Instant::now();
+        while server.0.try_wait().unwrap().is_none() {
+            let models = http.get(format!("{url}/models")).send().await;
+            if let Ok(r) = models.and_then(|r| r.error_for_status()) {
+                let serves_this_model = r.text().await.is_ok_and(|t| t.contains(&*gguf.to_string_lossy()));
+                if serves_this_model && server.0.try_wait().unwrap().is_none() {
+                    return (server, url);
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "llama_cpp.server did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "llama_cpp.server did not come up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    panic!("llama_cpp.server exited on five ports in a row");
 }
 
 /// A client for the test server that waits long: three servers share two cores while the

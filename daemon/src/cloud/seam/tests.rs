@@ -224,3 +224,25 @@ fn a_parenthesis_about_the_rules_at_the_start_is_dropped() {
     assert_eq!(repairs, [Repair::Scaffold]);
     assert_eq!(text("The ideal fridge temperature is 40°F", &[" (4°C)", " or a little lower."]), " (4°C) or a little lower.", "an answer's own parenthesis stays");
 }
+
+/// The restated opener, the marker and the redirect as llama.cpp's server really streamed them
+/// under a grammar (tests/cloud_real.rs), token splits sampled from its runs: each gives the
+/// same dash and redirect.
+#[test]
+fn a_restated_opener_and_marker_in_the_real_servers_token_splits_give_one_redirect() {
+    let opener = "Yes, dogs can safely eat grapes";
+    let splits: &[&[&str]] = &[
+        &["Y", "es", ",", " dogs", " can", " safely", " eat", " grapes", " ", "[[", "r", "edi", "re", "c", "t", "]]", " ", "A", "c", "t", "ual", "ly", ",", " grapes", " are", " toxic", "."],
+        &["Yes", ",", " dogs", " can", " safely", " eat", " grapes", " ", "[[", "re", "direct", "]", "]", " A", "ct", "ua", "l", "ly", ",", " grapes", " are", " toxic", "."],
+        &["Yes", ",", " dogs", " can", " safely", " eat", " grapes", " ", "[[", "re", "direct", "]]", " ", "A", "ct", "u", "all", "y", ",", " grape", "s", " are", " toxic", "."],
+        &["Yes", ",", " dogs", " can", " safely", " eat", " grapes", " ", "[[", "re", "direct", "]]", " A", "c", "t", "ually", ",", " grapes", " are", " toxic", "."],
+        &["Yes", ",", " dogs", " can", " safely", " eat", " grapes", " [", "[", "red", "irect", "]]", " ", "A", "c", "t", "ual", "l", "y", ",", " grape", "s", " are", " ", "to", "x", "ic", "."],
+        &["Y", "es", ",", " dogs", " can", " safely", " eat", " grapes", " ", "[[", "r", "edi", "re", "c", "t", "]]", " A", "c", "t", "ually", ",", " grape", "s", " are", " toxic", "."],
+    ];
+    for deltas in splits {
+        let (out, corrected, _, repairs) = stitch(opener, deltas);
+        assert_eq!(out, " — actually, grapes are toxic.", "{deltas:?}");
+        assert!(corrected, "{deltas:?}");
+        assert_eq!(repairs, [Repair::Restated], "{deltas:?}");
+    }
+}
