@@ -167,13 +167,13 @@ fn probe_profile_times_every_pass_by_op() {
 
 /// `MULMD_KERNELS` forces a lower kernel level (how an AVX2 machine's path is measured on an
 /// AVX-512 one): every level this CPU offers writes the tokens the best one writes, through
-/// the float32, 8-bit and 4-bit kernels, the probe reports the level, and a level this machine
+/// the float32, 8-bit and 4-bit kernels (Q4_1 blocks too), the probe reports the level, and a level this machine
 /// cannot run stops the load naming the choices. (The tiny fixtures' top logits are 0.3 of
 /// their scale apart, so a kernel's rounding cannot flip a token; a wrong kernel would.)
 #[test]
 fn every_kernel_level_this_cpu_offers_writes_the_same_tokens() {
     let levels: &[&str] = if cfg!(target_arch = "x86_64") { &["portable", "avx2", "avx-vnni", "avx512"] } else { &["portable", "neon", "dotprod"] };
-    for name in ["tiny", "tiny-q8", "tiny-q4"] {
+    for name in ["tiny", "tiny-q8", "tiny-q4", "tiny-q4_1"] {
         let Some(dir) = common::fixture(name) else { return };
         let run = |level: &str| {
             mulmd().args(["probe", "--tokens", "8", "--runs", "1", "--model"]).arg(&dir).env("MULMD_KERNELS", level).output().unwrap()

@@ -90,6 +90,13 @@ fn tiny_q8_matches_onnxruntime() {
     check("tiny-q8", Start::Cold);
 }
 
+/// Q4_1 blocks kept as SmolLM2's GGUF holds them: the codes' part on the integer kernels, the
+/// blocks' offsets against the activation's block sums.
+#[test]
+fn tiny_q4_1_matches_onnxruntime() {
+    check("tiny-q4_1", Start::Cold);
+}
+
 #[test]
 fn smollm2_matches_onnxruntime() {
     check("smollm2", Start::Cold);
@@ -118,6 +125,11 @@ fn smollm2_from_the_prefilled_head_matches_onnxruntime() {
 #[test]
 fn tiny_q4_from_an_earlier_prompts_cache_matches_onnxruntime() {
     check("tiny-q4", Start::CachedPrompt);
+}
+
+#[test]
+fn tiny_q4_1_from_an_earlier_prompts_cache_matches_onnxruntime() {
+    check("tiny-q4_1", Start::CachedPrompt);
 }
 
 #[test]

@@ -16,10 +16,12 @@
 //! Each becomes a node of its own type whose builder wires what tract-onnx would have wired for
 //! 4 bits: a cast to f32, the block-quant constant, the `…k,gnk->…n` product and a cast back.
 //! The graph tract then optimizes, and the products [`crate::engine::ops::quantized`] replaces,
-//! are the same. Other MatMulNBits nodes are left to tract-onnx.
+//! are the same. Other MatMulNBits nodes are left to tract-onnx. A weight kept in GGML's Q4_1
+//! comes with four more nodes computing its block offsets' term ([`Tail`]); they are folded
+//! into one `BlockOffsets` op after the product, which the rewrite leaves in place.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{ensure, Context};
@@ -32,19 +34,23 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_hir::internal::*;
 use tract_linalg::block_quant::{BlockQuant, BlockQuantFact, BlockQuantStorage, Q4_0, Q8_1};
 
+use crate::engine::ops::quantized::BlockOffsets;
+
 /// The op type a converted node gets; not an ONNX operator, so no file can already use it.
 const OP_TYPE: &str = "mulmd.MatMulBlockQuant";
 
 /// The weights a block holds.
 const BLOCK: usize = 32;
 
-/// A converted weight: `[N, K]`, as a Q4_0 or Q8_1 block-quant tensor of shape `[1, N, K]`.
+/// A converted weight: `[N, K]`, as a Q4_0 or Q8_1 block-quant tensor of shape `[1, N, K]`,
+/// with the block offsets of a weight kept in GGML's Q4_1 (see [`Tail`]).
 #[derive(Clone)]
 struct BlockWeight {
     n: usize,
     k: usize,
     bits: usize,
     blocks: Arc<Tensor>,
+    offsets: Option<BlockOffsets>,
 }
 
 impl BlockWeight {
@@ -55,7 +61,7 @@ impl BlockWeight {
 
 impl std::fmt::Debug for BlockWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockWeight {{ n: {}, k: {}, bits: {} }}", self.n, self.k, self.bits)
+        write!(f, "BlockWeight {{ n: {}, k: {}, bits: {}, offsets: {} }}", self.n, self.k, self.bits, self.offsets.is_some())
     }
 }
 
@@ -92,7 +98,10 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
     for node in &graph.node {
         *names.entry(node_key(node)).or_insert(0) += 1;
     }
+    let producers: HashMap<String, usize> =
+        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
     let mut converted = 0;
+    let mut folded = HashSet::new();
     for index in 0..graph.node.len() {
         // The builder finds a node's weight by its name, so a name used twice stays tract's.
         if names.get(&node_key(&graph.node[index])) != Some(&1) {
@@ -103,7 +112,13 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
             refuse_8_bits(&graph.node[index])?;
             continue;
         };
-        let weight = plan.take_and_convert(graph)?;
+        let tail = Tail::for_node(graph, index, &readers, &producers, (plan.n, plan.k));
+        let mut weight = plan.take_and_convert(graph)?;
+        if let Some(tail) = tail {
+            weight.offsets = Some(tail.take_offsets(graph, weight.n, weight.k)?);
+            graph.node[index].output[0] = graph.node[tail.nodes[3]].output[0].clone();
+            folded.extend(tail.nodes);
+        }
         let node = &mut graph.node[index];
         node.input.truncate(1);
         node.op_type = OP_TYPE.into();
@@ -112,6 +127,12 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
         CONVERTED.with(|c| c.borrow_mut().insert(node_key(node), weight));
         converted += 1;
     }
+    // The folded tails' nodes go last, so every index above kept pointing at its node.
+    let mut index = 0;
+    graph.node.retain(|_| {
+        index += 1;
+        !folded.contains(&(index - 1))
+    });
     Ok((converted, guard))
 }
 
@@ -143,6 +164,79 @@ fn reader_counts(graph: &GraphProto) -> HashMap<String, usize> {
         *counts.entry(name.clone()).or_insert(0) += 1;
     }
     counts
+}
+
+/// The four nodes mulm-export writes after a MatMulNBits whose weight keeps GGML's Q4_1
+/// blocks (see `ops::quantized::BlockOffsets`): `Reshape(x, [.., -1, 32])`, `ReduceSum(…, -1)`
+/// without the reduced axis, `MatMul(…, C)` with `C` the offsets `[K/32, N]`, and the `Add` of
+/// that to the product. Folded into the converted node, which then writes the `Add`'s output.
+struct Tail {
+    /// Reshape, ReduceSum, MatMul, Add.
+    nodes: [usize; 4],
+    /// The name of the offsets' initializer.
+    offsets: String,
+}
+
+impl Tail {
+    /// `Some` when MatMulNBits node `index` (of `[N, K]` weights) is followed by exactly that
+    /// shape, each intermediate value read once and the offsets an initializer only the
+    /// MatMul reads.
+    fn for_node(graph: &GraphProto, index: usize, readers: &HashMap<String, usize>, producers: &HashMap<String, usize>, (n, k): (usize, usize)) -> Option<Self> {
+        let node = &graph.node[index];
+        let once = |value: &str| readers.get(value) == Some(&1);
+        let product = node.output.first().filter(|o| once(o))?;
+        let add = graph.node.iter().position(|a| a.op_type == "Add" && a.input.contains(product))?;
+        let add_node = &graph.node[add];
+        if add_node.input.len() != 2 || add_node.output.len() != 1 {
+            return None;
+        }
+        let term = add_node.input.iter().find(|i| *i != product).filter(|t| once(t))?;
+        let matmul = *producers.get(term)?;
+        let matmul_node = &graph.node[matmul];
+        let [sums, offsets] = matmul_node.input.as_slice() else { return None };
+        if matmul_node.op_type != "MatMul" || !once(sums) || !once(offsets) {
+            return None;
+        }
+        let c = graph.initializer.iter().find(|t| &t.name == offsets)?;
+        let blocks = k / BLOCK;
+        if c.data_type != DataType::Float as i32 || c.dims != [blocks as i64, n as i64] || c.raw_data.len() != blocks * n * 4 {
+            return None;
+        }
+        let reduce = *producers.get(sums)?;
+        let reduce_node = &graph.node[reduce];
+        let keepdims = reduce_node.attribute.iter().find(|a| a.name == "keepdims").map_or(1, |a| a.i);
+        let [blocked, axes] = reduce_node.input.as_slice() else { return None };
+        if reduce_node.op_type != "ReduceSum" || keepdims != 0 || ints(graph, axes)? != [-1] || !once(blocked) {
+            return None;
+        }
+        let reshape = *producers.get(blocked)?;
+        let reshape_node = &graph.node[reshape];
+        let [x, shape] = reshape_node.input.as_slice() else { return None };
+        // Every axis kept (0) but the last, cut into blocks of 32.
+        let shape = ints(graph, shape)?;
+        let cut = matches!(shape.as_slice(), [lead @ .., count, 32] if lead.iter().all(|&d| d == 0) && (*count == -1 || *count == blocks as i64));
+        if reshape_node.op_type != "Reshape" || x != &node.input[0] || !cut {
+            return None;
+        }
+        Some(Tail { nodes: [reshape, reduce, matmul, add], offsets: offsets.clone() })
+    }
+
+    /// Removes the offsets' initializer (`[K/32, N]`) from the graph, as the op that adds them.
+    fn take_offsets(&self, graph: &mut GraphProto, n: usize, k: usize) -> TractResult<BlockOffsets> {
+        let at = graph.initializer.iter().position(|t| t.name == self.offsets).context("the offsets' initializer")?;
+        let c = graph.initializer.swap_remove(at);
+        let offsets: Vec<f32> = c.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        BlockOffsets::new(&offsets, n, k).map_err(|e| anyhow::anyhow!(e))
+    }
+}
+
+/// The values of an int64 initializer, if `name` is one.
+fn ints(graph: &GraphProto, name: &str) -> Option<Vec<i64>> {
+    let t = graph.initializer.iter().find(|t| t.name == name && t.data_type == DataType::Int64 as i32)?;
+    if !t.int64_data.is_empty() {
+        return Some(t.int64_data.clone());
+    }
+    Some(t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
 }
 
 /// A node found convertible: its shape, code width and the initializers holding its codes
@@ -215,7 +309,7 @@ impl Plan {
             Q4_0.pack_prequantized_nibbles(&codes.raw_data, &scales, self.n, self.k)
                 .with_context(|| format!("packing {} as Q4_0", codes.name))?
         };
-        let weight = BlockWeight { n: self.n, k: self.k, bits: self.bits, blocks: Arc::new(Tensor::default()) };
+        let weight = BlockWeight { n: self.n, k: self.k, bits: self.bits, blocks: Arc::new(Tensor::default()), offsets: None };
         let storage = BlockQuantStorage::new(weight.format(), self.n, self.k, Arc::new(packed))?;
         let blocks = Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, self.n, self.k]));
         Ok(BlockWeight { blocks, ..weight })
@@ -288,7 +382,10 @@ impl Expansion for MatMulBlockQuant {
         let w = model.wire_node(format!("{prefix}.weight_bq"), konst, &[])?[0];
         let lead: String = "abcdefgh".chars().take(fact.rank() - 1).collect();
         let axes = AxesMapping::from_strs(&[format!("{lead}k"), "gnk".to_string()], &[format!("{lead}n")])?;
-        let y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
+        let mut y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
+        if let Some(offsets) = &self.weight.offsets {
+            y = model.wire_node(format!("{prefix}.offsets"), offsets.clone(), &[a, y])?[0];
+        }
         model.wire_node(format!("{prefix}.cast_y"), cast(fact.datum_type), &[y])
     }
 }

@@ -272,12 +272,14 @@ mod tests {
     }
 
     /// `y = x · Wᵀ` as a `bits`-bit MatMulNBits of N = 8, K = 64 (blocks of 32), with zero
-    /// points when `zero_points` (which mulmd leaves to tract-onnx at 4 bits). Returns the file
-    /// and the float weight `[N, K]` the codes stand for.
-    fn write_nbits_model(dir: &Path, bits: usize, zero_points: bool) -> (PathBuf, Vec<f32>) {
+    /// points when `zero_points` (which mulmd leaves to tract-onnx at 4 bits), and with the
+    /// block offsets' nodes mulm-export writes for a weight kept in Q4_1 when `offsets`.
+    /// Returns the file and the float weight `[N, K]` the codes stand for.
+    fn write_nbits_model(dir: &Path, bits: usize, zero_points: bool, offsets: bool) -> (PathBuf, Vec<f32>) {
         let (n, k) = (8usize, 64usize);
         let codes: Vec<u8> = (0..n * k * bits / 8).map(|i| (i * 37 % 256) as u8).collect();
         let scales: Vec<f32> = (0..n * k / 32).map(|i| 0.01 + i as f32 * 0.003).collect();
+        let offset = |row: usize, block: usize| 0.05 * (row as f32 - 3.5) + 0.02 * block as f32;
         let dense: Vec<f32> = (0..n * k)
             .map(|i| {
                 let (row, col) = (i / k, i % k);
@@ -288,7 +290,7 @@ mod tests {
                     let byte = codes[(row * k + block * 32) / 2 + at / 2];
                     (if at % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i32 - 8
                 };
-                code as f32 * scales[row * (k / 32) + block]
+                code as f32 * scales[row * (k / 32) + block] + if offsets { offset(row, block) } else { 0.0 }
             })
             .collect();
         let init = |name: &str, dims: Vec<i64>, ty: tensor_proto::DataType, raw: Vec<u8>| TensorProto {
@@ -313,17 +315,40 @@ mod tests {
             i,
             ..Default::default()
         };
+        let product = if offsets { "product_y" } else { "y" };
         let node = NodeProto {
             op_type: "MatMulNBits".into(),
             domain: "com.microsoft".into(),
             name: "product".into(),
             input,
-            output: vec!["y".into()],
+            output: vec![product.into()],
             attribute: vec![int("K", k as i64), int("N", n as i64), int("bits", bits as i64), int("block_size", 32)],
             ..Default::default()
         };
+        let mut nodes = vec![node];
+        if offsets {
+            let ints = |name: &str, values: &[i64]| {
+                init(name, vec![values.len() as i64], tensor_proto::DataType::Int64, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            };
+            initializer.push(ints("shape", &[0, 0, -1, 32]));
+            initializer.push(ints("axes", &[-1]));
+            // [K/32, N], as the MatMul reads it.
+            let c: Vec<u8> = (0..k / 32).flat_map(|b| (0..n).map(move |j| offset(j, b))).flat_map(|v| v.to_le_bytes()).collect();
+            initializer.push(init("offsets", vec![(k / 32) as i64, n as i64], tensor_proto::DataType::Float, c));
+            let op = |op_type: &str, input: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+                op_type: op_type.into(),
+                input: input.iter().map(|i| i.to_string()).collect(),
+                output: vec![output.into()],
+                attribute,
+                ..Default::default()
+            };
+            nodes.push(op("Reshape", &["x", "shape"], "blocks", vec![]));
+            nodes.push(op("ReduceSum", &["blocks", "axes"], "sums", vec![int("keepdims", 0)]));
+            nodes.push(op("MatMul", &["sums", "offsets"], "term", vec![]));
+            nodes.push(op("Add", &[product, "term"], "y", vec![]));
+        }
         let graph = GraphProto {
-            node: vec![node],
+            node: nodes,
             initializer,
             input: vec![value_info("x", &[1, 3, k as i64])],
             output: vec![value_info("y", &[1, 3, n as i64])],
@@ -347,7 +372,7 @@ mod tests {
         let x = nbits_input();
         for zero_points in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let (path, _) = write_nbits_model(dir.path(), 4, zero_points);
+            let (path, _) = write_nbits_model(dir.path(), 4, zero_points, false);
             let ours = read_onnx(&path).unwrap();
             assert_eq!(converted(&ours), !zero_points, "only a weight Q4_0 holds exactly is converted");
             let ours = run(ours, x.clone());
@@ -365,7 +390,7 @@ mod tests {
     fn an_8_bit_product_converted_while_reading_computes_the_weight_it_stands_for() {
         let x = nbits_input();
         let dir = tempfile::tempdir().unwrap();
-        let (path, dense) = write_nbits_model(dir.path(), 8, false);
+        let (path, dense) = write_nbits_model(dir.path(), 8, false, false);
         let ours = read_onnx(&path).unwrap();
         assert!(converted(&ours));
         let mut typed = ours.into_typed().unwrap().into_decluttered().unwrap();
@@ -388,12 +413,49 @@ mod tests {
         }
     }
 
+    /// A 4-bit weight kept in GGML's Q4_1: the block offsets' four nodes fold into one op after
+    /// the converted product, and the product with its offsets is the float weight's (codes'
+    /// part on the integer kernels, within their activation rounding) — the same as tract
+    /// computes from the file unconverted.
+    #[test]
+    fn a_q4_1_weights_block_offsets_fold_into_the_converted_product() {
+        let x = nbits_input();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, dense) = write_nbits_model(dir.path(), 4, false, true);
+        let ours = read_onnx(&path).unwrap();
+        assert!(converted(&ours));
+        let names: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        assert!(!names.iter().any(|n| n.contains("Reduce") || n == "Reshape"), "the tail should be folded: {names:?}");
+        let mut typed = ours.into_typed().unwrap().into_decluttered().unwrap();
+        assert!(typed.nodes().iter().any(|n| n.op.name() == "BlockOffsets"));
+        assert_eq!(crate::engine::ops::quantized::use_quantized_products(&mut typed).unwrap(), 1);
+        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
+        let got = plan.run(tvec!(x.clone().into())).unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let tracts = run(tract_onnx::onnx().model_for_path(&path).unwrap(), x.clone());
+        let x = x.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        assert_eq!(got.len(), 24);
+        for (i, (g, t)) in got.iter().zip(&tracts).enumerate() {
+            let (r, j) = (i / 8, i % 8);
+            let want: f32 = (0..64).map(|c| x[r * 64 + c] * dense[j * 64 + c]).sum();
+            // The codes' part (weight minus offset) meets the activation's int8 rounding.
+            let bound: f32 = (0..64)
+                .map(|c| {
+                    let block_max = x[r * 64 + c / 32 * 32..][..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let offset = 0.05 * (j as f32 - 3.5) + 0.02 * (c / 32) as f32;
+                    (dense[j * 64 + c] - offset).abs() * block_max / 127.0 * 0.5
+                })
+                .sum();
+            assert!((g - want).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, the weight gives {want} (bound {bound})");
+            assert!((g - t).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, tract's own graph gives {t}");
+        }
+    }
+
     /// An 8-bit product mulmd cannot take (here, with zero points) stops the load with what
     /// mulmd does take and how to get it, not tract-onnx's "only 2 and 4 bits".
     #[test]
     fn an_8_bit_product_mulmd_cannot_run_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _) = write_nbits_model(dir.path(), 8, true);
+        let (path, _) = write_nbits_model(dir.path(), 8, true, false);
         let err = format!("{:#}", read_onnx(&path).unwrap_err());
         assert!(err.contains("product") && err.contains("blocks of 32") && err.contains("--precision q8"), "{err}");
     }

@@ -8,7 +8,8 @@
 //! activation is cut into the same blocks of 32 and quantized symmetrically: `sa = max|x| /
 //! 127`, `q = round_half_even(x · (1 / sa))` (0 when the block is all zeros). Then
 //! `y = Σ_blocks sw · sa · Σ_i (code_i − offset) · q_i`, the inner sum exact in integers. Only
-//! the order of the float additions over blocks is the kernel's. (mulm-export writes blocks of
+//! the order of the float additions over blocks is the kernel's. (GGML's Q4_1 blocks, which
+//! have a minimum too, add a second term: see [`BlockOffsets`]. mulm-export writes blocks of
 //! 32. A 4-bit file with wider blocks, which tract-onnx splits into blocks of 32, still gets
 //! activation blocks of 32 here, where onnxruntime would use its block size: close, not
 //! identical.)
@@ -27,11 +28,13 @@
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+mod offsets;
 mod op;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use offsets::BlockOffsets;
 pub use op::use_quantized_products;
 
 use std::cell::RefCell;
