@@ -17,8 +17,9 @@
 //! 4 bits: a cast to f32, the block-quant constant, the `…k,gnk->…n` product and a cast back.
 //! The graph tract then optimizes, and the products [`crate::engine::ops::quantized`] replaces,
 //! are the same. Other MatMulNBits nodes are left to tract-onnx. A weight kept in GGML's Q4_1
-//! comes with four more nodes computing its block offsets' term ([`Tail`]); they are folded
-//! into one `BlockOffsets` op after the product, which the rewrite leaves in place.
+//! comes with four more nodes computing its block offsets' term ([`Tail`]): they are taken
+//! out, and the offsets attached to the weight's constant for the product rewrite
+//! (`ops::quantized::BlockOffsets`).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -34,7 +35,7 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_hir::internal::*;
 use tract_linalg::block_quant::{BlockQuant, BlockQuantFact, BlockQuantStorage, Q4_0, Q8_1};
 
-use crate::engine::ops::quantized::BlockOffsets;
+use crate::engine::ops::quantized::{attach_offsets, forget_offsets, BlockOffsets};
 
 /// The op type a converted node gets; not an ONNX operator, so no file can already use it.
 const OP_TYPE: &str = "mulmd.MatMulBlockQuant";
@@ -42,15 +43,13 @@ const OP_TYPE: &str = "mulmd.MatMulBlockQuant";
 /// The weights a block holds.
 const BLOCK: usize = 32;
 
-/// A converted weight: `[N, K]`, as a Q4_0 or Q8_1 block-quant tensor of shape `[1, N, K]`,
-/// with the block offsets of a weight kept in GGML's Q4_1 (see [`Tail`]).
+/// A converted weight: `[N, K]`, as a Q4_0 or Q8_1 block-quant tensor of shape `[1, N, K]`.
 #[derive(Clone)]
 struct BlockWeight {
     n: usize,
     k: usize,
     bits: usize,
     blocks: Arc<Tensor>,
-    offsets: Option<BlockOffsets>,
 }
 
 impl BlockWeight {
@@ -61,7 +60,7 @@ impl BlockWeight {
 
 impl std::fmt::Debug for BlockWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockWeight {{ n: {}, k: {}, bits: {}, offsets: {} }}", self.n, self.k, self.bits, self.offsets.is_some())
+        write!(f, "BlockWeight {{ n: {}, k: {}, bits: {} }}", self.n, self.k, self.bits)
     }
 }
 
@@ -92,6 +91,8 @@ pub(super) fn register(ops: &mut OnnxOpRegister) {
 /// parsing has finished.
 pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)> {
     let guard = Converted(());
+    // Offsets an earlier load attached and never used must not meet this one's weights.
+    forget_offsets();
     let Some(graph) = proto.graph.as_mut() else { return Ok((0, guard)) };
     let readers = reader_counts(graph);
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -113,9 +114,11 @@ pub(super) fn convert(proto: &mut ModelProto) -> TractResult<(usize, Converted)>
             continue;
         };
         let tail = Tail::for_node(graph, index, &readers, &producers, (plan.n, plan.k));
-        let mut weight = plan.take_and_convert(graph)?;
+        let weight = plan.take_and_convert(graph)?;
         if let Some(tail) = tail {
-            weight.offsets = Some(tail.take_offsets(graph, weight.n, weight.k)?);
+            let offsets = tail.take_offsets(graph, weight.n, weight.k)?;
+            let storage = weight.blocks.storage_as::<BlockQuantStorage>().context("a block-quant weight")?;
+            attach_offsets(storage.value(), offsets);
             graph.node[index].output[0] = graph.node[tail.nodes[3]].output[0].clone();
             folded.extend(tail.nodes);
         }
@@ -169,7 +172,8 @@ fn reader_counts(graph: &GraphProto) -> HashMap<String, usize> {
 /// The four nodes mulm-export writes after a MatMulNBits whose weight keeps GGML's Q4_1
 /// blocks (see `ops::quantized::BlockOffsets`): `Reshape(x, [.., -1, 32])`, `ReduceSum(…, -1)`
 /// without the reduced axis, `MatMul(…, C)` with `C` the offsets `[K/32, N]`, and the `Add` of
-/// that to the product. Folded into the converted node, which then writes the `Add`'s output.
+/// that to the product. Taken out: the converted node writes the `Add`'s output, and its
+/// weight carries the offsets.
 struct Tail {
     /// Reshape, ReduceSum, MatMul, Add.
     nodes: [usize; 4],
@@ -221,7 +225,7 @@ impl Tail {
         Some(Tail { nodes: [reshape, reduce, matmul, add], offsets: offsets.clone() })
     }
 
-    /// Removes the offsets' initializer (`[K/32, N]`) from the graph, as the op that adds them.
+    /// Removes the offsets' initializer (`[K/32, N]`) from the graph, as what adds their term.
     fn take_offsets(&self, graph: &mut GraphProto, n: usize, k: usize) -> TractResult<BlockOffsets> {
         let at = graph.initializer.iter().position(|t| t.name == self.offsets).context("the offsets' initializer")?;
         let c = graph.initializer.swap_remove(at);
@@ -309,7 +313,7 @@ impl Plan {
             Q4_0.pack_prequantized_nibbles(&codes.raw_data, &scales, self.n, self.k)
                 .with_context(|| format!("packing {} as Q4_0", codes.name))?
         };
-        let weight = BlockWeight { n: self.n, k: self.k, bits: self.bits, blocks: Arc::new(Tensor::default()), offsets: None };
+        let weight = BlockWeight { n: self.n, k: self.k, bits: self.bits, blocks: Arc::new(Tensor::default()) };
         let storage = BlockQuantStorage::new(weight.format(), self.n, self.k, Arc::new(packed))?;
         let blocks = Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, self.n, self.k]));
         Ok(BlockWeight { blocks, ..weight })
@@ -382,10 +386,7 @@ impl Expansion for MatMulBlockQuant {
         let w = model.wire_node(format!("{prefix}.weight_bq"), konst, &[])?[0];
         let lead: String = "abcdefgh".chars().take(fact.rank() - 1).collect();
         let axes = AxesMapping::from_strs(&[format!("{lead}k"), "gnk".to_string()], &[format!("{lead}n")])?;
-        let mut y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
-        if let Some(offsets) = &self.weight.offsets {
-            y = model.wire_node(format!("{prefix}.offsets"), offsets.clone(), &[a, y])?[0];
-        }
+        let y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
         model.wire_node(format!("{prefix}.cast_y"), cast(fact.datum_type), &[y])
     }
 }

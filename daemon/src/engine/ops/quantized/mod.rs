@@ -34,7 +34,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use offsets::BlockOffsets;
+pub use offsets::{attach as attach_offsets, forget_all as forget_offsets, BlockOffsets};
 pub use op::use_quantized_products;
 
 use std::cell::RefCell;
@@ -100,6 +100,8 @@ pub struct Weights {
     codes: CacheAligned,
     /// One scale per block, ordered like the codes.
     scales: Vec<f32>,
+    /// Q4_1 blocks' offsets, added after the integer product (see [`BlockOffsets`]).
+    offsets: Option<BlockOffsets>,
 }
 
 /// How a weight's blocks are ordered in memory.
@@ -168,7 +170,8 @@ pub struct QuantizedRows {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} × {}", self.bits.format(), self.n, self.k)
+        let format = if self.offsets.is_some() { "Q4_1" } else { self.bits.format() };
+        write!(f, "{format} {} × {}", self.n, self.k)
     }
 }
 
@@ -239,7 +242,15 @@ impl Weights {
                 }
             }
         }
-        Ok(Self { n, k, bits, layout, codes, scales })
+        Ok(Self { n, k, bits, layout, codes, scales, offsets: None })
+    }
+
+    /// These weights with Q4_1 block offsets: [`Weights::matmul`] adds their term.
+    pub fn with_offsets(self, offsets: BlockOffsets) -> Result<Self, String> {
+        if (offsets.n(), offsets.k()) != (self.n, self.k) {
+            return Err(format!("block offsets of a {} × {} weight do not fit a {} × {} one", offsets.n(), offsets.k(), self.n, self.k));
+        }
+        Ok(Self { offsets: Some(offsets), ..self })
     }
 
     /// `out[r, j] = Σ_k W[j, k] · a[r, k]` under the module contract, for `a` of `m` rows of `k`
@@ -257,11 +268,15 @@ impl Weights {
             }
             // Only if a kernel ever re-entered: correct, merely allocating.
             Err(_) => self.matmul_quantized(&QuantizedRows::new(a, m, self.k), out),
-        })
+        });
+        if let Some(offsets) = &self.offsets {
+            offsets.add_to(a, m, out);
+        }
     }
 
-    /// [`Weights::matmul`] on an activation already quantized. Large products are split by
-    /// output rows over `--threads` threads (see [`split_columns`]).
+    /// The codes' part of [`Weights::matmul`] (all of it but Q4_1 offsets' term) on an
+    /// activation already quantized. Large products are split by output rows over
+    /// `--threads` threads (see [`split_columns`]).
     pub fn matmul_quantized(&self, a: &QuantizedRows, out: &mut [f32]) {
         assert_eq!(a.k, self.k, "activation width must match the weight's inputs");
         assert_eq!(out.len(), a.m * self.n, "output must hold m × n values");

@@ -6,24 +6,28 @@
 //! offset `c = m + 8·d` times the sum of the activation's block:
 //! `y[r, j] = product[r, j] + Σ_b c[j, b] · Σ_{i in block b} x[r, i]`, the sums over the
 //! activation as it is (float32, not quantized), as onnxruntime runs the same graph. The
-//! loader (`load::matmul_nbits`) folds the graph's four nodes for that sum into this one op.
+//! loader (`load::matmul_nbits`) takes the graph's four nodes for that term out and
+//! [`attach`]es the offsets to the product's weight; the product rewrite gives them to the
+//! [`super::Weights`] it builds, which add the term after their integer product.
 //!
-//! Why not in the kernels: the term costs one float multiply-add per block of 32 weights,
-//! a thirty-second of the product, and leaving it out of the integer kernels keeps every
-//! kernel path the same for Q4_0, Q4_1 and Q8_0.
+//! Why not an op of its own: one between the product and what reads it kept tract from
+//! folding the head split of q, k and v into the product, and SmolLM2's decode step then ran
+//! 30 attention products on tract's kernels and 90 more reshapes. Why not in the kernels:
+//! the term costs one float multiply-add per block of 32 weights, a thirty-second of the
+//! product, and leaving it out keeps every kernel path the same for Q4_0, Q4_1 and Q8_0.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::internal::Blob;
 
 use super::BLOCK;
 use crate::engine::ops::f32_products::PanelWeights;
 use crate::engine::ops::product_rewrite::WeightAxes;
 
-/// `y + (block sums of x) · C` for block offsets `C` of `[k/32, n]` (`BlockOffsets` in
-/// profiles): inputs `x [.., k]` and `y [.., n]` with the same leading axes.
+/// `y + (block sums of x) · C` for block offsets `C` of `[k/32, n]`.
 #[derive(Debug, Clone)]
 pub struct BlockOffsets {
     n: usize,
@@ -48,6 +52,14 @@ impl BlockOffsets {
         Ok(Self { n, k, offsets: Arc::new(offsets) })
     }
 
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Adds the term to `y` (`m` rows of `n`) for `x` (`m` rows of `k`).
     pub fn add_to(&self, x: &[f32], m: usize, y: &mut [f32]) {
         assert!(x.len() == m * self.k && y.len() == m * self.n, "x must be m × k and y m × n");
@@ -66,75 +78,27 @@ impl BlockOffsets {
     }
 }
 
-impl PartialEq for BlockOffsets {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.offsets, &other.offsets)
-    }
-}
-impl Eq for BlockOffsets {}
-
-impl Op for BlockOffsets {
-    fn name(&self) -> StaticName {
-        "BlockOffsets".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{} × {} blocks", self.n, self.k / BLOCK)])
-    }
-
-    op_as_typed_op!();
+thread_local! {
+    /// Offsets waiting for their product, by the address of the weight's block bytes (shared,
+    /// not copied, by every clone of the constant), from the loader to the product rewrite,
+    /// which run on the loading thread.
+    static PENDING: RefCell<HashMap<usize, BlockOffsets>> = RefCell::new(HashMap::new());
 }
 
-impl EvalOp for BlockOffsets {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (x, y) = args_2!(inputs);
-        let (xs, ys) = (x.shape(), y.shape());
-        ensure!(
-            xs.last() == Some(&self.k) && ys.last() == Some(&self.n) && xs[..xs.len() - 1] == ys[..ys.len() - 1],
-            "BlockOffsets: inputs of shapes {xs:?} and {ys:?} do not fit a {} × {} weight",
-            self.n,
-            self.k
-        );
-        let rows = xs[..xs.len() - 1].iter().product();
-        let mut y = y.into_tensor();
-        let x_ram = x.try_as_plain_ram()?;
-        self.add_to(x_ram.as_slice::<f32>()?, rows, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-        Ok(tvec!(y.into_tvalue()))
-    }
+/// Attaches offsets to the block-quantized constant whose bytes are `blocks`.
+pub fn attach(blocks: &Arc<Blob>, offsets: BlockOffsets) {
+    PENDING.with(|p| p.borrow_mut().insert(Arc::as_ptr(blocks) as usize, offsets));
 }
 
-impl TypedOp for BlockOffsets {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "BlockOffsets reads float32");
-        ensure!(inputs[0].rank() == inputs[1].rank() && inputs[0].rank() >= 1, "BlockOffsets: x and y need the same leading axes");
-        Ok(tvec!(f32::fact(inputs[1].shape.clone())))
-    }
+/// The offsets attached to `blocks`, taken.
+pub fn take(blocks: &Arc<Blob>) -> Option<BlockOffsets> {
+    PENDING.with(|p| p.borrow_mut().remove(&(Arc::as_ptr(blocks) as usize)))
+}
 
-    /// The leading axes run through: x's last is its own (the inputs), y's and the output's
-    /// the same one (the outputs).
-    fn axes_mapping(&self, inputs: &[&TypedFact], _outputs: &[&TypedFact]) -> TractResult<AxesMapping> {
-        let lead: String = ('a'..='z').take(inputs[0].rank() - 1).collect();
-        AxesMapping::from_strs(&[format!("{lead}K"), format!("{lead}N")], &[format!("{lead}N")])
-    }
-
-    /// Any change of the leading axes applies to both inputs and the output alike, the op
-    /// unchanged. Without this, tract's decluttering could not move a unit axis through the op,
-    /// and the products around it kept shapes the engine's attention rewrite does not take:
-    /// SmolLM2's decode step ran 30 attention products on tract's kernels and 90 more reshapes.
-    fn change_axes(&self, model: &TypedModel, node: &TypedNode, _io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
-        let rank = model.outlet_fact(node.inputs[0])?.rank();
-        let leading = match change {
-            AxisOp::Add(at) => *at < rank,
-            AxisOp::Rm(at) => *at + 1 < rank,
-            AxisOp::Move(from, to) => *from + 1 < rank && *to + 1 < rank,
-            AxisOp::Reshape(at, from, _) => at + from.len() < rank,
-        };
-        Ok(leading.then(|| AxisChangeConsequence::new(model, node, None, change)))
-    }
-
-    as_op!();
+/// Drops every attachment: a load starts with none, and one left after the rewrite is an
+/// error (see `use_quantized_products`), not something a later load may find.
+pub fn forget_all() -> usize {
+    PENDING.with(|p| p.borrow_mut().drain().count())
 }
 
 #[cfg(test)]
@@ -160,6 +124,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Offsets whose product the rewrite did not take would be silently dropped by tract's
+    /// own product: the load fails instead, and nothing stays attached for a later load.
+    #[test]
+    fn offsets_left_without_their_product_stop_the_load() {
+        let blocks = Arc::new(Blob::from_bytes(&[0u8; 18]).unwrap());
+        attach(&blocks, BlockOffsets::new(&[0.5], 1, 32).unwrap());
+        let err = super::super::use_quantized_products(&mut TypedModel::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("Q4_1"), "{err:#}");
+        assert_eq!(forget_all(), 0);
     }
 
     #[test]

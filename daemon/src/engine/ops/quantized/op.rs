@@ -5,7 +5,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_data::dyn_eq::DynEq;
 use tract_linalg::block_quant::{BlockQuantStorage, Q4_0, Q8_1};
 
-use super::Weights;
+use super::{offsets, Weights};
 use crate::engine::ops::product_rewrite::{replace_products, WeightMatrix};
 
 impl WeightMatrix for Weights {
@@ -28,10 +28,10 @@ impl WeightMatrix for Weights {
 /// stored `[n, k]` — Q4_0 (what tract-onnx makes of a MatMulNBits with 4 bits and blocks of
 /// 32) or Q8_1 (what `load::matmul_nbits` makes of one with 8 bits) — by a
 /// [`WeightProduct`](crate::engine::ops::product_rewrite::WeightProduct) of these [`Weights`]
-/// (`QuantizedMatMul` in profiles). Returns how many it replaced; products of any other form
-/// are left to tract.
+/// (`QuantizedMatMul` in profiles), with the Q4_1 block offsets the loader attached to the
+/// constant. Returns how many it replaced; products of any other form are left to tract.
 pub fn use_quantized_products(model: &mut TypedModel) -> TractResult<usize> {
-    replace_products(model, "quantized", &|weight, axes| {
+    let replaced = replace_products(model, "quantized", &|weight, axes| {
         let Some(storage) = weight.storage_as::<BlockQuantStorage>() else { return Ok(None) };
         // Blocks run along the weight's last axes: its rows are outputs only if n comes first.
         if !axes.outputs_first() {
@@ -44,6 +44,15 @@ pub fn use_quantized_products(model: &mut TypedModel) -> TractResult<usize> {
         } else {
             return Ok(None);
         };
+        let weights = match offsets::take(storage.value()) {
+            Some(offsets) => weights.and_then(|w| w.with_offsets(offsets)),
+            None => weights,
+        };
         weights.map(Some).map_err(|e| anyhow::anyhow!(e))
-    })
+    });
+    // Offsets still attached belong to a product left to tract, which would compute it
+    // without them: a wrong answer, not a slow one.
+    let left = offsets::forget_all();
+    anyhow::ensure!(left == 0, "{left} product(s) of Q4_1 weights took a form mulmd's kernels do not run; export the model again");
+    replaced
 }
