@@ -403,14 +403,20 @@ mod tests {
         for (i, g) in got.iter().enumerate() {
             let (r, j) = (i / 8, i % 8);
             let want: f32 = (0..64).map(|c| x[r * 64 + c] * dense[j * 64 + c]).sum();
-            let bound: f32 = (0..64)
-                .map(|c| {
-                    let block_max = x[r * 64 + c / 32 * 32..][..32].iter().fold(0f32, |m, v| m.max(v.abs()));
-                    dense[j * 64 + c].abs() * block_max / 127.0 * 0.5
-                })
-                .sum();
+            let bound = int8_rounding_bound(&x[r * 64..][..64], |c| dense[j * 64 + c]);
             assert!((g - want).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, the weight gives {want} (bound {bound})");
         }
+    }
+
+    /// What the int8 rounding of activation row `x` (half a step of each block's scale) can
+    /// move its product with weights `w(input)` by.
+    fn int8_rounding_bound(x: &[f32], w: impl Fn(usize) -> f32) -> f32 {
+        (0..x.len())
+            .map(|c| {
+                let block_max = x[c / 32 * 32..][..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+                w(c).abs() * block_max / 127.0 * 0.5
+            })
+            .sum()
     }
 
     /// A 4-bit weight kept in GGML's Q4_1: the block offsets' four nodes are taken out and
@@ -439,13 +445,8 @@ mod tests {
             let (r, j) = (i / 8, i % 8);
             let want: f32 = (0..64).map(|c| x[r * 64 + c] * dense[j * 64 + c]).sum();
             // The codes' part (weight minus offset) meets the activation's int8 rounding.
-            let bound: f32 = (0..64)
-                .map(|c| {
-                    let block_max = x[r * 64 + c / 32 * 32..][..32].iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let offset = 0.05 * (j as f32 - 3.5) + 0.02 * (c / 32) as f32;
-                    (dense[j * 64 + c] - offset).abs() * block_max / 127.0 * 0.5
-                })
-                .sum();
+            let offset = |c: usize| 0.05 * (j as f32 - 3.5) + 0.02 * (c / 32) as f32;
+            let bound = int8_rounding_bound(&x[r * 64..][..64], |c| dense[j * 64 + c] - offset(c));
             assert!((g - want).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, the weight gives {want} (bound {bound})");
             assert!((g - t).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, tract's own graph gives {t}");
         }
