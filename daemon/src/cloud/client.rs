@@ -178,6 +178,9 @@ pub struct CloudClient {
     cfg: CloudConfig,
     last_used: Mutex<Option<Instant>>,
     layout: LayoutChoice,
+    /// Held while a warm-up's request is in flight: a continuation waits for it, so the two
+    /// never overlap (see [`CloudClient::warm`]).
+    warming: tokio::sync::Mutex<()>,
 }
 
 /// The HTTP client could not be built (a TLS set-up problem).
@@ -208,7 +211,7 @@ impl CloudClient {
             .user_agent(concat!("mulmd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| BuildError(e.to_string()))?;
-        Ok(Self { http, cfg, last_used: Mutex::new(None), layout: LayoutChoice::default() })
+        Ok(Self { http, cfg, last_used: Mutex::new(None), layout: LayoutChoice::default(), warming: tokio::sync::Mutex::new(()) })
     }
 
     /// The key, for cutting it out of whatever the provider sends back: providers sometimes
@@ -236,8 +239,11 @@ impl CloudClient {
 
     /// Opens (or refreshes) a pooled connection, TLS included, if none was used recently, and
     /// settles the prompt layout. Cheap to call at the start of every request, concurrently
-    /// with the opener.
+    /// with the opener. Its request never overlaps a continuation's: llama-cpp-python's server
+    /// (`interrupt_requests`, on by default) ends the stream it is sending when any other
+    /// request arrives, `/models` included, and the answer lost its whole continuation.
     pub async fn warm(&self) {
+        let _warming = self.warming.lock().await;
         self.layout().await;
         if !self.touch() {
             return;
@@ -273,6 +279,10 @@ impl CloudClient {
             None => Layout::Instruct,
         };
         let body = self.body(req, layout);
+        // A warm-up in flight finishes first; one that starts later finds the connection just
+        // used and sends nothing (see `warm`).
+        drop(self.warming.lock().await);
+        self.touch();
         let mut attempt = 0u32;
         loop {
             attempt += 1;
