@@ -178,9 +178,6 @@ pub struct CloudClient {
     cfg: CloudConfig,
     last_used: Mutex<Option<Instant>>,
     layout: LayoutChoice,
-    /// Held while a warm-up's request is in flight: a continuation waits for it, so the two
-    /// never overlap (see [`CloudClient::warm`]).
-    warming: tokio::sync::Mutex<()>,
 }
 
 /// The HTTP client could not be built (a TLS set-up problem).
@@ -211,7 +208,7 @@ impl CloudClient {
             .user_agent(concat!("mulmd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| BuildError(e.to_string()))?;
-        Ok(Self { http, cfg, last_used: Mutex::new(None), layout: LayoutChoice::default(), warming: tokio::sync::Mutex::new(()) })
+        Ok(Self { http, cfg, last_used: Mutex::new(None), layout: LayoutChoice::default() })
     }
 
     /// The key, for cutting it out of whatever the provider sends back: providers sometimes
@@ -242,9 +239,16 @@ impl CloudClient {
     /// with the opener. Its request never overlaps a continuation's: llama-cpp-python's server
     /// (`interrupt_requests`, on by default) ends the stream it is sending when any other
     /// request arrives, `/models` included, and the answer lost its whole continuation.
+    ///
+    /// So a warm-up's own request goes out only when the layout is already known, at once, while
+    /// the opener is still being written; the first request's layout probe is itself a request
+    /// on the pooled connection and warms it instead.
     pub async fn warm(&self) {
-        let _warming = self.warming.lock().await;
-        self.layout().await;
+        if !self.layout.known(&self.cfg) {
+            self.layout().await;
+            self.touch();
+            return;
+        }
         if !self.touch() {
             return;
         }
@@ -279,9 +283,7 @@ impl CloudClient {
             None => Layout::Instruct,
         };
         let body = self.body(req, layout);
-        // A warm-up in flight finishes first; one that starts later finds the connection just
-        // used and sends nothing (see `warm`).
-        drop(self.warming.lock().await);
+        // A warm-up that starts from now on finds the connection just used and sends nothing.
         self.touch();
         let mut attempt = 0u32;
         loop {

@@ -38,6 +38,12 @@ enum Verdict {
 }
 
 impl LayoutChoice {
+    /// Whether the layout is known without asking the endpoint: fixed by the config, or settled
+    /// by an earlier probe.
+    pub fn known(&self, cfg: &CloudConfig) -> bool {
+        !matches!(cfg.prompt, PromptLayout::Auto) || self.state.try_lock().is_ok_and(|s| s.settled.is_some())
+    }
+
     /// The layout for the next continuation. With `auto`, the first caller probes and the
     /// callers at the same time wait for its answer (bounded by the first-token timeout).
     pub async fn layout(&self, http: &reqwest::Client, cfg: &CloudConfig) -> Layout {
