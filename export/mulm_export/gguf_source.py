@@ -44,8 +44,9 @@ def _hf_name(gguf_name: str) -> str | None:
         return "model.norm.weight"
     if gguf_name == "output.weight":
         return "lm_head.weight"
-    if gguf_name.startswith("blk."):
-        _, layer, kind, _ = gguf_name.split(".")
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk":
+        _, layer, kind, _ = parts
         if kind in _LAYER_NAMES:
             return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"
     return None

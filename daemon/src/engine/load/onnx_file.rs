@@ -393,11 +393,7 @@ mod tests {
         let (path, dense) = write_nbits_model(dir.path(), 8, false, false);
         let ours = read_onnx(&path).unwrap();
         assert!(converted(&ours));
-        let mut typed = ours.into_typed().unwrap().into_decluttered().unwrap();
-        assert_eq!(crate::engine::ops::quantized::use_quantized_products(&mut typed).unwrap(), 1);
-        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
-        let y = plan.run(tvec!(x.clone().into())).unwrap();
-        let got = y[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let got = run_on_engine_kernels(ours, &x, |_| ());
         let x = x.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
         assert_eq!(got.len(), 24);
         for (i, g) in got.iter().enumerate() {
@@ -406,6 +402,16 @@ mod tests {
             let bound = int8_rounding_bound(&x[r * 64..][..64], |c| dense[j * 64 + c]);
             assert!((g - want).abs() <= bound + 1e-5, "y[{r}, {j}] = {g}, the weight gives {want} (bound {bound})");
         }
+    }
+
+    /// `model` with its one quantized product put on the engine's kernels (`check` sees the
+    /// rewritten graph), run on `x`.
+    fn run_on_engine_kernels(model: InferenceModel, x: &Tensor, check: impl Fn(&TypedModel)) -> Vec<f32> {
+        let mut typed = model.into_typed().unwrap().into_decluttered().unwrap();
+        assert_eq!(crate::engine::ops::quantized::use_quantized_products(&mut typed).unwrap(), 1);
+        check(&typed);
+        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(tvec!(x.clone().into())).unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
     }
 
     /// What the int8 rounding of activation row `x` (half a step of each block's scale) can
@@ -432,12 +438,10 @@ mod tests {
         assert!(converted(&ours));
         let names: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
         assert!(!names.iter().any(|n| n.contains("Reduce") || n == "Reshape" || n == "Add"), "the tail should be taken out: {names:?}");
-        let mut typed = ours.into_typed().unwrap().into_decluttered().unwrap();
-        assert_eq!(crate::engine::ops::quantized::use_quantized_products(&mut typed).unwrap(), 1);
-        let product = typed.nodes().iter().find(|n| n.op.name() == "QuantizedMatMul").unwrap();
-        assert!(product.op.info().unwrap()[0].starts_with("Q4_1"), "the product carries the offsets: {:?}", product.op.info());
-        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
-        let got = plan.run(tvec!(x.clone().into())).unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let got = run_on_engine_kernels(ours, &x, |typed| {
+            let product = typed.nodes().iter().find(|n| n.op.name() == "QuantizedMatMul").unwrap();
+            assert!(product.op.info().unwrap()[0].starts_with("Q4_1"), "the product carries the offsets: {:?}", product.op.info());
+        });
         let tracts = run(tract_onnx::onnx().model_for_path(&path).unwrap(), x.clone());
         let x = x.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
         assert_eq!(got.len(), 24);
