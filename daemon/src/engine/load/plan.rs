@@ -84,8 +84,7 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
 /// Why: run here, on the graph as read, the axis pass took 370 of SmolLM2 q4's 1,220 ms load
 /// (516 changes applied, each patch compared with every node of the graph). After the rewrites
 /// it has far less to move (90 ms), and the rewrites match without it: attention products
-/// take the size-1 axes it used to remove (see `attention_products`). Decode speed and the
-/// greedy tokens were unchanged on mulm-28m and SmolLM2, float32 and q4 (bench/RESULTS.md).
+/// take the batch axis of size 1 it used to remove (see `attention_products`).
 fn declutter_but_axes(model: &mut TypedModel) -> TractResult<()> {
     use tract_onnx::tract_core::optim::Optimizer;
     let mut optimizer = Optimizer::declutter();

@@ -17,9 +17,9 @@
 //! row axes (query heads per key head, positions) the graph gives them.
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::axes::Axis;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::axes::Axis;
 use tract_onnx::tract_core::ops::konst::Const;
 
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
@@ -84,7 +84,9 @@ impl ActivationProduct {
         let rows = self.a_rows.iter().map(|&p| a[p].clone()).collect();
         Ok((a[self.a_batch].clone(), rows, a[self.a_sum].clone(), w[self.w_col].clone()))
     }
+}
 
+impl ActivationProduct {
     /// `[batch, rows…, n]` with the output's unit axes in their places: they move no value, so
     /// the kernels write the same memory either way.
     fn output_shape<D: DimLike>(&self, batch: D, rows: TVec<D>, n: D) -> TVec<D> {
