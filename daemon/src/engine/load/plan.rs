@@ -40,8 +40,7 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     let typed = model.into_typed().map_err(bad)?;
     check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
     assert_lengths(&typed).map_err(bad)?;
-    let mut typed = typed;
-    declutter_but_axes(&mut typed).map_err(bad)?;
+    let mut typed = typed.into_decluttered().map_err(bad)?;
     // tract-transformers recognises RMSNorm, rotary embedding and attention patterns in the
     // decluttered graph and swaps in fused ops; the KV cache it folds into stateful ops is
     // unfolded again so the cache stays an explicit input/output the session owns. Measured
@@ -69,31 +68,12 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And attention's products of two activations (see `attention_products`).
     let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention products on direct kernels");
-    // The whole declutter, tract's axis pass included, then code generation.
     let optimized = typed.into_optimized().map_err(bad)?;
     let mut options = RunOptions::default();
     if threads > 1 {
         options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
     }
     optimized.into_runnable_with_options(&options).map_err(bad)
-}
-
-/// tract's declutter passes but its axis pass (`ChangeAxes`), which the whole declutter of
-/// `into_optimized` runs after the engine's rewrites.
-///
-/// Why: run here, on the graph as read, the axis pass took 370 of SmolLM2 q4's 1,220 ms load
-/// (516 changes applied, each patch compared with every node of the graph). After the rewrites
-/// it has far less to move (90 ms), and the rewrites match without it: attention products
-/// take the batch axis of size 1 it used to remove (see `attention_products`).
-fn declutter_but_axes(model: &mut TypedModel) -> TractResult<()> {
-    use tract_onnx::tract_core::optim::Optimizer;
-    let mut optimizer = Optimizer::declutter();
-    let before = optimizer.passes.len();
-    // Passes are known by their Debug names only; an upgrade that renames this one must not
-    // silently keep it.
-    optimizer.passes.retain(|p| format!("{p:?}") != "ChangeAxes");
-    anyhow::ensure!(optimizer.passes.len() + 1 == before, "tract's declutter has no ChangeAxes pass to leave for later");
-    optimizer.optimize(model)
 }
 
 /// Gives every matrix product that reads a shared constant a constant node of its own (the

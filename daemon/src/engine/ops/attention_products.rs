@@ -19,7 +19,6 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::axes::Axis;
 use tract_onnx::tract_core::ops::konst::Const;
 
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
@@ -40,8 +39,6 @@ pub struct ActivationProduct {
     w_batch: usize,
     w_col: usize,
     w_sum: usize,
-    /// Where the output has axes of size 1 besides `[batch, rows…, n]` (ascending).
-    y_units: Vec<usize>,
 }
 
 impl Op for ActivationProduct {
@@ -86,18 +83,6 @@ impl ActivationProduct {
     }
 }
 
-impl ActivationProduct {
-    /// `[batch, rows…, n]` with the output's unit axes in their places: they move no value, so
-    /// the kernels write the same memory either way.
-    fn output_shape<D: DimLike>(&self, batch: D, rows: TVec<D>, n: D) -> TVec<D> {
-        let mut shape: TVec<D> = [batch].into_iter().chain(rows).chain([n]).collect();
-        for &p in &self.y_units {
-            shape.insert(p, D::one());
-        }
-        shape
-    }
-}
-
 impl EvalOp for ActivationProduct {
     op_out_of_plan!();
 
@@ -105,7 +90,7 @@ impl EvalOp for ActivationProduct {
         let (a, w) = args_2!(inputs);
         let (batch, rows, k, n) = self.dims(a.shape(), w.shape())?;
         let m: usize = rows.iter().product();
-        let shape = self.output_shape(batch, rows, n);
+        let shape: TVec<usize> = [batch].into_iter().chain(rows).chain([n]).collect();
         // SAFETY: f32 has no invalid bit patterns, and the kernel writes every value.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
@@ -124,7 +109,8 @@ impl TypedOp for ActivationProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
         let (batch, rows, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
-        Ok(tvec!(f32::fact(self.output_shape(batch, rows, n))))
+        let shape: TVec<TDim> = [batch].into_iter().chain(rows).chain([n]).collect();
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();
@@ -344,32 +330,15 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
     if facts.iter().chain([&y]).any(|f| f.datum_type != f32::datum_type()) {
         return Ok(None);
     }
-    tracing::trace!(node = %node.name, axes = %einsum.axes, a = ?facts[0].shape, w = ?facts[1].shape, y = ?y.shape, "attention product candidate");
     // Each operand's and the output's axes, in order, with their roles.
     let mut order: [Vec<(char, Role)>; 3] = [vec![(' ', Role::Unit); facts[0].rank()], vec![(' ', Role::Unit); facts[1].rank()], vec![(' ', Role::Unit); y.rank()]];
-    let axes: Vec<_> = einsum.axes.iter_all_axes().collect();
-    let one = |slot: usize, axis: &Axis| axis.inputs[slot].iter().all(|&p| facts[slot].shape[p] == 1.to_dim());
-    let unit = |axis: &Axis| one(0, axis) && one(1, axis);
-    let everywhere = |axis: &Axis| axis.inputs[0].len() == 1 && axis.inputs[1].len() == 1 && axis.outputs[0].len() == 1;
-    // Before tract's axis pass removes them, size-1 axes stay in the graph:
-    // - one of size 1 in both operands and the output (the leading batch axis) is a unit axis
-    //   kept in the output, unless no axis with a size is left to be the batch: then the last
-    //   such axis is;
-    // - one the second operand has at size 1 and the first does not (the query heads that
-    //   share a key head: "abcmk,abckn->abcmn" with keys [1, heads, 1, k, n]) is the first
-    //   operand's rows, broadcast over the second.
-    let broadcast_rows = |axis: &Axis| everywhere(axis) && one(1, axis) && !one(0, axis);
-    let sized_batch = axes.iter().any(|a| everywhere(a) && !unit(a) && !broadcast_rows(a));
-    let unit_batch = if sized_batch { None } else { axes.iter().filter(|a| everywhere(a)).max_by_key(|a| a.outputs[0][0]).map(|a| a.repr) };
-    for axis in axes {
+    for axis in einsum.axes.iter_all_axes() {
         let (a, w, out) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
         if a.len() > 1 || w.len() > 1 || out.len() > 1 {
             return Ok(None);
         }
-        let (unit, broadcast) = (unit(axis), broadcast_rows(axis));
+        let unit = a.iter().all(|&p| facts[0].shape[p] == 1.to_dim()) && w.iter().all(|&p| facts[1].shape[p] == 1.to_dim());
         let role = match (a.len(), w.len(), out.len()) {
-            (1, 1, 1) if unit && unit_batch != Some(axis.repr) => Role::Unit,
-            (1, 1, 1) if broadcast => Role::Row,
             (1, 1, 1) => Role::Batch,
             (1, 0, 1) => Role::Row,
             (0, 1, 1) => Role::Col,
@@ -379,8 +348,7 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
         };
         for (slot, positions) in [a, w, out].into_iter().enumerate() {
             if let Some(&p) = positions.first() {
-                // A broadcast row axis is a unit axis of the second operand.
-                order[slot][p] = (axis.repr, if broadcast && slot == 1 { Role::Unit } else { role });
+                order[slot][p] = (axis.repr, role);
             }
         }
     }
@@ -413,7 +381,6 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
         w_batch: position(1, Role::Batch),
         w_col: position(1, Role::Col),
         w_sum: position(1, Role::Sum),
-        y_units: (0..order[2].len()).filter(|&p| order[2][p].1 == Role::Unit).collect(),
     };
     debug_assert_eq!(op.transposed(), transposed);
     // Operands whose batch or summed sizes differ (a broadcast) are tract's, as is any shape

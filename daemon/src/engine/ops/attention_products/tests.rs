@@ -51,18 +51,10 @@ fn attention_einsums_compute_what_tract_computes() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     // What tract makes of mulm-export's attention (2 key heads, 4 query heads each, 3 new
     // positions, 9 cached, head size 64): scores from queries and keys, then the mix of values.
-    // Before tract's axis pass the batch axis of size 1 is still there, in the output too; a
-    // model with one key head has no batch axis with a size.
-    let cases: [(&str, Vec<usize>, Vec<usize>); 8] = [
+    let cases: [(&str, Vec<usize>, Vec<usize>); 3] = [
         ("abcmk,abnk->bcmn", vec![1, 2, 4, 3, 64], vec![1, 2, 9, 64]),
         ("bcmk,abkn->bcmn", vec![2, 4, 3, 9], vec![1, 2, 9, 64]),
         ("bmk,bkn->bmn", vec![3, 5, 20], vec![3, 20, 7]),
-        ("abcmk,abnk->abcmn", vec![1, 2, 4, 3, 64], vec![1, 2, 9, 64]),
-        ("abcmk,abkn->abcmn", vec![1, 2, 4, 3, 9], vec![1, 2, 9, 64]),
-        ("abcmk,abnk->abcmn", vec![1, 1, 4, 3, 64], vec![1, 1, 9, 64]),
-        // The query heads sharing a key head, broadcast over the keys' axis of size 1.
-        ("abcmk,abckn->abcmn", vec![1, 2, 4, 3, 64], vec![1, 2, 1, 64, 9]),
-        ("abcmk,abcnk->abcmn", vec![1, 2, 4, 3, 9], vec![1, 2, 1, 64, 9]),
     ];
     for (spec, a_shape, b_shape) in cases {
         let a = Tensor::from_shape(&a_shape, &random(&mut rng, a_shape.iter().product())).unwrap();
