@@ -51,14 +51,8 @@ impl Model {
             });
         }
         let manifest = Manifest::read(dir)?;
-        // The tokenizer is parsed on a thread of its own while the graph loads: independent
-        // work, 60-100 ms of SmolLM2's load (its 2 MB tokenizer.json) that a second core hides.
-        let (tokenizer, plan) = std::thread::scope(|s| {
-            let tokenizer = s.spawn(|| load_tokenizer(dir, &manifest));
-            let plan = load_plan(dir, &manifest, threads);
-            (tokenizer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), plan)
-        });
-        let (tokenizer, plan) = (tokenizer?, plan?);
+        let tokenizer = load_tokenizer(dir, &manifest)?;
+        let plan = load_plan(dir, &manifest, threads)?;
         let manifest_path = dir.join(super::manifest::FILE);
         let template = ChatTemplate::new(
             &manifest.chat_template,
