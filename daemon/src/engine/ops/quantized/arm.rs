@@ -156,8 +156,8 @@ pub(super) mod dotprod {
 /// output rows. A block is 8 `sdot`, each multiplying 4 codes of every row by the same 4
 /// activation bytes (an element of the activation register, no broadcast needed). 4-bit codes
 /// stay unsigned (0..16) and their offset of 8 comes off once per block for all 4 rows as
-/// 8 · (the block's activation sum); 8-bit codes, which `sdot` cannot take unsigned, are made
-/// signed as they are loaded.
+/// 8 · (the block's activation sum); 8-bit codes are stored signed in this layout (see
+/// `Weights::codes`), as `sdot` takes them.
 pub(super) mod rows4 {
     use super::*;
 
@@ -205,7 +205,7 @@ pub(super) mod rows4 {
     }
 
     /// A group block's codes as eight signed operands: 4-bit, chunk `c` gives operands `c`
-    /// (low nibbles) and `4 + c` (high); 8-bit, chunk `c` is operand `c`, its top bits flipped.
+    /// (low nibbles) and `4 + c` (high); 8-bit, chunk `c` is operand `c` as stored (signed).
     #[inline(always)]
     unsafe fn group_operands<const EIGHT: bool>(block: *const u8) -> [int8x16_t; 8] {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
@@ -213,7 +213,7 @@ pub(super) mod rows4 {
         unsafe {
             let load = |c: usize| vld1q_u8(block.add(c * 16));
             if EIGHT {
-                std::array::from_fn(|c| vreinterpretq_s8_u8(veorq_u8(load(c), vdupq_n_u8(0x80))))
+                std::array::from_fn(|c| vreinterpretq_s8_u8(load(c)))
             } else {
                 std::array::from_fn(|c| {
                     let bytes = load(c % 4);

@@ -95,8 +95,11 @@ pub struct Weights {
     layout: Layout,
     /// [`Bits::block_bytes`] per block of 32 codes. 4-bit: within a row's block, byte `j`
     /// holds code `j` in its low nibble and code `j + 16` in its high nibble (GGML's order: one
-    /// shift splits a block into its two halves). 8-bit: byte `j` is code `j`. How blocks are
-    /// ordered is the layout's.
+    /// shift splits a block into its two halves). 8-bit: byte `j` is code `j`, the unsigned
+    /// q + 128, except in [`Layout::Rows4`], where it is the signed q itself: that layout's
+    /// `sdot` multiplies signed bytes, and flipping every byte back at each product was a
+    /// fifth of the instructions of mulm-28m q8's decode step (9.27 → 7.45 M under qemu's
+    /// Cortex-A76, bench/arm_proxy.py). How blocks are ordered is the layout's.
     codes: CacheAligned,
     /// One scale per block, ordered like the codes.
     scales: Vec<f32>,
@@ -236,7 +239,7 @@ impl Weights {
             for (chunk, bytes) in block[head..].chunks_exact(4).enumerate() {
                 let at = first * code_bytes + (chunk * group + lane) * 4;
                 codes[at..at + 4].copy_from_slice(bytes);
-                if bits == Bits::Eight {
+                if bits == Bits::Eight && layout != Layout::Rows4 {
                     // Signed q to the unsigned code q + 128 (flipping the top bit).
                     codes[at..at + 4].iter_mut().for_each(|c| *c ^= 0x80);
                 }
