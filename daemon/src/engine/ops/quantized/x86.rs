@@ -68,7 +68,8 @@ pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
 
 /// A row-by-row kernel for one way of computing a block's integer dot: `$weight::<EIGHT>(p)`
 /// turns the block's code bytes at `p` into the weight operand, `$dot::<EIGHT>(weight,
-/// activation)` gives the block's products summed into 8 i32 lanes.
+/// activation, sum)` gives the block's products of weights (code − offset) and activation
+/// summed into 8 i32 lanes, `sum` being the activation block's sum (what the offset costs).
 macro_rules! row_kernel {
     ($features:literal, $weight:ident, $dot:ident) => {
         /// # Safety
@@ -97,7 +98,7 @@ macro_rules! row_kernel {
             unsafe {
                 let block_bytes = Bits::of::<EIGHT>().block_bytes();
                 let (codes, w_scales) = w.tile_rows::<R>(j0);
-                let (x_values, x_scales, _) = a.tile_rows::<T>(r0);
+                let (x_values, x_scales, x_sums) = a.tile_rows::<T>(r0);
                 // Decode reads each weight once: ask for the rows `ROWS_AHEAD` rows on, at the
                 // same place, so they are on their way while this tile runs (see ROWS_AHEAD).
                 let ahead = ROWS_AHEAD * w.k / BLOCK * block_bytes;
@@ -116,7 +117,7 @@ macro_rules! row_kernel {
                         let weight = $weight::<EIGHT>(codes[i].add(b * block_bytes));
                         let ws = *w_scales[i].add(b);
                         for t in 0..T {
-                            let dot = _mm256_cvtepi32_ps($dot::<EIGHT>(weight, x[t]));
+                            let dot = _mm256_cvtepi32_ps($dot::<EIGHT>(weight, x[t], *x_sums[t].add(b)));
                             acc[i][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * *x_scales[t].add(b)), acc[i][t]);
                         }
                     }
@@ -162,48 +163,66 @@ unsafe fn offsets<const EIGHT: bool>() -> __m256i {
     unsafe { _mm256_set1_epi8(Bits::of::<EIGHT>().offset() as u8 as i8) }
 }
 
-/// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, so the weight (code − offset) goes
-/// in as its magnitude and its sign moves onto the activation; |w| ≤ 128 and |q| ≤ 127 keep
-/// each pair's sum within i16 (2 · 128 · 127 < 2^15), and `vpmaddwd` against ones widens to i32.
+/// AVX2: `vpmaddubsw` multiplies unsigned by signed bytes, and `vpmaddwd` against ones widens
+/// its pairs' sums to i32.
+/// - 4-bit codes (0..16) go in unsigned as they are: a pair's sum stays within i16
+///   (2 · 15 · 127 < 2^15), and the offset comes off once per block as 8 · (the activation's
+///   block sum), one lane of the start. Against making each weight signed (a subtraction and
+///   two `vpsignb` per row and block), decode with `MULMD_KERNELS=avx2` went from 811 to 885
+///   tok/s on mulm-28m q4 and from 128 to 133 on SmolLM2 q4 (`mulmd probe`, medians of 7
+///   interleaved rounds; bench/RESULTS.md, 2026-12-03).
+/// - 8-bit codes (0..256) could overflow i16 that way, so the weight (code − 128) goes in as
+///   its magnitude and its sign moves onto the activation: |w| ≤ 128 and |q| ≤ 127 keep each
+///   pair's sum within i16 (2 · 128 · 127 < 2^15).
 pub(super) mod avx2 {
     use super::*;
 
     #[inline(always)]
-    unsafe fn signed_weight<const EIGHT: bool>(codes: *const u8) -> __m256i {
+    unsafe fn weight<const EIGHT: bool>(codes: *const u8) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            // At 8 bits the byte subtraction wraps: code − 128 is code with its top bit flipped.
-            _mm256_sub_epi8(codes_in_order::<EIGHT>(codes), offsets::<EIGHT>())
+            if EIGHT {
+                // The byte subtraction wraps: code − 128 is code with its top bit flipped.
+                _mm256_sub_epi8(codes_in_order::<EIGHT>(codes), offsets::<EIGHT>())
+            } else {
+                codes_in_order::<EIGHT>(codes)
+            }
         }
     }
 
     #[inline(always)]
-    unsafe fn dot<const EIGHT: bool>(weight: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot<const EIGHT: bool>(weight: __m256i, x: __m256i, x_sum: i32) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(weight, weight), _mm256_sign_epi8(x, weight));
-            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            let ones = _mm256_set1_epi16(1);
+            if EIGHT {
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(weight, weight), _mm256_sign_epi8(x, weight));
+                _mm256_madd_epi16(pairs, ones)
+            } else {
+                let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-Bits::Four.offset() * x_sum));
+                _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(weight, x), ones), offset)
+            }
         }
     }
 
-    row_kernel!("avx2,fma", signed_weight, dot);
+    row_kernel!("avx2,fma", weight, dot);
 }
 
 /// AVX-VNNI: `vpdpbusd` multiplies the unsigned codes by the signed activation and sums four
-/// products per i32 lane in one instruction; the codes' offset comes off afterwards as
-/// offset · (the lane's sum of activations), the same `vpdpbusd` against the offset.
+/// products per i32 lane in one instruction, into a start that holds the codes' offset:
+/// −offset · (the activation's block sum), in one lane.
 pub(super) mod vnni {
     use super::*;
 
     #[inline(always)]
-    unsafe fn dot<const EIGHT: bool>(codes: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot<const EIGHT: bool>(codes: __m256i, x: __m256i, x_sum: i32) -> __m256i {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
-            let zero = _mm256_setzero_si256();
-            _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(zero, codes, x), _mm256_dpbusd_avx_epi32(zero, offsets::<EIGHT>(), x))
+            let start = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-Bits::of::<EIGHT>().offset() * x_sum));
+            _mm256_dpbusd_avx_epi32(start, codes, x)
         }
     }
 
