@@ -113,7 +113,7 @@ pub enum Layout {
     /// Row by row, `[n, k/32]` blocks: what every kernel reads.
     Rows,
     /// Eight rows side by side, for kernels whose 8 vector lanes are output rows (x86 with
-    /// AVX-VNNI): `[n/8, k/32]` groups of blocks; within a group's block four chunks (eight at
+    /// AVX-VNNI, or with AVX2 alone for 4-bit codes): `[n/8, k/32]` groups of blocks; within a group's block four chunks (eight at
     /// 8 bits), chunk `c` holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales
     /// `[n/8, k/32, 8]`.
     /// A lane then sums its own row, so no horizontal sums, and the rows share each broadcast
@@ -140,14 +140,15 @@ impl Layout {
         }
     }
 
-    /// Whether this CPU has a kernel for the layout.
-    fn runs_here(self) -> bool {
+    /// Whether this CPU has a kernel for the layout and codes of this width.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn runs_here(self, bits: Bits) -> bool {
         match self {
             Layout::Rows => true,
             #[cfg(target_arch = "x86_64")]
             Layout::Rows16 => x86::available() && x86::rows16::available(),
             #[cfg(target_arch = "x86_64")]
-            Layout::Rows8 => x86::available() && x86::has_vnni(),
+            Layout::Rows8 => x86::available() && (x86::has_vnni() || bits == Bits::Four),
             #[cfg(target_arch = "aarch64")]
             Layout::Rows4 => arm::has_dotprod(),
             #[allow(unreachable_patterns)]
@@ -182,20 +183,20 @@ impl Weights {
     /// Builds weights from Q4_0 blocks as GGML and tract store them, per block a little-endian
     /// float16 scale then 16 bytes of codes, in the layout this CPU's kernels read fastest.
     pub fn from_q4_0_blocks(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        Self::with_layout(Bits::Four, bytes, n, k, Self::preferred_layout(n))
+        Self::with_layout(Bits::Four, bytes, n, k, Self::preferred_layout(Bits::Four, n))
     }
 
     /// Builds weights from 8-bit blocks as tract stores Q8_1, per block a little-endian
     /// float16 scale, a float16 sum (unused), then 32 signed codes `q` (weight = `q · scale`,
     /// GGML's Q8_0 with a sum between), in the layout this CPU's kernels read fastest.
     pub fn from_q8_1_blocks(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        Self::with_layout(Bits::Eight, bytes, n, k, Self::preferred_layout(n))
+        Self::with_layout(Bits::Eight, bytes, n, k, Self::preferred_layout(Bits::Eight, n))
     }
 
-    fn preferred_layout(n: usize) -> Layout {
+    fn preferred_layout(bits: Bits, n: usize) -> Layout {
         [Layout::Rows16, Layout::Rows8, Layout::Rows4]
             .into_iter()
-            .find(|l| l.runs_here() && n % l.group() == 0)
+            .find(|l| l.runs_here(bits) && n % l.group() == 0)
             .unwrap_or(Layout::Rows)
     }
 
@@ -219,7 +220,7 @@ impl Weights {
         if bytes.len() != blocks * block_bytes {
             return Err(format!("a {n} × {k} {format} weight is {} bytes, found {}", blocks * block_bytes, bytes.len()));
         }
-        if !layout.runs_here() {
+        if !layout.runs_here(bits) {
             return Err(format!("no kernel on this CPU reads the {layout:?} layout"));
         }
         let group = layout.group();

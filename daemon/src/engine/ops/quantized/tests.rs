@@ -122,23 +122,24 @@ fn products_match_the_contract(bits: Bits) {
         for layout in [Layout::Rows16, Layout::Rows8, Layout::Rows4] {
             match Weights::with_layout(bits, &bytes, n, k, layout) {
                 Ok(side_by_side) => {
-                    for (name, kernel) in side_by_side_kernels(layout) {
+                    for (name, kernel) in side_by_side_kernels(layout, bits) {
                         let mut out = vec![f32::NAN; m * n];
                         // SAFETY: side_by_side_kernels lists only what this CPU runs.
                         unsafe { kernel(&side_by_side, &QuantizedRows::new(&a, m, k), OutputShare::whole(&mut out, n)) };
                         assert_close(&out, &want, &format!("{name} kernel, {shape}"));
                     }
                 }
-                Err(e) => assert!(!(layout_expected(layout) && n % layout.group() == 0), "{e}"),
+                Err(e) => assert!(!(layout_expected(layout, bits) && n % layout.group() == 0), "{e}"),
             }
         }
-        let fastest = [Layout::Rows16, Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l) && n % l.group() == 0);
+        let fastest = [Layout::Rows16, Layout::Rows8, Layout::Rows4].into_iter().find(|l| layout_expected(*l, bits) && n % l.group() == 0);
         assert_eq!(from_blocks(bits, &bytes, n, k).unwrap().layout, fastest.unwrap_or(Layout::Rows), "the layout this CPU reads fastest");
     }
 }
 
-/// Every kernel for a side-by-side layout this CPU runs.
-fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
+/// Every kernel for a side-by-side layout this CPU runs on codes of this width.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn side_by_side_kernels(layout: Layout, bits: Bits) -> Vec<(&'static str, Kernel)> {
     let mut kernels: Vec<(&'static str, Kernel)> = vec![];
     #[cfg(target_arch = "x86_64")]
     if layout == Layout::Rows16 {
@@ -146,7 +147,12 @@ fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
     }
     #[cfg(target_arch = "x86_64")]
     if layout == Layout::Rows8 {
-        kernels.push(("rows8 avx-vnni", x86::rows8::avx_vnni::matmul));
+        if bits == Bits::Four {
+            kernels.push(("rows8 avx2", x86::rows8::avx2::matmul));
+        }
+        if is_x86_feature_detected!("avxvnni") {
+            kernels.push(("rows8 avx-vnni", x86::rows8::avx_vnni::matmul));
+        }
         if x86::rows8::has_avx512_vnni() {
             kernels.push(("rows8 avx512-vnni", x86::rows8::avx512::matmul));
         }
@@ -158,8 +164,10 @@ fn side_by_side_kernels(layout: Layout) -> Vec<(&'static str, Kernel)> {
     kernels
 }
 
-/// Whether this machine must run `layout`'s kernel (asked independently of `runs_here`).
-fn layout_expected(layout: Layout) -> bool {
+/// Whether this machine must run `layout`'s kernel for codes of this width (asked
+/// independently of `runs_here`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn layout_expected(layout: Layout, bits: Bits) -> bool {
     match layout {
         #[cfg(target_arch = "x86_64")]
         Layout::Rows16 => {
@@ -170,7 +178,9 @@ fn layout_expected(layout: Layout) -> bool {
                 && is_x86_feature_detected!("avx512vnni")
         }
         #[cfg(target_arch = "x86_64")]
-        Layout::Rows8 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni"),
+        Layout::Rows8 => {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && (is_x86_feature_detected!("avxvnni") || bits == Bits::Four)
+        }
         #[cfg(target_arch = "aarch64")]
         Layout::Rows4 => std::arch::is_aarch64_feature_detected!("dotprod"),
         _ => false,

@@ -257,18 +257,21 @@ pub(super) mod rows8 {
 
     /// `out = a · Wᵀ` for `w` in `Layout::Rows8`. Where the CPU also has AVX-512 (VL and VNNI)
     /// the same instructions get 32 vector registers instead of 16, enough for prompt tiles
-    /// of 8 activation rows sharing each unpacked block.
+    /// of 8 activation rows sharing each unpacked block; without AVX-VNNI, [`avx2`] takes
+    /// 4-bit codes.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and AVX-VNNI; `a.k == w.k`.
+    /// The CPU must have AVX2 and FMA, and AVX-VNNI unless the codes are 4-bit; `a.k == w.k`.
     pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
         // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
         // enables, and every pointer it reads or writes stays inside the slice it comes from.
         unsafe {
             if has_avx512_vnni() {
                 avx512::matmul(w, a, out)
-            } else {
+            } else if has_vnni() {
                 avx_vnni::matmul(w, a, out)
+            } else {
+                avx2::matmul(w, a, out)
             }
         }
     }
@@ -277,9 +280,10 @@ pub(super) mod rows8 {
         allows(Level::Avx512) && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// The kernel for one instruction encoding of `vpdpbusd` and the prompt tile it affords.
+    /// The kernel for one way of computing a block's dot (the module's `block_dot`) and the
+    /// prompt tile its registers afford.
     macro_rules! group_kernel {
-        ($features:literal, $dpbusd:ident, $wide:literal) => {
+        ($features:literal, $wide:literal) => {
             /// # Safety
             /// The CPU must have this module's extensions; `a.k == w.k`.
             pub unsafe fn matmul(w: &Weights, a: &QuantizedRows, out: OutputShare) {
@@ -323,10 +327,8 @@ pub(super) mod rows8 {
                             for t in 0..T {
                                 let x = x_values[t].add(b * BLOCK) as *const i32;
                                 // Start from −offset · Σq: the offset of every row's codes, at once.
-                                let mut dot = _mm256_set1_epi32(-bits.offset() * *x_sums[t].add(b));
-                                for (c, op) in ops.iter().enumerate() {
-                                    dot = $dpbusd(dot, *op, _mm256_set1_epi32(x.add(c).read_unaligned()));
-                                }
+                                let start = _mm256_set1_epi32(-bits.offset() * *x_sums[t].add(b));
+                                let dot = block_dot(start, &ops, x);
                                 let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales[t].add(b)));
                                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
                             }
@@ -362,16 +364,52 @@ pub(super) mod rows8 {
         }
     }
 
+    /// `start` plus the block's eight operands against the activation's 32 bytes at `x`, four
+    /// bytes (one i32) broadcast to every row per operand, with `$dpbusd`.
+    macro_rules! dpbusd_block_dot {
+        ($dpbusd:ident) => {
+            #[inline(always)]
+            unsafe fn block_dot(start: __m256i, ops: &[__m256i; 8], x: *const i32) -> __m256i {
+                // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+                // enables, and every pointer it reads or writes stays inside the slice it comes from.
+                unsafe { ops.iter().enumerate().fold(start, |dot, (c, op)| $dpbusd(dot, *op, _mm256_set1_epi32(x.add(c).read_unaligned()))) }
+            }
+        };
+    }
+
     /// VEX-encoded `vpdpbusd`: 16 registers, prompt tiles of 4 activation rows.
     pub(crate) mod avx_vnni {
         use super::*;
-        group_kernel!("avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32, 4);
+        dpbusd_block_dot!(_mm256_dpbusd_avx_epi32);
+        group_kernel!("avx2,fma,avxvnni", 4);
     }
 
     /// EVEX-encoded `vpdpbusd` on 256-bit vectors: 32 registers, prompt tiles of 8.
     pub(crate) mod avx512 {
         use super::*;
-        group_kernel!("avx2,fma,avx512vl,avx512vnni", _mm256_dpbusd_epi32, 8);
+        dpbusd_block_dot!(_mm256_dpbusd_epi32);
+        group_kernel!("avx2,fma,avx512vl,avx512vnni", 8);
+    }
+
+    /// AVX2 alone, 4-bit codes only: `vpmaddubsw` multiplies the unsigned codes by the signed
+    /// activation in pairs summed to 16 bits, and a block's eight such results are summed in
+    /// 16 bits too before one `vpmaddwd` widens them: a lane's 16 products of 4-bit codes stay
+    /// within i16 (16 · 15 · 127 < 2^15). 8-bit codes would not, so they stay row by row.
+    pub(crate) mod avx2 {
+        use super::*;
+
+        #[inline(always)]
+        unsafe fn block_dot(start: __m256i, ops: &[__m256i; 8], x: *const i32) -> __m256i {
+            // SAFETY: the caller upholds this function's contract (above): the CPU has the features it
+            // enables, and every pointer it reads or writes stays inside the slice it comes from.
+            unsafe {
+                let pairs = |c: usize| _mm256_maddubs_epi16(ops[c], _mm256_set1_epi32(x.add(c).read_unaligned()));
+                let sum = (1..8).fold(pairs(0), |sum, c| _mm256_add_epi16(sum, pairs(c)));
+                _mm256_add_epi32(start, _mm256_madd_epi16(sum, _mm256_set1_epi16(1)))
+            }
+        }
+
+        group_kernel!("avx2,fma", 4);
     }
 }
 
