@@ -1,7 +1,8 @@
 //! x86-64 kernels for the quantized-product contract (4- and 8-bit codes), chosen at run time. With AVX-512 VNNI (Zen 4 and
 //! later, Ice Lake and later Xeons), weights whose rows make groups of 16 sit side by side and
-//! run on [`rows16`]; with AVX-VNNI (Alder Lake), groups of 8 on [`rows8`]; otherwise row by
-//! row, with `vpdpbusd` where there is AVX-VNNI and AVX2 + FMA elsewhere.
+//! run on [`rows16`]; with AVX-VNNI (Alder Lake), groups of 8 on [`rows8`], as are 4-bit
+//! weights with AVX2 alone; otherwise row by row, with `vpdpbusd` where there is AVX-VNNI and
+//! AVX2 + FMA elsewhere.
 
 use std::arch::x86_64::*;
 
@@ -248,7 +249,8 @@ unsafe fn horizontal_max(v: __m256) -> f32 {
 /// AVX-VNNI on [`Layout::Rows8`](super::Layout::Rows8): each i32 lane is one of 8 output rows.
 /// A block is 8 `vpdpbusd`, each multiplying 4 codes of every row by the same 4 activation
 /// bytes (broadcast), so a block costs a fraction of the one-row-at-a-time kernel's
-/// instructions and needs no horizontal sums. The codes' offset (8 or 128) is taken off once
+/// instructions and needs no horizontal sums. Without AVX-VNNI, 4-bit codes take the same
+/// path with `vpmaddubsw` ([`rows8::avx2`](self::rows8::avx2)). The codes' offset (8 or 128) is taken off once
 /// per block for all 8 rows: offset · (the block's activation sum).
 pub(super) mod rows8 {
     use super::*;
