@@ -250,7 +250,7 @@ unsafe fn horizontal_max(v: __m256) -> f32 {
 /// A block is 8 `vpdpbusd`, each multiplying 4 codes of every row by the same 4 activation
 /// bytes (broadcast), so a block costs a fraction of the one-row-at-a-time kernel's
 /// instructions and needs no horizontal sums. Without AVX-VNNI, 4-bit codes take the same
-/// path with `vpmaddubsw` ([`rows8::avx2`](self::rows8::avx2)). The codes' offset (8 or 128) is taken off once
+/// path with `vpmaddubsw` ([`rows8::avx2`]). The codes' offset (8 or 128) is taken off once
 /// per block for all 8 rows: offset · (the block's activation sum).
 pub(super) mod rows8 {
     use super::*;
