@@ -113,9 +113,9 @@ pub enum Layout {
     /// Row by row, `[n, k/32]` blocks: what every kernel reads.
     Rows,
     /// Eight rows side by side, for kernels whose 8 vector lanes are output rows (x86 with
-    /// AVX-VNNI, or with AVX2 alone for 4-bit codes): `[n/8, k/32]` groups of blocks; within a group's block four chunks (eight at
-    /// 8 bits), chunk `c` holding bytes `4c..4c + 4` of each of the 8 rows in turn; scales
-    /// `[n/8, k/32, 8]`.
+    /// AVX-VNNI, or with AVX2 alone for 4-bit codes): `[n/8, k/32]` groups of blocks; within a
+    /// group's block four chunks (eight at 8 bits), chunk `c` holding bytes `4c..4c + 4` of
+    /// each of the 8 rows in turn; scales `[n/8, k/32, 8]`.
     /// A lane then sums its own row, so no horizontal sums, and the rows share each broadcast
     /// of four activation bytes.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

@@ -273,6 +273,8 @@ pub(super) mod rows8 {
             } else if has_vnni() {
                 avx_vnni::matmul(w, a, out)
             } else {
+                // 8-bit codes would overflow its 16-bit sums; `Layout::runs_here` keeps them out.
+                debug_assert_eq!(w.bits, Bits::Four, "AVX2 alone runs only 4-bit codes side by side");
                 avx2::matmul(w, a, out)
             }
         }
