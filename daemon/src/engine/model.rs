@@ -52,7 +52,9 @@ impl Model {
         }
         let manifest = Manifest::read(dir)?;
         let tokenizer = load_tokenizer(dir, &manifest)?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "tokenizer read");
         let plan = load_plan(dir, &manifest, threads)?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "plan made");
         let manifest_path = dir.join(super::manifest::FILE);
         let template = ChatTemplate::new(
             &manifest.chat_template,
@@ -94,6 +96,7 @@ impl Model {
             load_time: Duration::ZERO,
         };
         model.prefix = model.prefill_head(&manifest_path, &dir.join("model.onnx"))?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "template head prefilled");
         drop(heap);
         model.load_time = started.elapsed();
         Ok(model)

@@ -22,8 +22,13 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     if !path.is_file() {
         return Err(LoadError::MissingFile { path, problem: "is missing".into() });
     }
+    // Each stage's end at debug level (`MULMD_LOG=mulmd=debug`), in ms since the file was
+    // opened: where a load's time goes without a profiler (bench/RESULTS.md, load sections).
+    let started = std::time::Instant::now();
+    let lap = |stage: &str| tracing::debug!(stage, ms = started.elapsed().as_secs_f64() * 1e3, "load stage done");
     let bad = |e: TractError| LoadError::BadOnnx { path: path.clone(), detail: format!("{e:#}") };
     let model = onnx_file::read_onnx(&path).map_err(bad)?;
+    lap("read");
     let a = &manifest.architecture;
     let expected_inputs = 1 + 2 * a.num_layers;
     if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
@@ -38,9 +43,11 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
         });
     }
     let typed = model.into_typed().map_err(bad)?;
+    lap("typed");
     check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
     assert_lengths(&typed).map_err(bad)?;
     let mut typed = typed.into_decluttered().map_err(bad)?;
+    lap("decluttered");
     // tract-transformers recognises RMSNorm, rotary embedding and attention patterns in the
     // decluttered graph and swaps in fused ops; the KV cache it folds into stateful ops is
     // unfolded again so the cache stays an explicit input/output the session owns. Measured
@@ -51,6 +58,7 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
             .ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("tract lacks the {name} transform") })?;
         transform.transform(&mut typed).map_err(bad)?;
     }
+    lap("transformers");
     give_matmuls_own_constants(&mut typed).map_err(bad)?;
     // Rotary embedding in one pass (see `rope`).
     let replaced = rope::use_rope(&mut typed).map_err(bad)?;
@@ -68,7 +76,9 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And attention's products of two activations (see `attention_products`).
     let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention products on direct kernels");
+    lap("rewrites");
     let optimized = typed.into_optimized().map_err(bad)?;
+    lap("optimized");
     let mut options = RunOptions::default();
     if threads > 1 {
         options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
