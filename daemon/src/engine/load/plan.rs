@@ -76,6 +76,9 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And attention's products of two activations (see `attention_products`).
     let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention products on direct kernels");
+    // Whose scores skip what the causal mask hides (see `skip_masked_scores`).
+    let changed = attention_products::skip_masked_scores(&mut typed).map_err(bad)?;
+    tracing::debug!(changed, "attention scores computed only where the mask keeps them");
     lap("rewrites");
     let optimized = typed.into_optimized().map_err(bad)?;
     lap("optimized");

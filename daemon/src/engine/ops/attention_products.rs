@@ -21,6 +21,9 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
 
+use super::rope::tables_fit;
+use super::softmax::MaskedSoftmax;
+
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
 const LANES: usize = 16;
 
@@ -39,6 +42,9 @@ pub struct ActivationProduct {
     w_batch: usize,
     w_col: usize,
     w_sum: usize,
+    /// Whether a third input is the mask of the softmax that alone reads these scores (see
+    /// [`skip_masked_scores`]): scores it masks out for every row of a tile are not computed.
+    masked: bool,
 }
 
 impl Op for ActivationProduct {
@@ -47,7 +53,8 @@ impl Op for ActivationProduct {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("second operand {}", if self.transposed() { "[batch, n, k]" } else { "[batch, k, n]" })])
+        let masked = if self.masked { ", masked scores skipped" } else { "" };
+        Ok(vec![format!("second operand {}{masked}", if self.transposed() { "[batch, n, k]" } else { "[batch, k, n]" })])
     }
 
     op_as_typed_op!();
@@ -87,27 +94,55 @@ impl EvalOp for ActivationProduct {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, w) = args_2!(inputs);
+        let (a, w) = (&inputs[0], &inputs[1]);
         let (batch, rows, k, n) = self.dims(a.shape(), w.shape())?;
         let m: usize = rows.iter().product();
         let shape: TVec<usize> = [batch].into_iter().chain(rows).chain([n]).collect();
+        let limits = match inputs.get(2) {
+            Some(mask) if self.masked => column_limits(&shape, mask)?,
+            _ => None,
+        };
         // SAFETY: f32 has no invalid bit patterns, and the kernel writes every value.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let (a, w) = (a.try_as_plain_ram()?, w.try_as_plain_ram()?);
             let mut y = y.try_as_plain_ram_mut()?;
             let (a, w, y) = (a.as_slice::<f32>()?, w.as_slice::<f32>()?, y.as_slice_mut::<f32>()?);
-            for ((a, w), y) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)) {
-                kernels::run(self.transposed(), a, w, y, m, k, n);
+            for (b, ((a, w), y)) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)).enumerate() {
+                let limits = limits.as_ref().map_or(&[][..], |l| &l[b * m..][..m]);
+                kernels::run(self.transposed(), a, w, y, m, k, n, limits);
             }
         }
         Ok(tvec!(y.into_tvalue()))
     }
 }
 
+/// For scores of `shape` read by a softmax under `mask`, how many leading columns of each row
+/// the mask lets through: one past the last key not masked (−∞ in a float mask, false in a
+/// boolean one). `None` when the mask does not fit the scores as the softmax reads it (which
+/// then reports it) or is of another type: every score is computed.
+fn column_limits(shape: &[usize], mask: &Tensor) -> TractResult<Option<Vec<usize>>> {
+    let keys = shape.last().copied().unwrap_or(0);
+    if keys == 0 || !tables_fit(shape, mask.shape()) {
+        return Ok(None);
+    }
+    let ram = mask.try_as_plain_ram()?;
+    let per_mask_row: Vec<usize> = if mask.datum_type() == f32::datum_type() {
+        ram.as_slice::<f32>()?.chunks_exact(keys).map(|r| r.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1)).collect()
+    } else if mask.datum_type() == bool::datum_type() {
+        ram.as_slice::<bool>()?.chunks_exact(keys).map(|r| r.iter().rposition(|keep| *keep).map_or(0, |j| j + 1)).collect()
+    } else {
+        return Ok(None);
+    };
+    // The softmax pairs score rows with mask rows in turn, starting over at the mask's end.
+    let rows = shape.iter().product::<usize>() / keys;
+    Ok(Some(per_mask_row.iter().copied().cycle().take(rows).collect()))
+}
+
 impl TypedOp for ActivationProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
+        // A third input, a mask, is float32 or boolean: `column_limits` reads either.
+        ensure!(inputs[..2].iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
         let (batch, rows, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
         let shape: TVec<TDim> = [batch].into_iter().chain(rows).chain([n]).collect();
         Ok(tvec!(f32::fact(shape)))
@@ -121,8 +156,12 @@ impl TypedOp for ActivationProduct {
 mod kernels {
     use super::LANES;
 
-    /// One batch element: `y` (`[m, n]`) from `a` (`[m, k]`) and `w`.
-    pub fn run(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+    /// One batch element: `y` (`[m, n]`) from `a` (`[m, k]`) and `w`. `limits`, empty or one
+    /// per row, lets a prompt's scores skip the columns past a row's limit (see
+    /// [`super::skip_masked_scores`]): a tile of rows computes up to its largest limit and
+    /// writes 0 past it. Decode (dot products) computes every column.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         // Transposed here, outside the loop nests: a second call site of the mix inside
         // `any` made the compiler vectorize both ten times worse.
         let wt;
@@ -137,26 +176,28 @@ mod kernels {
             use crate::engine::ops::isa::{allows, Level};
             if allows(Level::Avx512) && std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
-                return unsafe { avx512(transposed, a, w, y, m, k, n) };
+                return unsafe { avx512(transposed, a, w, y, m, k, n, limits) };
             }
             if allows(Level::Avx2) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA.
-                return unsafe { avx2(transposed, a, w, y, m, k, n) };
+                return unsafe { avx2(transposed, a, w, y, m, k, n, limits) };
             }
         }
-        any(transposed, a, w, y, m, k, n)
+        any(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn avx512(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
-        any(transposed, a, w, y, m, k, n)
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+        any(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
-        any(transposed, a, w, y, m, k, n)
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+        any(transposed, a, w, y, m, k, n, limits)
     }
 
     /// Rows from which scores are computed as a mix of the transposed keys rather than as
@@ -181,11 +222,12 @@ mod kernels {
     /// Everything here is inlined into the callers above, so it is compiled with their
     /// features: `mul_add` outside them is a call to the C library's `fmaf`.
     #[inline(always)]
-    fn any(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn any(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         if transposed {
             rows_dot_rows(a, w, y, k, n)
         } else {
-            rows_times_matrix(a, w, n, y, m, k, n)
+            rows_times_matrix(a, w, n, y, m, k, n, limits)
         }
     }
 
@@ -227,16 +269,17 @@ mod kernels {
     /// the first `n` columns count. Four rows at a time share each load of `w` and keep four
     /// chains of fused multiply-adds in flight; one row alone would wait on each addition.
     #[inline(always)]
-    fn rows_times_matrix(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn rows_times_matrix(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         let mut i = 0;
         while m - i >= 4 {
-            mix_tile::<4>(a, w, stride, y, i, k, n);
+            mix_tile::<4>(a, w, stride, y, i, k, n, limits);
             i += 4;
         }
         match m - i {
-            3 => mix_tile::<3>(a, w, stride, y, i, k, n),
-            2 => mix_tile::<2>(a, w, stride, y, i, k, n),
-            1 => mix_tile::<1>(a, w, stride, y, i, k, n),
+            3 => mix_tile::<3>(a, w, stride, y, i, k, n, limits),
+            2 => mix_tile::<2>(a, w, stride, y, i, k, n, limits),
+            1 => mix_tile::<1>(a, w, stride, y, i, k, n, limits),
             _ => {}
         }
     }
@@ -253,13 +296,33 @@ mod kernels {
         }
     }
 
+    /// How many of the rows' leading entries the mix reads: up to the last that is not zero
+    /// in any of them.
+    ///
+    /// Why: in a prompt, a causal mask leaves each position's attention weights zero past its
+    /// own key, so the value mix of the rows of early positions would spend about half its
+    /// work on zeros. A zero weight adds nothing to a finite value, so the sums are the same.
+    /// Query rows (the scores' mix) rarely end in zeros and stop the search at once.
+    #[inline(always)]
+    fn mixed<const T: usize>(rows: &[&[f32]; T]) -> usize {
+        rows.iter().map(|row| row.iter().rposition(|x| *x != 0.0).map_or(0, |l| l + 1)).max().unwrap_or(0)
+    }
+
     /// Rows `i0..i0 + T` of [`rows_times_matrix`], 16 output columns at a time so their sums
     /// stay in registers across the whole of `k`.
     #[inline(always)]
-    fn mix_tile<const T: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn mix_tile<const T: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize, limits: &[usize]) {
         let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(i0 + t) * k..][..k]);
+        let k = mixed(&rows);
+        // Columns no row of the tile keeps are 0, in whole groups of 16 past the last kept.
+        let kept = if limits.is_empty() { n } else { limits[i0..i0 + T].iter().copied().max().unwrap_or(n).min(n) };
+        let computed = (kept.div_ceil(LANES) * LANES).min(n);
+        for t in 0..T {
+            y[(i0 + t) * n + computed..][..n - computed].fill(0.0);
+        }
         let mut j = 0;
-        while j < n {
+        while j < computed {
             let mut acc = [[0f32; LANES]; T];
             if j + LANES <= stride {
                 for l in 0..k {
@@ -381,6 +444,7 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
         w_batch: position(1, Role::Batch),
         w_col: position(1, Role::Col),
         w_sum: position(1, Role::Sum),
+        masked: false,
     };
     debug_assert_eq!(op.transposed(), transposed);
     // Operands whose batch or summed sizes differ (a broadcast) are tract's, as is any shape
@@ -394,6 +458,40 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
     let wire = patch.wire_node(format!("{}.act", node.name), op, &operands)?[0];
     patch.shunt_outside(model, node.id.into(), wire)?;
     Ok(Some(patch))
+}
+
+/// Gives every product of scores that only a [`MaskedSoftmax`] reads that softmax's mask as a
+/// third input, so a prompt's scores skip the keys the mask hides from a whole tile of rows.
+/// Returns how many products it changed.
+///
+/// Why: a causal prompt of `p` positions masks out about half of its `p × p` new scores, and
+/// the score products were a fifth of a 1,031-token SmolLM2 prefill (bench/RESULTS.md,
+/// assistant prompts). What the softmax makes of a masked score does not depend on its value
+/// (`x · scale + −∞`, or −∞ in place of `x`), so it is written as 0, never computed.
+pub fn skip_masked_scores(model: &mut TypedModel) -> TractResult<usize> {
+    let mut changed = 0;
+    // Patches only add nodes, so this order's ids stay valid.
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<ActivationProduct>() else { continue };
+        let readers = &node.outputs[0].successors;
+        if op.masked || !op.transposed() || node.inputs.len() != 2 || readers.len() != 1 || readers[0].slot != 0 {
+            continue;
+        }
+        let softmax = model.node(readers[0].node);
+        if !softmax.op_is::<MaskedSoftmax>() || model.output_outlets()?.contains(&node.id.into()) {
+            continue;
+        }
+        let mut patch = TypedModelPatch::default();
+        let inputs = [node.inputs[0], node.inputs[1], softmax.inputs[1]];
+        let wires = inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+        let masked = ActivationProduct { masked: true, ..op.clone() };
+        let wire = patch.wire_node(format!("{}.masked", node.name), masked, &wires)?[0];
+        patch.shunt_outside(model, node.id.into(), wire)?;
+        patch.apply(model)?;
+        changed += 1;
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]

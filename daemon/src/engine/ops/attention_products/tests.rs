@@ -18,7 +18,7 @@ fn kernels_match_float64_in_both_operand_orders() {
             // `w` as [n, k] when transposed, [k, n] otherwise.
             let at = |l: usize, j: usize| if transposed { w[j * k + l] } else { w[l * n + j] };
             let mut y = vec![f32::NAN; m * n];
-            kernels::run(transposed, &a, &w, &mut y, m, k, n);
+            kernels::run(transposed, &a, &w, &mut y, m, k, n, &[]);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|l| a[i * k + l] as f64 * at(l, j) as f64).sum();
@@ -26,6 +26,100 @@ fn kernels_match_float64_in_both_operand_orders() {
                     assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "transposed {transposed}, {m}×{k}×{n} at [{i}, {j}]: {got} vs {want}");
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn value_mix_of_causal_weights_reads_every_weight_that_is_not_zero() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // Attention weights as a causal prompt leaves them: row i is zero past key 10 + 5i. Among
+    // them a row of zeros and one whose only weight is the last key; tiles of 4 rows mix
+    // short and long rows, so a tile must read as far as its longest row.
+    let (m, k) = (9, 50);
+    let mut a = vec![0f32; m * k];
+    for i in 0..m - 2 {
+        let keys = (10 + 5 * i + 1).min(k);
+        a[i * k..][..keys].copy_from_slice(&random(&mut rng, keys));
+    }
+    a[(m - 1) * k + k - 1] = 0.5;
+    for n in [64, 37] {
+        let w = random(&mut rng, k * n);
+        let mut y = vec![f32::NAN; m * n];
+        kernels::run(false, &a, &w, &mut y, m, k, n, &[]);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|l| a[i * k + l] as f64 * w[l * n + j] as f64).sum();
+                let got = y[i * n + j] as f64;
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "n {n} at [{i}, {j}]: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn scores_under_a_mask_are_computed_as_far_as_a_tile_of_rows_keeps_them() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    // A prompt's scores (the mix of transposed keys): 11 rows in tiles of 4 and one of 3,
+    // 70 keys, head size 64; row i keeps keys up to 20 + 4i, row 5 none at all.
+    let (m, k, n) = (11, 64, 70);
+    let limits: Vec<usize> = (0..m).map(|i| if i == 5 { 0 } else { (21 + 4 * i).min(n) }).collect();
+    let a = random(&mut rng, m * k);
+    let w = random(&mut rng, k * n);
+    let mut y = vec![f32::NAN; m * n];
+    kernels::run(false, &a, &w, &mut y, m, k, n, &limits);
+    for i in 0..m {
+        let tile = i / 4 * 4..(i / 4 * 4 + 4).min(m);
+        let computed = (limits[tile].iter().max().unwrap().div_ceil(16) * 16).min(n);
+        for j in 0..n {
+            let got = y[i * n + j] as f64;
+            if j < limits[i] {
+                let want: f64 = (0..k).map(|l| a[i * k + l] as f64 * w[l * n + j] as f64).sum();
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "kept score [{i}, {j}]: {got} vs {want}");
+            } else if j >= computed {
+                assert_eq!(got, 0.0, "score [{i}, {j}] past the tile's last kept key");
+            }
+        }
+    }
+}
+
+#[test]
+fn masked_scores_skipped_leave_the_softmax_as_tract_computes_it() {
+    use crate::engine::ops::softmax::use_masked_softmax;
+    use tract_transformers::ops::scaled_masked_softmax::ScaledMaskedSoftmax;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // 2 heads, 12 new positions after 5 cached keys (a prompt continuing a conversation),
+    // then 1 position (decode); float (−∞) and boolean causal masks.
+    for (positions, keys) in [(12, 17), (1, 9)] {
+        for boolean in [false, true] {
+            let keep = |r: usize, c: usize| c <= keys - positions + r;
+            let mask = if boolean {
+                let v: Vec<bool> = (0..positions * keys).map(|i| keep(i / keys, i % keys)).collect();
+                Tensor::from_shape(&[1, positions, keys], &v).unwrap()
+            } else {
+                let v: Vec<f32> = (0..positions * keys).map(|i| if keep(i / keys, i % keys) { 0.0 } else { f32::NEG_INFINITY }).collect();
+                Tensor::from_shape(&[1, positions, keys], &v).unwrap()
+            };
+            let (q_shape, k_shape) = ([2, positions, 64], [2, keys, 64]);
+            let mut model = einsum_model("bmk,bnk->bmn", &q_shape, &k_shape);
+            let m = model.add_source("mask", TypedFact::shape_and_dt_of(&mask)).unwrap();
+            let scores = model.output_outlets().unwrap()[0];
+            let op = ScaledMaskedSoftmax { scale: std::sync::Arc::new(tensor0(0.125f32)), post_softmax_mask: false };
+            let probs = model.wire_node("softmax", op, &[scores, m]).unwrap()[0];
+            model.select_output_outlets(&[probs]).unwrap();
+            let inputs = [
+                Tensor::from_shape(&q_shape, &random(&mut rng, 2 * positions * 64)).unwrap(),
+                Tensor::from_shape(&k_shape, &random(&mut rng, 2 * keys * 64)).unwrap(),
+                mask,
+            ];
+            let case = format!("{positions} positions, {keys} keys, boolean {boolean}");
+            let plan = |m: TypedModel| m.into_optimized().unwrap().into_runnable().unwrap();
+            let run = |m: TypedModel| plan(m).run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap().remove(0).into_tensor();
+            let want = run(model.clone());
+            assert_eq!(use_masked_softmax(&mut model).unwrap(), 1, "{case}");
+            assert_eq!(use_activation_products(&mut model).unwrap(), 1, "{case}");
+            assert_eq!(skip_masked_scores(&mut model).unwrap(), 1, "{case}");
+            run(model).close_enough(&want, Approximation::Approximate).unwrap_or_else(|e| panic!("{case}: {e}"));
         }
     }
 }
