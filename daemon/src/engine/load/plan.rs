@@ -11,7 +11,7 @@ use tract_onnx::tract_core::internal::DimLike;
 use super::onnx_file;
 use crate::engine::error::LoadError;
 use crate::engine::manifest::Manifest;
-use crate::engine::ops::{attention_products, f32_products, quantized, rope, softmax};
+use crate::engine::ops::{attention, attention_products, f32_products, quantized, rope, softmax};
 
 /// The optimized, runnable graph every session of a model shares.
 pub type Plan = Arc<TypedRunnableModel>;
@@ -76,9 +76,9 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And attention's products of two activations (see `attention_products`).
     let replaced = attention_products::use_activation_products(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention products on direct kernels");
-    // Whose scores skip what the causal mask hides (see `skip_masked_scores`).
-    let changed = attention_products::skip_masked_scores(&mut typed).map_err(bad)?;
-    tracing::debug!(changed, "attention scores computed only where the mask keeps them");
+    // And those products with the softmax between them, a tile of rows at a time (see `attention`).
+    let replaced = attention::use_attention(&mut typed).map_err(bad)?;
+    tracing::debug!(replaced, "attention fused, a tile of query rows at a time");
     lap("rewrites");
     let optimized = typed.into_optimized().map_err(bad)?;
     lap("optimized");

@@ -21,8 +21,6 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
 
-use super::rope::tables_fit;
-use super::softmax::MaskedSoftmax;
 
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
 const LANES: usize = 16;
@@ -42,9 +40,6 @@ pub struct ActivationProduct {
     w_batch: usize,
     w_col: usize,
     w_sum: usize,
-    /// Whether a third input is the mask of the softmax that alone reads these scores (see
-    /// [`skip_masked_scores`]): scores it masks out for every row of a tile are not computed.
-    masked: bool,
 }
 
 impl Op for ActivationProduct {
@@ -53,8 +48,7 @@ impl Op for ActivationProduct {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let masked = if self.masked { ", masked scores skipped" } else { "" };
-        Ok(vec![format!("second operand {}{masked}", if self.transposed() { "[batch, n, k]" } else { "[batch, k, n]" })])
+        Ok(vec![format!("second operand {}", if self.transposed() { "[batch, n, k]" } else { "[batch, k, n]" })])
     }
 
     op_as_typed_op!();
@@ -66,13 +60,19 @@ type Dims<D> = (D, TVec<D>, D, D);
 impl ActivationProduct {
     /// Whether the second operand is stored `[batch, n, k]` (its rows are what the first
     /// operand's rows meet).
-    fn transposed(&self) -> bool {
+    pub(super) fn transposed(&self) -> bool {
         self.w_col < self.w_sum
+    }
+
+    /// Whether the first operand is read as it lies: `[batch, rows…, summed]` and no unit
+    /// axes, as this op's own output is.
+    pub(super) fn reads_first_operand_in_order(&self) -> bool {
+        self.a_batch == 0 && self.a_rows.iter().enumerate().all(|(i, &p)| p == i + 1) && self.a_sum == self.a_rows.len() + 1
     }
 
     /// The sizes of operands with these shapes, checked against each other: equal batch and
     /// summed sizes, every other axis of size 1.
-    fn dims<D: DimLike>(&self, a: &[D], w: &[D]) -> TractResult<Dims<D>> {
+    pub(super) fn dims<D: DimLike>(&self, a: &[D], w: &[D]) -> TractResult<Dims<D>> {
         // No allocation: this runs on every decode step, ~60 times on SmolLM2.
         let a_named = |p: usize| p == self.a_batch || p == self.a_sum || self.a_rows.contains(&p);
         let w_named = |p: usize| p == self.w_batch || p == self.w_col || p == self.w_sum;
@@ -94,55 +94,27 @@ impl EvalOp for ActivationProduct {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, w) = (&inputs[0], &inputs[1]);
+        let (a, w) = args_2!(inputs);
         let (batch, rows, k, n) = self.dims(a.shape(), w.shape())?;
         let m: usize = rows.iter().product();
         let shape: TVec<usize> = [batch].into_iter().chain(rows).chain([n]).collect();
-        let limits = match inputs.get(2) {
-            Some(mask) if self.masked => column_limits(&shape, mask)?,
-            _ => None,
-        };
         // SAFETY: f32 has no invalid bit patterns, and the kernel writes every value.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let (a, w) = (a.try_as_plain_ram()?, w.try_as_plain_ram()?);
             let mut y = y.try_as_plain_ram_mut()?;
             let (a, w, y) = (a.as_slice::<f32>()?, w.as_slice::<f32>()?, y.as_slice_mut::<f32>()?);
-            for (b, ((a, w), y)) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)).enumerate() {
-                let limits = limits.as_ref().map_or(&[][..], |l| &l[b * m..][..m]);
-                kernels::run(self.transposed(), a, w, y, m, k, n, limits);
+            for ((a, w), y) in a.chunks_exact(m * k).zip(w.chunks_exact(k * n)).zip(y.chunks_exact_mut(m * n)) {
+                kernels::run(self.transposed(), a, w, y, m, k, n, &[]);
             }
         }
         Ok(tvec!(y.into_tvalue()))
     }
 }
 
-/// For scores of `shape` read by a softmax under `mask`, how many leading columns of each row
-/// the mask lets through: one past the last key not masked (−∞ in a float mask, false in a
-/// boolean one). `None` when the mask does not fit the scores as the softmax reads it (which
-/// then reports it) or is of another type: every score is computed.
-fn column_limits(shape: &[usize], mask: &Tensor) -> TractResult<Option<Vec<usize>>> {
-    let keys = shape.last().copied().unwrap_or(0);
-    if keys == 0 || !tables_fit(shape, mask.shape()) {
-        return Ok(None);
-    }
-    let ram = mask.try_as_plain_ram()?;
-    let per_mask_row: Vec<usize> = if mask.datum_type() == f32::datum_type() {
-        ram.as_slice::<f32>()?.chunks_exact(keys).map(|r| r.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1)).collect()
-    } else if mask.datum_type() == bool::datum_type() {
-        ram.as_slice::<bool>()?.chunks_exact(keys).map(|r| r.iter().rposition(|keep| *keep).map_or(0, |j| j + 1)).collect()
-    } else {
-        return Ok(None);
-    };
-    // The softmax pairs score rows with mask rows in turn, starting over at the mask's end.
-    let rows = shape.iter().product::<usize>() / keys;
-    Ok(Some(per_mask_row.iter().copied().cycle().take(rows).collect()))
-}
-
 impl TypedOp for ActivationProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        // A third input, a mask, is float32 or boolean: `column_limits` reads either.
-        ensure!(inputs[..2].iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()), "ActivationProduct reads float32");
         let (batch, rows, _, n) = self.dims(&inputs[0].shape.to_tvec(), &inputs[1].shape.to_tvec())?;
         let shape: TVec<TDim> = [batch].into_iter().chain(rows).chain([n]).collect();
         Ok(tvec!(f32::fact(shape)))
@@ -153,13 +125,14 @@ impl TypedOp for ActivationProduct {
 
 /// One generic loop nest per operand order, compiled for each instruction set it runs on (as
 /// in `f32_products`).
-mod kernels {
+pub(super) mod kernels {
     use super::LANES;
 
     /// One batch element: `y` (`[m, n]`) from `a` (`[m, k]`) and `w`. `limits`, empty or one
-    /// per row, lets a prompt's scores skip the columns past a row's limit (see
-    /// [`super::skip_masked_scores`]): a tile of rows computes up to its largest limit and
-    /// writes 0 past it. Decode (dot products) computes every column.
+    /// per row, lets a prompt's scores skip the keys a causal mask hides (as the fused
+    /// [`Attention`](crate::engine::ops::attention::Attention) does): a tile of rows computes
+    /// the columns up to its largest limit and writes 0 past them. Decode's dot products
+    /// compute every column.
     #[allow(clippy::too_many_arguments)]
     pub fn run(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         // Transposed here, outside the loop nests: a second call site of the mix inside
@@ -206,10 +179,10 @@ mod kernels {
     /// decode (a few query rows per key head) the copy costs more than the sums it saves; in
     /// a prompt it is nothing beside them (`mulmd probe --profile` on a 1,031-token SmolLM2
     /// prompt: these products took 3.6 s of the 6.5 s prefill as dot products).
-    const ROWS_FOR_MIX: usize = 8;
+    pub const ROWS_FOR_MIX: usize = 8;
 
     /// `w` `[n, k]` → `[k, n]`: the keys as a matrix the query rows mix.
-    fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut wt = vec![0f32; k * n];
         for (j, row) in w.chunks_exact(k).enumerate() {
             for (l, x) in row.iter().enumerate() {
@@ -444,7 +417,6 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
         w_batch: position(1, Role::Batch),
         w_col: position(1, Role::Col),
         w_sum: position(1, Role::Sum),
-        masked: false,
     };
     debug_assert_eq!(op.transposed(), transposed);
     // Operands whose batch or summed sizes differ (a broadcast) are tract's, as is any shape
@@ -458,40 +430,6 @@ fn activation_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
     let wire = patch.wire_node(format!("{}.act", node.name), op, &operands)?[0];
     patch.shunt_outside(model, node.id.into(), wire)?;
     Ok(Some(patch))
-}
-
-/// Gives every product of scores that only a [`MaskedSoftmax`] reads that softmax's mask as a
-/// third input, so a prompt's scores skip the keys the mask hides from a whole tile of rows.
-/// Returns how many products it changed.
-///
-/// Why: a causal prompt of `p` positions masks out about half of its `p × p` new scores, and
-/// the score products were a fifth of a 1,031-token SmolLM2 prefill (bench/RESULTS.md,
-/// assistant prompts). What the softmax makes of a masked score does not depend on its value
-/// (`x · scale + −∞`, or −∞ in place of `x`), so it is written as 0, never computed.
-pub fn skip_masked_scores(model: &mut TypedModel) -> TractResult<usize> {
-    let mut changed = 0;
-    // Patches only add nodes, so this order's ids stay valid.
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(op) = node.op_as::<ActivationProduct>() else { continue };
-        let readers = &node.outputs[0].successors;
-        if op.masked || !op.transposed() || node.inputs.len() != 2 || readers.len() != 1 || readers[0].slot != 0 {
-            continue;
-        }
-        let softmax = model.node(readers[0].node);
-        if !softmax.op_is::<MaskedSoftmax>() || model.output_outlets()?.contains(&node.id.into()) {
-            continue;
-        }
-        let mut patch = TypedModelPatch::default();
-        let inputs = [node.inputs[0], node.inputs[1], softmax.inputs[1]];
-        let wires = inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
-        let masked = ActivationProduct { masked: true, ..op.clone() };
-        let wire = patch.wire_node(format!("{}.masked", node.name), masked, &wires)?[0];
-        patch.shunt_outside(model, node.id.into(), wire)?;
-        patch.apply(model)?;
-        changed += 1;
-    }
-    Ok(changed)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - [`quantized`]: 4- and 8-bit weights × 8-bit activations on integer dot products
 //!   (AVX-512 VNNI, AVX-VNNI, AVX2, `sdot`, NEON), chosen at run time.
 //! - [`f32_products`]: float32 weights streamed in 16-output panels.
-//! - [`attention_products`]: attention's products of two activations.
+//! - [`attention_products`]: attention's products of two activations; [`attention`]: those
+//!   and the softmax between them, a tile of query rows at a time.
 //! - [`rope`], [`softmax`]: rotary embedding and attention's masked softmax in one pass.
 //! - [`product_rewrite`], [`op_swap`]: how the above replace tract's ops in a graph.
 //! - [`shares`], [`team`], [`aligned`]: splitting a product over threads, the helper team,
@@ -13,6 +14,7 @@
 //! - [`isa`]: which instruction sets the kernels may use (all the CPU has, or a forced level).
 
 pub(crate) mod aligned;
+pub(crate) mod attention;
 pub(crate) mod attention_products;
 pub(crate) mod f32_products;
 pub mod isa;

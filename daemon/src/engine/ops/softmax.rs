@@ -59,6 +59,68 @@ impl MaskedSoftmax {
     }
 }
 
+impl MaskedSoftmax {
+    /// One row of scores made probabilities in place under its row of the mask.
+    pub(super) fn row(&self, row: &mut [f32], mask: MaskRow) -> TractResult<()> {
+        match mask {
+            MaskRow::Bool(keep) => {
+                for (v, &keep) in row.iter_mut().zip(keep) {
+                    *v = if keep { *v * self.scale } else { f32::NEG_INFINITY };
+                }
+                self.normalize(row)?;
+                if self.post_softmax_mask {
+                    row.iter_mut().zip(keep).filter(|(_, keep)| !**keep).for_each(|(v, _)| *v = 0.0);
+                }
+            }
+            MaskRow::Float(add) => {
+                for (v, add) in row.iter_mut().zip(add) {
+                    *v = *v * self.scale + add;
+                }
+                self.normalize(row)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A float32 or boolean mask's values (see the module contract).
+pub(super) enum Mask<'a> {
+    Float(&'a [f32]),
+    Bool(&'a [bool]),
+}
+
+/// One row of a [`Mask`].
+#[derive(Clone, Copy)]
+pub(super) enum MaskRow<'a> {
+    Float(&'a [f32]),
+    Bool(&'a [bool]),
+}
+
+impl<'a> Mask<'a> {
+    pub(super) fn of(mask: &'a Tensor) -> TractResult<Self> {
+        if mask.datum_type() == bool::datum_type() {
+            Ok(Mask::Bool(mask.try_as_plain_ram()?.as_slice::<bool>()?))
+        } else {
+            Ok(Mask::Float(mask.try_as_plain_ram()?.as_slice::<f32>()?))
+        }
+    }
+
+    /// The row score row `r` of `keys` scores meets: rows are taken in turn, starting over
+    /// at the mask's end.
+    pub(super) fn row(&self, r: usize, keys: usize) -> MaskRow<'a> {
+        match self {
+            Mask::Float(v) => {
+                let rows = v.len() / keys;
+                MaskRow::Float(&v[(r % rows) * keys..][..keys])
+            }
+            Mask::Bool(v) => {
+                let rows = v.len() / keys;
+                MaskRow::Bool(&v[(r % rows) * keys..][..keys])
+            }
+        }
+    }
+}
+
 impl PartialEq for MaskedSoftmax {
     fn eq(&self, other: &Self) -> bool {
         self.scale.to_bits() == other.scale.to_bits() && self.post_softmax_mask == other.post_softmax_mask
@@ -96,26 +158,10 @@ impl EvalOp for MaskedSoftmax {
         }
         let mut y_ram = y.try_as_plain_ram_mut()?;
         let rows = y_ram.as_slice_mut::<f32>()?.chunks_exact_mut(keys);
-        let mask_ram = mask.try_as_plain_ram()?;
-        if mask.datum_type() == bool::datum_type() {
-            let mask = mask_ram.as_slice::<bool>()?;
-            for (row, keep) in rows.zip(mask.chunks_exact(keys).cycle()) {
-                for (v, &keep) in row.iter_mut().zip(keep) {
-                    *v = if keep { *v * self.scale } else { f32::NEG_INFINITY };
-                }
-                self.normalize(row)?;
-                if self.post_softmax_mask {
-                    row.iter_mut().zip(keep).filter(|(_, keep)| !**keep).for_each(|(v, _)| *v = 0.0);
-                }
-            }
-        } else {
-            let mask = mask_ram.as_slice::<f32>()?;
-            for (row, add) in rows.zip(mask.chunks_exact(keys).cycle()) {
-                for (v, add) in row.iter_mut().zip(add) {
-                    *v = *v * self.scale + add;
-                }
-                self.normalize(row)?;
-            }
+        let mask = Mask::of(&mask)?;
+        // Score rows meet mask rows in turn, starting over at the mask's end.
+        for (r, row) in rows.enumerate() {
+            self.row(row, mask.row(r, keys))?;
         }
         Ok(tvec!(y.into_tvalue()))
     }

@@ -83,47 +83,6 @@ fn scores_under_a_mask_are_computed_as_far_as_a_tile_of_rows_keeps_them() {
     }
 }
 
-#[test]
-fn masked_scores_skipped_leave_the_softmax_as_tract_computes_it() {
-    use crate::engine::ops::softmax::use_masked_softmax;
-    use tract_transformers::ops::scaled_masked_softmax::ScaledMaskedSoftmax;
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    // 2 heads, 12 new positions after 5 cached keys (a prompt continuing a conversation),
-    // then 1 position (decode); float (−∞) and boolean causal masks.
-    for (positions, keys) in [(12, 17), (1, 9)] {
-        for boolean in [false, true] {
-            let keep = |r: usize, c: usize| c <= keys - positions + r;
-            let mask = if boolean {
-                let v: Vec<bool> = (0..positions * keys).map(|i| keep(i / keys, i % keys)).collect();
-                Tensor::from_shape(&[1, positions, keys], &v).unwrap()
-            } else {
-                let v: Vec<f32> = (0..positions * keys).map(|i| if keep(i / keys, i % keys) { 0.0 } else { f32::NEG_INFINITY }).collect();
-                Tensor::from_shape(&[1, positions, keys], &v).unwrap()
-            };
-            let (q_shape, k_shape) = ([2, positions, 64], [2, keys, 64]);
-            let mut model = einsum_model("bmk,bnk->bmn", &q_shape, &k_shape);
-            let m = model.add_source("mask", TypedFact::shape_and_dt_of(&mask)).unwrap();
-            let scores = model.output_outlets().unwrap()[0];
-            let op = ScaledMaskedSoftmax { scale: std::sync::Arc::new(tensor0(0.125f32)), post_softmax_mask: false };
-            let probs = model.wire_node("softmax", op, &[scores, m]).unwrap()[0];
-            model.select_output_outlets(&[probs]).unwrap();
-            let inputs = [
-                Tensor::from_shape(&q_shape, &random(&mut rng, 2 * positions * 64)).unwrap(),
-                Tensor::from_shape(&k_shape, &random(&mut rng, 2 * keys * 64)).unwrap(),
-                mask,
-            ];
-            let case = format!("{positions} positions, {keys} keys, boolean {boolean}");
-            let plan = |m: TypedModel| m.into_optimized().unwrap().into_runnable().unwrap();
-            let run = |m: TypedModel| plan(m).run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap().remove(0).into_tensor();
-            let want = run(model.clone());
-            assert_eq!(use_masked_softmax(&mut model).unwrap(), 1, "{case}");
-            assert_eq!(use_activation_products(&mut model).unwrap(), 1, "{case}");
-            assert_eq!(skip_masked_scores(&mut model).unwrap(), 1, "{case}");
-            run(model).close_enough(&want, Approximation::Approximate).unwrap_or_else(|e| panic!("{case}: {e}"));
-        }
-    }
-}
-
 /// A model `y = einsum(spec, a, b)` of two inputs.
 fn einsum_model(spec: &str, a: &[usize], b: &[usize]) -> TypedModel {
     let mut model = TypedModel::default();

@@ -1,0 +1,191 @@
+//! Attention in one op: the scores of a tile of query rows, their masked softmax and their mix
+//! of the values, tile after tile, in place of the three ops that computed each over all rows.
+//!
+//! Contract: `y = mix(softmax(scores(q, k), mask), v)` where `scores` and `mix` are the two
+//! [`ActivationProduct`]s this op replaces and `softmax` the [`MaskedSoftmax`] between them;
+//! the same kernels in the same order, so the result is the three ops' to the bit.
+//!
+//! Why: a prompt's scores are `rows × keys` values per key head. For SmolLM2's 1,119-token
+//! prompt that is 45 MB a layer, written by the scores product, read and written by the
+//! softmax, read by the mix: larger than any cache, and in a mapping of its own that is
+//! faulted in page by page at every layer (glibc maps allocations over 32 MiB). A tile of 32
+//! rows of scores is 143 KB and stays in the cache from its scores to its mix. And with the
+//! mask at hand, a tile computes scores only as far as its rows keep keys (about half of a
+//! causal prompt's) and mixes values only as far as its weights are not zero.
+
+use std::cell::RefCell;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::aligned::CacheAligned;
+use super::attention_products::{kernels, ActivationProduct};
+use super::rope::tables_fit;
+use super::softmax::{Mask, MaskRow, MaskedSoftmax};
+
+/// Query rows per tile: their scores stay in the L2 cache up to a few thousand keys.
+const TILE: usize = 32;
+
+/// See the module contract (`Attention` in profiles).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attention {
+    scores: ActivationProduct,
+    softmax: MaskedSoftmax,
+    mix: ActivationProduct,
+}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        "Attention".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    /// Inputs: queries, keys, the mask, values.
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (q, k, mask, v) = args_4!(inputs);
+        let (batch, rows, depth, keys) = self.scores.dims(q.shape(), k.shape())?;
+        let scores_shape: TVec<usize> = [batch].into_iter().chain(rows.iter().copied()).chain([keys]).collect();
+        ensure!(
+            tables_fit(&scores_shape, mask.shape()),
+            "Attention: a mask of shape {:?} does not fit scores of shape {scores_shape:?} (it must be [1…, positions, keys])",
+            mask.shape()
+        );
+        let (_, mix_rows, mixed, width) = self.mix.dims(&scores_shape, v.shape())?;
+        ensure!(mix_rows == rows && mixed == keys, "Attention: values of shape {:?} do not fit {keys} keys", v.shape());
+        let m: usize = rows.iter().product();
+        let out_shape: TVec<usize> = [batch].into_iter().chain(rows).chain([width]).collect();
+        // SAFETY: f32 has no invalid bit patterns, and every tile writes all of its rows.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            let y = out_ram.as_slice_mut::<f32>()?;
+            if keys == 0 {
+                y.fill(0.0);
+                return Ok(tvec!(out.into_tvalue()));
+            }
+            let mask = Mask::of(&mask)?;
+            let limits = column_limits(&mask, batch * m, keys);
+            let (q, k, v) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?);
+            let (q, k, v) = (q.as_slice::<f32>()?, k.as_slice::<f32>()?, v.as_slice::<f32>()?);
+            SCORES.with_borrow_mut(|buffer| -> TractResult<()> {
+                let floats = (TILE.min(m) * keys + SKEWS) * 4;
+                if buffer.len() < floats {
+                    *buffer = CacheAligned::zeroed(floats);
+                }
+                let buffer = buffer.floats_mut();
+                for b in 0..batch {
+                    let q = &q[b * m * depth..][..m * depth];
+                    let k = &k[b * keys * depth..][..keys * depth];
+                    let v = &v[b * keys * width..][..keys * width];
+                    // Keys as the matrix a prompt's query rows mix, once per key head (as the
+                    // scores product does); a few decode rows take dot products instead.
+                    let transposed = m < kernels::ROWS_FOR_MIX;
+                    let keys_t = if transposed { Vec::new() } else { kernels::transpose(k, keys, depth) };
+                    let k = if transposed { k } else { &keys_t[..] };
+                    for i0 in (0..m).step_by(TILE) {
+                        let tile = TILE.min(m - i0);
+                        let first = b * m + i0;
+                        // Each row lies as far past a cache line as it would in the scores
+                        // tensor of the ops replaced: tract's softmax kernels sum the part
+                        // before the first aligned vector apart, so the sums would differ.
+                        let skew = (first * keys) % SKEWS;
+                        let scores = &mut buffer[skew..][..tile * keys];
+                        kernels::run(transposed, &q[i0 * depth..][..tile * depth], k, scores, tile, depth, keys, &limits[first..first + tile]);
+                        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+                            self.softmax.row(row, mask.row(first + r, keys))?;
+                        }
+                        kernels::run(false, scores, v, &mut y[first * width..][..tile * width], tile, keys, width, &[]);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// Floats in a cache line: how far a row of scores can lie past one.
+const SKEWS: usize = 16;
+
+thread_local! {
+    /// One tile's scores, kept between calls: at most [`TILE`] × the context's keys (1 MB
+    /// for 8,192 keys).
+    static SCORES: RefCell<CacheAligned> = RefCell::new(CacheAligned::zeroed(0));
+}
+
+/// For each of `rows` score rows of `keys`, how many leading keys its mask row keeps: one past
+/// the last that is not masked (−∞ in a float mask, false in a boolean one).
+fn column_limits(mask: &Mask, rows: usize, keys: usize) -> Vec<usize> {
+    let last_kept = |row: MaskRow| match row {
+        MaskRow::Float(add) => add.iter().rposition(|a| *a != f32::NEG_INFINITY),
+        MaskRow::Bool(keep) => keep.iter().rposition(|k| *k),
+    };
+    (0..rows).map(|r| last_kept(mask.row(r, keys)).map_or(0, |j| j + 1)).collect()
+}
+
+impl TypedOp for Attention {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let (q, k, v) = (inputs[0], inputs[1], inputs[3]);
+        ensure!([q, k, v].iter().all(|f| f.datum_type == f32::datum_type()), "Attention reads float32 queries, keys and values");
+        let (batch, rows, _, keys) = self.scores.dims(&q.shape.to_tvec(), &k.shape.to_tvec())?;
+        let scores: TVec<TDim> = [batch].into_iter().chain(rows).chain([keys]).collect();
+        let (batch, rows, _, width) = self.mix.dims(&scores, &v.shape.to_tvec())?;
+        Ok(tvec!(f32::fact([batch].into_iter().chain(rows).chain([width]).collect::<TVec<_>>())))
+    }
+
+    as_op!();
+}
+
+/// Replaces every chain of a scores [`ActivationProduct`], the [`MaskedSoftmax`] that alone
+/// reads it and the value [`ActivationProduct`] that alone reads that by one [`Attention`].
+/// Returns how many it replaced; a chain with another reader in between stays as it is.
+pub fn use_attention(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    // Patches only add nodes, so this order's ids stay valid.
+    for id in model.eval_order()? {
+        let Some(patch) = attention_patch(model, id)? else { continue };
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// The patch putting an [`Attention`] in place of the chain whose scores product is node `id`.
+fn attention_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let outputs = model.output_outlets()?;
+    // The one reader of node `id`'s output, if it reads it as its first input and the
+    // output is not also the model's.
+    let sole_reader = |id: usize| -> Option<&TypedNode> {
+        let readers = &model.node(id).outputs[0].successors;
+        (readers.len() == 1 && readers[0].slot == 0 && !outputs.contains(&id.into())).then(|| model.node(readers[0].node))
+    };
+    let node = model.node(id);
+    let Some(scores) = node.op_as::<ActivationProduct>() else { return Ok(None) };
+    let Some(softmax_node) = sole_reader(id) else { return Ok(None) };
+    let Some(softmax) = softmax_node.op_as::<MaskedSoftmax>() else { return Ok(None) };
+    let Some(mix_node) = sole_reader(softmax_node.id) else { return Ok(None) };
+    let Some(mix) = mix_node.op_as::<ActivationProduct>() else { return Ok(None) };
+    if !scores.transposed() || mix.transposed() || !mix.reads_first_operand_in_order() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let op = Attention { scores: scores.clone(), softmax: softmax.clone(), mix: mix.clone() };
+    let inputs = [node.inputs[0], node.inputs[1], softmax_node.inputs[1], mix_node.inputs[1]];
+    let facts: TVec<&TypedFact> = inputs.iter().map(|i| model.outlet_fact(*i)).collect::<TractResult<_>>()?;
+    // A shape this op would compute differently from the chain is left to the chain.
+    if op.output_facts(&facts).ok().map(|f| f[0].shape.clone()) != Some(model.outlet_fact(mix_node.id.into())?.shape.clone()) {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::default();
+    let wires = inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+    let wire = patch.wire_node(format!("{}.attention", node.name), op, &wires)?[0];
+    patch.shunt_outside(model, mix_node.id.into(), wire)?;
+    Ok(Some(patch))
+}
+
+#[cfg(test)]
+mod tests;
