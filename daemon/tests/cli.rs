@@ -147,10 +147,10 @@ fn probe_profile_times_every_pass_by_op() {
     let p = &v["runs"][0]["profile"];
     assert_eq!(p["prefill"]["passes"], 1);
     assert_eq!(p["decode"]["passes"], 5);
-    // The tiny model is float32: its weight products, attention's, the rotary embedding and
-    // attention's softmax run on the engine's ops.
+    // The tiny model is float32: its weight products, the rotary embedding and attention (its
+    // two products and the softmax between them, fused) run on the engine's ops.
     for pass in ["prefill", "decode"] {
-        for op in ["F32MatMul", "ActivationProduct", "Rope", "MaskedSoftmax"] {
+        for op in ["F32MatMul", "Rope", "Attention"] {
             let timed = &p[pass]["ops"][op];
             assert!(timed["ms"].as_f64().is_some_and(|ms| ms > 0.0) && timed["calls"].as_u64().is_some_and(|c| c > 0), "{pass}, {op}: {p}");
         }

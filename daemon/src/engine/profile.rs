@@ -1,5 +1,5 @@
 //! Where a forward pass spends its time, by kind of op (the plan's op names: the engine's
-//! `QuantizedMatMul`, `F32MatMul`, `ActivationProduct`, tract's `ApplyRope`, …), for `mulmd probe
+//! `QuantizedMatMul`, `F32MatMul`, `Attention`, tract's `ApplyRope`, …), for `mulmd probe
 //! --profile`: the evidence behind bench/RESULTS.md's account of what limits each model,
 //! reproducible on the board itself.
 
