@@ -21,7 +21,6 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
 
-
 /// Lanes the kernels sum in: one AVX-512 vector, two AVX2, four NEON.
 const LANES: usize = 16;
 
@@ -156,21 +155,21 @@ pub(super) mod kernels {
                 return unsafe { avx2(transposed, a, w, y, m, k, n, limits) };
             }
         }
-        any(transposed, a, w, y, m, k, n, limits)
+        any::<LANES>(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx512(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
-        any(transposed, a, w, y, m, k, n, limits)
+        any::<{ 2 * LANES }>(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
-        any(transposed, a, w, y, m, k, n, limits)
+        any::<LANES>(transposed, a, w, y, m, k, n, limits)
     }
 
     /// Rows from which scores are computed as a mix of the transposed keys rather than as
@@ -193,14 +192,16 @@ pub(super) mod kernels {
     }
 
     /// Everything here is inlined into the callers above, so it is compiled with their
-    /// features: `mul_add` outside them is a call to the C library's `fmaf`.
+    /// features: `mul_add` outside them is a call to the C library's `fmaf`. A mix sums
+    /// `WIDE` output columns at a time where the vector registers hold them (see
+    /// [`mix_tile`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn any(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+    fn any<const WIDE: usize>(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         if transposed {
             rows_dot_rows(a, w, y, k, n)
         } else {
-            rows_times_matrix(a, w, n, y, m, k, n, limits)
+            rows_times_matrix::<WIDE>(a, w, n, y, m, k, n, limits)
         }
     }
 
@@ -243,16 +244,16 @@ pub(super) mod kernels {
     /// chains of fused multiply-adds in flight; one row alone would wait on each addition.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn rows_times_matrix(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+    fn rows_times_matrix<const WIDE: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         let mut i = 0;
         while m - i >= 4 {
-            mix_tile::<4>(a, w, stride, y, i, k, n, limits);
+            mix_tile::<4, WIDE>(a, w, stride, y, i, k, n, limits);
             i += 4;
         }
         match m - i {
-            3 => mix_tile::<3>(a, w, stride, y, i, k, n, limits),
-            2 => mix_tile::<2>(a, w, stride, y, i, k, n, limits),
-            1 => mix_tile::<1>(a, w, stride, y, i, k, n, limits),
+            3 => mix_tile::<3, WIDE>(a, w, stride, y, i, k, n, limits),
+            2 => mix_tile::<2, WIDE>(a, w, stride, y, i, k, n, limits),
+            1 => mix_tile::<1, WIDE>(a, w, stride, y, i, k, n, limits),
             _ => {}
         }
     }
@@ -260,7 +261,7 @@ pub(super) mod kernels {
     /// `acc[t] += rows[t][l] · values` (a function, not a closure: closures are not inlined
     /// into the feature-enabled callers reliably, and a `mul_add` outside them calls `fmaf`).
     #[inline(always)]
-    fn add<const T: usize>(acc: &mut [[f32; LANES]; T], rows: &[&[f32]; T], l: usize, values: &[f32; LANES]) {
+    fn add<const T: usize, const C: usize>(acc: &mut [[f32; C]; T], rows: &[&[f32]; T], l: usize, values: &[f32; C]) {
         for t in 0..T {
             let x = rows[t][l];
             for (s, v) in acc[t].iter_mut().zip(values) {
@@ -281,11 +282,17 @@ pub(super) mod kernels {
         rows.iter().map(|row| row.iter().rposition(|x| *x != 0.0).map_or(0, |l| l + 1)).max().unwrap_or(0)
     }
 
-    /// Rows `i0..i0 + T` of [`rows_times_matrix`], 16 output columns at a time so their sums
-    /// stay in registers across the whole of `k`.
+    /// Rows `i0..i0 + T` of [`rows_times_matrix`], `WIDE` output columns at a time (then 16)
+    /// so their sums stay in registers across the whole of `k`.
+    ///
+    /// Why `WIDE`: each step of `l` loads a row of `w` and broadcasts `T` weights for `T`
+    /// multiply-adds per 16 columns, so 16 columns at a time spend more loads than
+    /// multiply-adds. AVX-512's 32 registers hold 4 rows × 32 columns of sums: two loads,
+    /// four broadcasts, eight multiply-adds per step. AVX2's 16 and NEON's 32 shorter ones
+    /// hold 16 columns.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn mix_tile<const T: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize, limits: &[usize]) {
+    fn mix_tile<const T: usize, const WIDE: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize, limits: &[usize]) {
         let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(i0 + t) * k..][..k]);
         let k = mixed(&rows);
         // Columns no row of the tile keeps are 0, in whole groups of 16 past the last kept.
@@ -295,6 +302,16 @@ pub(super) mod kernels {
             y[(i0 + t) * n + computed..][..n - computed].fill(0.0);
         }
         let mut j = 0;
+        while WIDE > LANES && j + WIDE <= computed {
+            let mut acc = [[0f32; WIDE]; T];
+            for l in 0..k {
+                add(&mut acc, &rows, l, w[l * stride + j..][..WIDE].try_into().expect("WIDE values"));
+            }
+            for (t, sums) in acc.iter().enumerate() {
+                y[(i0 + t) * n + j..][..WIDE].copy_from_slice(sums);
+            }
+            j += WIDE;
+        }
         while j < computed {
             let mut acc = [[0f32; LANES]; T];
             if j + LANES <= stride {

@@ -57,9 +57,7 @@ impl MaskedSoftmax {
         let sum = self.kernels.exp_sum.run_with_params(row, max)?;
         self.kernels.scale.run_with_params(row, sum.recip())
     }
-}
 
-impl MaskedSoftmax {
     /// One row of scores made probabilities in place under its row of the mask.
     pub(super) fn row(&self, row: &mut [f32], mask: MaskRow) -> TractResult<()> {
         match mask {
@@ -105,8 +103,8 @@ impl<'a> Mask<'a> {
         }
     }
 
-    /// The row score row `r` of `keys` scores meets: rows are taken in turn, starting over
-    /// at the mask's end.
+    /// The mask row that score row `r` (of `keys` scores) meets: the mask's rows in turn,
+    /// starting over at its end. The mask must hold at least one row of `keys`.
     pub(super) fn row(&self, r: usize, keys: usize) -> MaskRow<'a> {
         match self {
             Mask::Float(v) => {
