@@ -69,7 +69,11 @@ impl EvalOp for Attention {
                 return Ok(tvec!(out.into_tvalue()));
             }
             let mask = Mask::of(&mask)?;
-            let limits = column_limits(&mask, batch * m, keys);
+            // A prompt's query rows mix the keys transposed, once per key head (as the scores
+            // product does), and skip what the mask hides; a few decode rows take dot
+            // products of every key, so their limits are not computed on each step.
+            let transposed = m < kernels::ROWS_FOR_MIX;
+            let limits = if transposed { Vec::new() } else { column_limits(&mask, batch * m, keys) };
             let (q, k, v) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?);
             let (q, k, v) = (q.as_slice::<f32>()?, k.as_slice::<f32>()?, v.as_slice::<f32>()?);
             SCORES.with_borrow_mut(|buffer| -> TractResult<()> {
@@ -82,9 +86,6 @@ impl EvalOp for Attention {
                     let q = &q[b * m * depth..][..m * depth];
                     let k = &k[b * keys * depth..][..keys * depth];
                     let v = &v[b * keys * width..][..keys * width];
-                    // Keys as the matrix a prompt's query rows mix, once per key head (as the
-                    // scores product does); a few decode rows take dot products instead.
-                    let transposed = m < kernels::ROWS_FOR_MIX;
                     let keys_t = if transposed { Vec::new() } else { kernels::transpose(k, keys, depth) };
                     let k = if transposed { k } else { &keys_t[..] };
                     for i0 in (0..m).step_by(TILE) {
@@ -95,7 +96,8 @@ impl EvalOp for Attention {
                         // before the first aligned vector apart, so the sums would differ.
                         let skew = (first * keys) % SKEWS;
                         let scores = &mut buffer[skew..][..tile * keys];
-                        kernels::run(transposed, &q[i0 * depth..][..tile * depth], k, scores, tile, depth, keys, &limits[first..first + tile]);
+                        let limits = if transposed { &[][..] } else { &limits[first..first + tile] };
+                        kernels::run(transposed, &q[i0 * depth..][..tile * depth], k, scores, tile, depth, keys, limits);
                         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
                             self.softmax.row(row, mask.row(first + r, keys))?;
                         }
