@@ -4,8 +4,10 @@
 An engine change that moves prefill by 10-50% is measured here before it is set against the
 peers (bench/assistant_prompts.py, bench/compare_runtimes.py): each build runs `mulmd probe`
 in a fresh process on a Home-Assistant-shaped prompt (bench/assistant_prompts.py's), the
-builds' order alternating between rounds; the table gives medians, each build's prefill as
-a ratio of the first build's, and whether every build generated the same greedy tokens.
+builds' order alternating between rounds; the table gives medians, each build's prefill and
+decode speed as ratios to the first build's, and whether every build generated the same
+greedy tokens. Decode runs at the prompt's length, so `--generate 64` measures a decode step
+against a long cache.
 
     bench/prefill_ab.py --build before=/tmp/mulmd-a --build after=target/release/mulmd \\
         --kernels avx2 --tokens 1000 --rounds 3 --models smollm2-q4 mulm-28m-q4
@@ -42,6 +44,8 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=8, help="tokens generated after the prompt")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
+    if bad := [b for b in a.build if "=" not in b]:
+        p.error(f"--build takes NAME=PATH, e.g. --build after=target/release/mulmd; got {bad[0]!r}")
     builds = dict(b.split("=", 1) for b in a.build)
     cache = Path(os.environ.get("MULMD_BENCH_MODELS", Path.home() / ".cache/mulmd/bench-models"))
     dirs = prepare(cache, a.models)
@@ -56,16 +60,18 @@ def main() -> None:
             for b in (list(builds) if r % 2 == 0 else list(reversed(builds))):
                 runs[b].append(probe(builds[b], dirs[name], query, a.kernels, a.generate))
         base = statistics.median(x["prefill_ms"] for x in runs[next(iter(builds))])
+        base_decode = statistics.median(map(decode_rate, runs[next(iter(builds))]))
         tokens = {b: {tuple(x["tokens"]) for x in runs[b]} for b in builds}
         for b, rs in runs.items():
             prefill = statistics.median(x["prefill_ms"] for x in rs)
-            rows.append((name, rs[0]["prompt_tokens"], b, prefill, base / prefill, statistics.median(map(decode_rate, rs)),
+            decode = statistics.median(map(decode_rate, rs))
+            rows.append((name, rs[0]["prompt_tokens"], b, prefill, base / prefill, decode, decode / base_decode,
                          tokens[b] == tokens[next(iter(builds))]))
     print(f"\n{cpu_name()}, {os.cpu_count()} cores; MULMD_KERNELS={a.kernels}, 1 thread, {a.rounds} rounds, medians")
-    print("| model | prompt tokens | build | prefill ms | base / build | decode tok/s | tokens as the base's |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, b, prefill, ratio, decode, same in rows:
-        print(f"| {name} | {n} | {b} | {prefill:.0f} | {ratio:.2f}× | {decode:.1f} | {'yes' if same else 'NO'} |")
+    print("| model | prompt tokens | build | prefill ms | base / build | decode tok/s | build / base | tokens as the base's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, b, prefill, ratio, decode, decode_ratio, same in rows:
+        print(f"| {name} | {n} | {b} | {prefill:.0f} | {ratio:.2f}× | {decode:.1f} | {decode_ratio:.2f}× | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

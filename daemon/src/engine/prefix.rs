@@ -10,6 +10,8 @@
 
 use tract_onnx::prelude::*;
 
+use super::ops::kv_cache;
+
 /// The head's token ids and the KV cache (one tensor per layer and kind, `[1, kv_heads,
 /// len, head_dim]`) after feeding them. `Arc`-backed: handing it to a session copies nothing.
 #[derive(Default)]
@@ -41,12 +43,13 @@ impl Prefix {
     }
 
     /// The cache for the first `n` tokens (`n <= len()`): the shared tensors themselves when
-    /// `n` is the whole head, else copies cut to `n` positions.
-    pub(crate) fn kv(&self, n: usize) -> TractResult<TVec<TValue>> {
+    /// `n` is the whole head (the first pass after them copies them, see `ops::kv_cache`),
+    /// else copies cut to `n` positions with room to grow up to `limit` (the context length).
+    pub(crate) fn kv(&self, n: usize, limit: usize) -> TractResult<TVec<TValue>> {
         if n == self.ids.len() {
             return Ok(self.kv.clone());
         }
-        self.kv.iter().map(|t| Ok(t.slice(2, 0, n)?.into_tvalue())).collect()
+        self.kv.iter().map(|t| Ok(kv_cache::first_rows(t, n, limit)?.into_tvalue())).collect()
     }
 }
 
@@ -84,10 +87,10 @@ mod tests {
     #[test]
     fn a_partial_reuse_cuts_the_cache_without_touching_the_shared_one() {
         let p = prefix(&[1, 2, 3, 4]);
-        let cut = p.kv(2).unwrap();
+        let cut = p.kv(2, 16).unwrap();
         assert_eq!(cut.len(), 2);
         assert_eq!(cut[0].shape(), &[1, 2, 2, 4]);
-        assert_eq!(p.kv(4).unwrap()[1].shape(), &[1, 2, 4, 4]);
+        assert_eq!(p.kv(4, 16).unwrap()[1].shape(), &[1, 2, 4, 4]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
+use super::ops::kv_cache;
 use super::prefix::Prefix;
 
 /// Prompts that extend the model's prefilled template head by fewer tokens than this are not
@@ -99,7 +100,9 @@ impl PrefixCache {
     /// ids.len(), head_dim]`), of which the first `ids.len() - own` are the template head every
     /// prompt shares. Evicts the least recently used entries to stay within the budget.
     pub(crate) fn keep(&self, ids: &[u32], kv: &TVec<TValue>, own: usize) {
-        let bytes: usize = kv.iter().map(|t| t.len() * t.datum_type().size_of()).sum();
+        // With the room each tensor keeps to grow (see `ops::kv_cache`): what the budget bounds
+        // is memory held.
+        let bytes: usize = kv.iter().map(|t| kv_cache::bytes(t)).sum();
         if own < self.min_new || bytes > self.budget {
             return;
         }

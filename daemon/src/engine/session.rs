@@ -92,11 +92,11 @@ impl Session {
         let hit = self.prefixes.as_ref().and_then(|c| c.lookup(prompt)).filter(|h| h.tokens > head);
         let reused = match hit {
             Some(h) => {
-                self.past = h.prefix.kv(h.tokens)?;
+                self.past = h.prefix.kv(h.tokens, self.model.context_length())?;
                 h.tokens
             }
             None if head > 0 => {
-                self.past = self.model.prefix.kv(head)?;
+                self.past = self.model.prefix.kv(head, self.model.context_length())?;
                 head
             }
             None => {

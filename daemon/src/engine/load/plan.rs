@@ -11,7 +11,7 @@ use tract_onnx::tract_core::internal::DimLike;
 use super::onnx_file;
 use crate::engine::error::LoadError;
 use crate::engine::manifest::Manifest;
-use crate::engine::ops::{attention, attention_products, f32_products, quantized, rope, softmax};
+use crate::engine::ops::{attention, attention_products, f32_products, kv_cache, quantized, rope, softmax};
 
 /// The optimized, runnable graph every session of a model shares.
 pub type Plan = Arc<TypedRunnableModel>;
@@ -79,6 +79,9 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     // And those products with the softmax between them, a tile of rows at a time (see `attention`).
     let replaced = attention::use_attention(&mut typed).map_err(bad)?;
     tracing::debug!(replaced, "attention fused, a tile of query rows at a time");
+    // And the KV cache grows in place rather than being copied by every pass (see `kv_cache`).
+    let replaced = kv_cache::use_kv_append(&mut typed, manifest.context_length).map_err(bad)?;
+    tracing::debug!(replaced, "KV cache appended in place");
     lap("rewrites");
     let optimized = typed.into_optimized().map_err(bad)?;
     lap("optimized");
@@ -169,3 +172,4 @@ fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
     }
     Ok(())
 }
+

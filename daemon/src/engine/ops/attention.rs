@@ -20,6 +20,7 @@ use tract_onnx::tract_core::internal::*;
 
 use super::aligned::CacheAligned;
 use super::attention_products::{kernels, ActivationProduct};
+use super::kv_cache::Heads;
 use super::rope::tables_fit;
 use super::softmax::{Mask, MaskRow, MaskedSoftmax};
 
@@ -74,8 +75,13 @@ impl EvalOp for Attention {
             // products of every key, so their limits are not computed on each step.
             let transposed = m < kernels::ROWS_FOR_MIX;
             let limits = if transposed { Vec::new() } else { column_limits(&mask, batch * m, keys) };
-            let (q, k, v) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?);
-            let (q, k, v) = (q.as_slice::<f32>()?, k.as_slice::<f32>()?, v.as_slice::<f32>()?);
+            for (input, slot) in [(&k, 1), (&v, 3)] {
+                ensure!(!Heads::is_rows(input) || self.reads_cache_rows(slot), "Attention: input {slot} is a KV cache this op cannot address by heads");
+            }
+            let q = q.try_as_plain_ram()?;
+            let q = q.as_slice::<f32>()?;
+            // Keys and values may be a cache with room between its heads (see `kv_cache`).
+            let (k_heads, v_heads) = (Heads::of(&k)?, Heads::of(&v)?);
             SCORES.with_borrow_mut(|buffer| -> TractResult<()> {
                 let floats = (TILE.min(m) * keys + SKEWS) * 4;
                 if buffer.len() < floats {
@@ -84,8 +90,8 @@ impl EvalOp for Attention {
                 let buffer = buffer.floats_mut();
                 for b in 0..batch {
                     let q = &q[b * m * depth..][..m * depth];
-                    let k = &k[b * keys * depth..][..keys * depth];
-                    let v = &v[b * keys * width..][..keys * width];
+                    let k = k_heads.head(b, keys * depth);
+                    let v = v_heads.head(b, keys * width);
                     let keys_t = if transposed { Vec::new() } else { kernels::transpose(k, keys, depth) };
                     let k = if transposed { k } else { &keys_t[..] };
                     for i0 in (0..m).step_by(TILE) {
@@ -108,6 +114,18 @@ impl EvalOp for Attention {
             })?;
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl Attention {
+    /// Whether input `slot` (1: keys, 3: values) may be a [`super::kv_cache::KvRows`] tensor:
+    /// its product reads it as `[1, heads, positions, depth]` batched over the heads.
+    pub(super) fn reads_cache_rows(&self, slot: usize) -> bool {
+        match slot {
+            1 => self.scores.reads_cache_rows(),
+            3 => self.mix.reads_cache_rows(),
+            _ => false,
+        }
     }
 }
 

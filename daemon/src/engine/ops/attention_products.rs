@@ -63,6 +63,12 @@ impl ActivationProduct {
         self.w_col < self.w_sum
     }
 
+    /// Whether the second operand is read as a KV cache `[1, heads, positions, depth]`:
+    /// batched over the heads, each head's positions and depth its other two axes.
+    pub(super) fn reads_cache_rows(&self) -> bool {
+        self.w_batch == 1 && self.w_col.min(self.w_sum) == 2 && self.w_col.max(self.w_sum) == 3
+    }
+
     /// Whether the first operand is read as it lies: `[batch, rows…, summed]` and no unit
     /// axes, as this op's own output is.
     pub(super) fn reads_first_operand_in_order(&self) -> bool {

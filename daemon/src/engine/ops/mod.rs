@@ -7,6 +7,7 @@
 //! - [`f32_products`]: float32 weights streamed in 16-output panels.
 //! - [`attention_products`]: attention's products of two activations; [`attention`]: those
 //!   and the softmax between them, a tile of query rows at a time.
+//! - [`kv_cache`]: the KV cache appended to in place, with room for more positions.
 //! - [`rope`], [`softmax`]: rotary embedding and attention's masked softmax in one pass.
 //! - [`product_rewrite`], [`op_swap`]: how the above replace tract's ops in a graph.
 //! - [`shares`], [`team`], [`aligned`]: splitting a product over threads, the helper team,
@@ -18,6 +19,7 @@ pub(crate) mod attention;
 pub(crate) mod attention_products;
 pub(crate) mod f32_products;
 pub mod isa;
+pub(crate) mod kv_cache;
 pub(crate) mod op_swap;
 pub(crate) mod product_rewrite;
 pub(crate) mod quantized;
