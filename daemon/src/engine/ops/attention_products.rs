@@ -161,21 +161,21 @@ pub(super) mod kernels {
                 return unsafe { avx2(transposed, a, w, y, m, k, n, limits) };
             }
         }
-        any::<LANES>(transposed, a, w, y, m, k, n, limits)
+        any::<LANES, { 2 * LANES }>(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx512(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
-        any::<{ 2 * LANES }>(transposed, a, w, y, m, k, n, limits)
+        any::<{ 2 * LANES }, { 4 * LANES }>(transposed, a, w, y, m, k, n, limits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn avx2(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
-        any::<LANES>(transposed, a, w, y, m, k, n, limits)
+        any::<LANES, { 4 * LANES }>(transposed, a, w, y, m, k, n, limits)
     }
 
     /// Rows from which scores are computed as a mix of the transposed keys rather than as
@@ -199,24 +199,28 @@ pub(super) mod kernels {
 
     /// Everything here is inlined into the callers above, so it is compiled with their
     /// features: `mul_add` outside them is a call to the C library's `fmaf`. A mix sums
-    /// `WIDE` output columns at a time where the vector registers hold them (see
-    /// [`mix_tile`]).
+    /// `WIDE` output columns at a time where the vector registers hold them for 4 rows, and
+    /// `FEW` for the 1 to 3 rows left over, decode's case (see [`mix_tile`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn any<const WIDE: usize>(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+    fn any<const WIDE: usize, const FEW: usize>(transposed: bool, a: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         if transposed {
             rows_dot_rows(a, w, y, k, n)
         } else {
-            rows_times_matrix::<WIDE>(a, w, n, y, m, k, n, limits)
+            rows_times_matrix::<WIDE, FEW>(a, w, n, y, m, k, n, limits)
         }
     }
 
-    /// `y[i, j] = a[i, :] · w[j, :]`: scores, a query row against each key row.
+    /// `y[i, j] = a[i, :] · w[j, :]`: scores, each query row against each key row.
+    ///
+    /// Key by key, every query row against it: the keys are read once. Decode's query rows
+    /// (the query heads sharing a key head) are few and stay in L1, while a long cache's keys
+    /// come from memory (768 KB a head at 3,000 positions); row by row read them once a row.
     #[inline(always)]
     fn rows_dot_rows(a: &[f32], w: &[f32], y: &mut [f32], k: usize, n: usize) {
-        for (row, y) in a.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-            for (key, y) in w.chunks_exact(k).zip(y.iter_mut()) {
-                *y = dot(row, key);
+        for (j, key) in w.chunks_exact(k).enumerate() {
+            for (i, row) in a.chunks_exact(k).enumerate() {
+                y[i * n + j] = dot(row, key);
             }
         }
     }
@@ -250,16 +254,16 @@ pub(super) mod kernels {
     /// chains of fused multiply-adds in flight; one row alone would wait on each addition.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn rows_times_matrix<const WIDE: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
+    fn rows_times_matrix<const WIDE: usize, const FEW: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], m: usize, k: usize, n: usize, limits: &[usize]) {
         let mut i = 0;
         while m - i >= 4 {
             mix_tile::<4, WIDE>(a, w, stride, y, i, k, n, limits);
             i += 4;
         }
         match m - i {
-            3 => mix_tile::<3, WIDE>(a, w, stride, y, i, k, n, limits),
-            2 => mix_tile::<2, WIDE>(a, w, stride, y, i, k, n, limits),
-            1 => mix_tile::<1, WIDE>(a, w, stride, y, i, k, n, limits),
+            3 => mix_tile::<3, FEW>(a, w, stride, y, i, k, n, limits),
+            2 => mix_tile::<2, FEW>(a, w, stride, y, i, k, n, limits),
+            1 => mix_tile::<1, FEW>(a, w, stride, y, i, k, n, limits),
             _ => {}
         }
     }
@@ -296,6 +300,11 @@ pub(super) mod kernels {
     /// multiply-adds. AVX-512's 32 registers hold 4 rows × 32 columns of sums: two loads,
     /// four broadcasts, eight multiply-adds per step. AVX2's 16 and NEON's 32 shorter ones
     /// hold 16 columns.
+    ///
+    /// Fewer rows leave room for more columns: 3 rows × 64 columns are 12 AVX2 or AVX-512
+    /// registers (24 of NEON's at 32 columns). At decode this makes one pass over the values
+    /// instead of one per 16 columns, each reading a quarter of every row: a long cache's
+    /// values come from memory, and strided passes over them ran at half the speed.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn mix_tile<const T: usize, const WIDE: usize>(a: &[f32], w: &[f32], stride: usize, y: &mut [f32], i0: usize, k: usize, n: usize, limits: &[usize]) {
