@@ -10,10 +10,9 @@
 
 use tract_onnx::prelude::*;
 
-use super::ops::kv_cache;
-
 /// The head's token ids and the KV cache (one tensor per layer and kind, `[1, kv_heads,
-/// len, head_dim]`) after feeding them. `Arc`-backed: handing it to a session copies nothing.
+/// len, head_dim]`) after feeding them, shared read-only: a session copies the part it reuses
+/// into its own cache (see `Session::restart`).
 #[derive(Default)]
 pub(crate) struct Prefix {
     ids: Vec<u32>,
@@ -42,14 +41,10 @@ impl Prefix {
         common.min(prompt.len().saturating_sub(1))
     }
 
-    /// The cache for the first `n` tokens (`n <= len()`): the shared tensors themselves when
-    /// `n` is the whole head (the first pass after them copies them, see `ops::kv_cache`),
-    /// else copies cut to `n` positions with room to grow up to `limit` (the context length).
-    pub(crate) fn kv(&self, n: usize, limit: usize) -> TractResult<TVec<TValue>> {
-        if n == self.ids.len() {
-            return Ok(self.kv.clone());
-        }
-        self.kv.iter().map(|t| Ok(kv_cache::first_rows(t, n, limit)?.into_tvalue())).collect()
+    /// The cache of [`Prefix::ids`], one tensor per layer and kind: a session starting from
+    /// it copies what it needs (see `Session::restart`), never writes it.
+    pub(crate) fn kv(&self) -> &TVec<TValue> {
+        &self.kv
     }
 }
 
@@ -82,15 +77,6 @@ mod tests {
         assert_eq!(p.reusable(&[1, 2, 3, 4]), 3, "the last prompt token must still be fed");
         assert_eq!(p.reusable(&[]), 0);
         assert_eq!(Prefix::default().reusable(&[1, 2]), 0);
-    }
-
-    #[test]
-    fn a_partial_reuse_cuts_the_cache_without_touching_the_shared_one() {
-        let p = prefix(&[1, 2, 3, 4]);
-        let cut = p.kv(2, 16).unwrap();
-        assert_eq!(cut.len(), 2);
-        assert_eq!(cut[0].shape(), &[1, 2, 2, 4]);
-        assert_eq!(p.kv(4, 16).unwrap()[1].shape(), &[1, 2, 4, 4]);
     }
 
     #[test]

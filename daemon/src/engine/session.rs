@@ -7,6 +7,7 @@ use tract_onnx::prelude::*;
 use super::error::RequestError;
 use super::forward::{empty_cache, feed, logits};
 use super::model::Model;
+use super::ops::kv_cache;
 use super::prefix_cache::PrefixCache;
 use super::profile::OpProfile;
 
@@ -39,8 +40,27 @@ impl Session {
 
     /// Forgets every token fed so far.
     pub(crate) fn reset(&mut self) -> TractResult<()> {
-        self.past = empty_cache(&self.model.manifest.architecture)?;
-        self.len = 0;
+        self.restart(None, 0)
+    }
+
+    /// Starts over from the first `n` positions of the cache `from` (none: from nothing),
+    /// keeping this session's cache buffers where they have room (see
+    /// [`kv_cache::restarted`]).
+    fn restart(&mut self, from: Option<&TVec<TValue>>, n: usize) -> TractResult<()> {
+        let old = std::mem::take(&mut self.past);
+        let limit = self.model.context_length();
+        self.past = match old.len() == 2 * self.model.manifest.architecture.num_layers {
+            true => {
+                let from = |i: usize| from.map(|kv| &kv[i]);
+                old.into_iter().enumerate().map(|(i, own)| kv_cache::restarted(own, from(i), n, limit)).collect::<TractResult<_>>()?
+            }
+            // A new session: nothing to keep.
+            false => match from {
+                Some(kv) => kv.iter().map(|t| Ok(kv_cache::first_rows(t, n, limit)?.into_tvalue())).collect::<TractResult<_>>()?,
+                None => empty_cache(&self.model.manifest.architecture)?,
+            },
+        };
+        self.len = n;
         Ok(())
     }
 
@@ -92,11 +112,12 @@ impl Session {
         let hit = self.prefixes.as_ref().and_then(|c| c.lookup(prompt)).filter(|h| h.tokens > head);
         let reused = match hit {
             Some(h) => {
-                self.past = h.prefix.kv(h.tokens, self.model.context_length())?;
+                self.restart(Some(h.prefix.kv()), h.tokens)?;
                 h.tokens
             }
             None if head > 0 => {
-                self.past = self.model.prefix.kv(head, self.model.context_length())?;
+                let model = self.model.clone();
+                self.restart(Some(model.prefix.kv()), head)?;
                 head
             }
             None => {
@@ -104,7 +125,6 @@ impl Session {
                 0
             }
         };
-        self.len = reused;
         let mut out = None;
         for piece in prompt[reused..].chunks(chunk.max(1)) {
             if !proceed() {

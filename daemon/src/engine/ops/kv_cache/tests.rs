@@ -210,3 +210,54 @@ fn a_cache_another_op_reads_stays_on_the_concat() {
     assert_eq!(engine_ops(&mut model), 1, "only the values' concat is replaced");
     assert!(model.node(model.node_by_name("k_concat").unwrap().id).op_is::<TypedConcat>());
 }
+
+/// A [`KvRows`] cache of `len` random positions (room for `len + MIN_ROOM`).
+fn rows_cache(rng: &mut ChaCha8Rng, heads: usize, len: usize) -> TValue {
+    append(&KvAppend { limit: 4096 }, Tensor::zero::<f32>(&[1, heads, 0, 4]).unwrap().into_tvalue(), &random(rng, &[1, heads, len, 4]))
+}
+
+#[test]
+fn a_session_starting_over_keeps_its_own_rows_and_never_writes_a_shared_cache() {
+    let mut rng = ChaCha8Rng::seed_from_u64(38);
+    let shared = random(&mut rng, &[1, 2, 30, 4]).into_tvalue();
+    let want = plain(&shared.slice(2, 0, 20).unwrap());
+    // The session's own cache, with room: refilled in place.
+    let own = rows_cache(&mut rng, 2, 40);
+    let at = address(&own);
+    let got = restarted(own, Some(&shared), 20, 4096).unwrap();
+    assert_eq!((got.shape(), address(&got)), (&[1, 2, 20, 4][..], at));
+    assert_eq!(plain(&got), want);
+    // Emptied in place for a cold prompt, then grown again in place.
+    let got = restarted(got, None, 0, 4096).unwrap();
+    assert_eq!((got.shape(), address(&got)), (&[1, 2, 0, 4][..], at));
+    let got = append(&KvAppend { limit: 4096 }, got, &shared);
+    assert_eq!((plain(&got), address(&got)), (plain(&shared), at));
+    // Held by a prefix cache too: left as it was; the session takes another prefix whole,
+    // shared until its first pass copies it.
+    let held = got.clone();
+    let before = plain(&held);
+    let other = rows_cache(&mut rng, 2, 9);
+    let taken = restarted(got, Some(&other), 9, 4096).unwrap();
+    assert!(Arc::ptr_eq(taken.as_arc_tensor().unwrap(), other.as_arc_tensor().unwrap()));
+    assert_eq!(plain(&held), before);
+    // Too little room: a new cache with room.
+    let small = rows_cache(&mut rng, 2, 3);
+    let got = restarted(small, Some(&shared), 30 + MIN_ROOM, 4096);
+    assert!(got.is_err(), "30 positions cannot give {}", 30 + MIN_ROOM);
+    let got = restarted(rows_cache(&mut rng, 2, 3), Some(&shared), 30, 4096).unwrap();
+    assert_eq!(plain(&got), plain(&shared));
+}
+
+#[test]
+fn a_plain_cache_starts_over_as_the_concat_needs_it() {
+    let mut rng = ChaCha8Rng::seed_from_u64(39);
+    let shared = random(&mut rng, &[1, 2, 5, 4]).into_tvalue();
+    let own = random(&mut rng, &[1, 2, 8, 4]).into_tvalue();
+    let whole = restarted(own.clone(), Some(&shared), 5, 4096).unwrap();
+    assert!(Arc::ptr_eq(whole.as_arc_tensor().unwrap(), shared.as_arc_tensor().unwrap()), "the whole of a cache is shared, not copied");
+    let part = restarted(own.clone(), Some(&shared), 3, 4096).unwrap();
+    assert!(!Heads::is_rows(&part));
+    assert_eq!(plain(&part), plain(&shared.slice(2, 0, 3).unwrap()));
+    let empty = restarted(own, None, 0, 4096).unwrap();
+    assert_eq!(empty.shape(), &[1, 2, 0, 4]);
+}
