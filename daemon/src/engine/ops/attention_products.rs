@@ -213,17 +213,26 @@ pub(super) mod kernels {
 
     /// `y[i, j] = a[i, :] · w[j, :]`: scores, each query row against each key row.
     ///
-    /// Key by key, every query row against it: the keys are read once. Decode's query rows
-    /// (the query heads sharing a key head) are few and stay in L1, while a long cache's keys
-    /// come from memory (768 KB a head at 3,000 positions); row by row read them once a row.
+    /// A block of [`KEYS_PER_BLOCK`] keys at a time, every query row against it: the keys
+    /// are read from memory once, not once per row (a long cache's keys are 768 KB a head at
+    /// 3,000 positions), and a query row stays in registers across its block. Key by key,
+    /// every row against each, spilled 4 rows of 64 out of AVX2's 16 registers (mulm-28m's
+    /// decode at 0.74×).
     #[inline(always)]
     fn rows_dot_rows(a: &[f32], w: &[f32], y: &mut [f32], k: usize, n: usize) {
-        for (j, key) in w.chunks_exact(k).enumerate() {
-            for (i, row) in a.chunks_exact(k).enumerate() {
-                y[i * n + j] = dot(row, key);
+        for (b, block) in w.chunks(KEYS_PER_BLOCK * k).enumerate() {
+            let j0 = b * KEYS_PER_BLOCK;
+            for (row, y) in a.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+                for (key, y) in block.chunks_exact(k).zip(&mut y[j0..]) {
+                    *y = dot(row, key);
+                }
             }
         }
     }
+
+    /// Keys a block of [`rows_dot_rows`] holds: 16 KB of 64-float keys, in L1 while every
+    /// query row passes over them.
+    const KEYS_PER_BLOCK: usize = 64;
 
     #[inline(always)]
     fn dot(x: &[f32], w: &[f32]) -> f32 {
