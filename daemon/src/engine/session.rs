@@ -49,17 +49,17 @@ impl Session {
     fn restart(&mut self, from: Option<&TVec<TValue>>, n: usize) -> TractResult<()> {
         let old = std::mem::take(&mut self.past);
         let limit = self.model.context_length();
-        self.past = match old.len() == 2 * self.model.manifest.architecture.num_layers {
-            true => {
-                let from = |i: usize| from.map(|kv| &kv[i]);
-                old.into_iter().enumerate().map(|(i, own)| kv_cache::restarted(own, from(i), n, limit)).collect::<TractResult<_>>()?
-            }
-            // A new session: nothing to keep.
-            false => match from {
-                Some(kv) => kv.iter().map(|t| Ok(kv_cache::first_rows(t, n, limit)?.into_tvalue())).collect::<TractResult<_>>()?,
-                None => empty_cache(&self.model.manifest.architecture)?,
-            },
+        let from = |i: usize| from.map(|kv| &kv[i]);
+        let past: TractResult<TVec<TValue>> = if old.len() == 2 * self.model.manifest.architecture.num_layers {
+            old.into_iter().enumerate().map(|(i, own)| kv_cache::restarted(own, from(i), n, limit)).collect()
+        } else {
+            // A new session, or one whose last start failed: nothing to keep.
+            let empty = empty_cache(&self.model.manifest.architecture)?;
+            empty.into_iter().enumerate().map(|(i, own)| kv_cache::restarted(own, from(i), n, limit)).collect()
         };
+        // A failed start leaves no cache at all, so the next one starts from nothing.
+        self.len = 0;
+        self.past = past?;
         self.len = n;
         Ok(())
     }
