@@ -5,9 +5,9 @@
 //! `[1, heads, past, depth] ++ [1, heads, new, depth] → [1, heads, past + new, depth]`, to the
 //! bit. Its output is a [`KvRows`] tensor: each head's rows contiguous, heads
 //! [`KvRows::capacity`] rows apart. Only the engine reads one (the session hands it back as
-//! the next pass's cache, [`super::attention::Attention`] reads it through [`Heads`], the
-//! prefix caches cut it with [`first_rows`]); tract's own ops cannot, and refuse it ("not
-//! plain") rather than misread it.
+//! the next pass's cache and refills it for its next prompt with [`restarted`],
+//! [`super::attention::Attention`] reads it through [`Heads`], [`first_rows`] cuts it);
+//! tract's own ops cannot, and refuse it ("not plain") rather than misread it.
 //!
 //! When the cache it is given is its alone (the session's, not one a prefix cache shares)
 //! and has room, the new rows are written past the old ones. Otherwise it copies the cache
