@@ -204,3 +204,32 @@ fn every_kernel_level_this_cpu_offers_writes_the_same_tokens() {
         assert!(err.contains("MULMD_KERNELS=sse9") && err.contains("portable"), "{err}");
     }
 }
+
+/// A second start reads the plan the first stored (`plan_cache` in the probe's JSON) and
+/// writes the same tokens; a forced kernel level gets a plan of its own, since weights are
+/// laid out for the kernels that read them.
+#[test]
+fn a_second_probe_reads_the_stored_plan_and_each_kernel_level_has_its_own() {
+    let Some(dir) = common::fixture("tiny-q4") else { return };
+    let plans = tempfile::tempdir().unwrap();
+    let run = |level: &str| -> serde_json::Value {
+        let out = mulmd()
+            .args(["probe", "--tokens", "8", "--runs", "1", "--model"])
+            .arg(&dir)
+            .env("MULMD_PLAN_CACHE", plans.path())
+            .env("MULMD_KERNELS", level)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (first, second) = (run("auto"), run("auto"));
+    assert_eq!((first["plan_cache"].as_str(), second["plan_cache"].as_str()), (Some("stored"), Some("hit")));
+    assert_eq!(first["runs"][0]["tokens"], second["runs"][0]["tokens"]);
+    let portable = run("portable");
+    assert_eq!(portable["plan_cache"], "stored", "the portable kernels must not be given a plan laid out for another level");
+    assert_eq!(portable["runs"][0]["tokens"], first["runs"][0]["tokens"]);
+    assert_eq!(run("portable")["plan_cache"], "hit");
+    let off = mulmd().args(["probe", "--tokens", "2", "--runs", "1", "--model"]).arg(&dir).env("MULMD_PLAN_CACHE", "off").output().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&off.stdout).unwrap()["plan_cache"], "off");
+}

@@ -69,6 +69,8 @@ pub fn run(args: ProbeArgs) -> ExitCode {
         "kernels": crate::engine::kernels::in_use().name(),
         "reuse_head": args.reuse_head,
         "load_ms": ms(model.load_time),
+        // "hit": the plan came from the plan cache; "stored", "unstored", "off": it did not.
+        "plan_cache": model.plan_cache,
         "warmup": warmup,
         "runs": runs,
         "peak_rss_mb": memory.peak_rss_mb,

@@ -51,6 +51,10 @@ pub struct ModelSection {
     /// Empty: $MULMD_MODEL_DIR or ~/.cache/mulmd/models/smollm2-135m-instruct.
     pub dir: PathBuf,
     pub threads: usize,
+    /// Empty: the default plan cache directory; "off": no plan cache.
+    pub plan_cache: String,
+    /// MiB of cached plans kept; 0: none.
+    pub plan_cache_mb: u64,
 }
 
 impl ModelSection {
@@ -60,6 +64,16 @@ impl ModelSection {
             crate::host::paths::default_model_dir()
         } else {
             self.dir.clone()
+        }
+    }
+
+    /// The plan cache this section configures.
+    pub fn plan_cache(&self) -> crate::engine::PlanCache {
+        use crate::engine::PlanCache;
+        match self.plan_cache.as_str() {
+            "off" => PlanCache::off(),
+            "" => crate::engine::plan_cache_dir().map_or_else(PlanCache::off, |d| PlanCache::at(d, self.plan_cache_mb)),
+            dir => PlanCache::at(PathBuf::from(dir), self.plan_cache_mb),
         }
     }
 }
@@ -385,6 +399,12 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
     if c.model.threads > 64 {
         p.push(problem("model.threads", "must be 0..=64: 0 for one per fast core, else the number of threads"));
+    }
+    if c.model.plan_cache_mb > 1 << 20 {
+        p.push(problem("model.plan_cache_mb", "must be 0..=1048576 MiB; 0 keeps no plans"));
+    }
+    if !c.model.plan_cache.is_empty() && c.model.plan_cache != "off" && !Path::new(&c.model.plan_cache).is_absolute() {
+        p.push(problem("model.plan_cache", "must be empty (the default directory), \"off\", or an absolute directory"));
     }
     if !(1..=16).contains(&c.engine.workers) {
         p.push(problem("engine.workers", "must be 1..=16; each worker holds a KV cache and uses model.threads cores"));

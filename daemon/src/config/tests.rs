@@ -151,3 +151,17 @@ fn the_prompt_cache_is_on_by_default_and_bounded() {
     let problems = parse("[engine]\nprefix_cache_mb = 100000\n").unwrap_err();
     assert!(problems.iter().any(|p| p.key == "engine.prefix_cache_mb" && p.message.contains("0..=65536")), "{problems:?}");
 }
+
+#[test]
+fn the_plan_cache_is_on_by_default_and_can_be_moved_or_turned_off() {
+    let model = Config::default().model;
+    assert_eq!((model.plan_cache.as_str(), model.plan_cache_mb), ("", 2048));
+    assert_eq!(parse("[model]\nplan_cache = \"off\"\n").unwrap().model.plan_cache(), crate::engine::PlanCache::off());
+    let moved = parse("[model]\nplan_cache = \"/srv/plans\"\nplan_cache_mb = 300\n").unwrap().model.plan_cache();
+    assert_eq!(moved, crate::engine::PlanCache::at("/srv/plans".into(), 300));
+    assert_eq!(parse("[model]\nplan_cache_mb = 0\n").unwrap().model.plan_cache(), crate::engine::PlanCache::off(), "0 keeps none");
+    let problems = parse("[model]\nplan_cache = \"plans\"\n").unwrap_err();
+    assert!(problems.iter().any(|p| p.key == "model.plan_cache" && p.message.contains("absolute")), "{problems:?}");
+    let problems = parse("[model]\nplan_cache_mb = 9999999\n").unwrap_err();
+    assert!(problems.iter().any(|p| p.key == "model.plan_cache_mb"), "{problems:?}");
+}

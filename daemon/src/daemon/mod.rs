@@ -151,7 +151,7 @@ fn start_engine(config: &Config) -> Result<Engine, StartError> {
         prefill_chunk: config.engine.prefill_chunk_tokens,
         prefix_cache_bytes: config.engine.prefix_cache_mb.saturating_mul(1 << 20),
     };
-    let started = Model::load(&config.model.dir(), threads)
+    let started = Model::load_with_cache(&config.model.dir(), threads, &config.model.plan_cache())
         .map_err(StartError::from)
         .and_then(|model| Engine::start(Arc::new(model), engine_config).map_err(|e| StartError::Runtime(e.to_string())));
     if let Some(p) = previous {

@@ -12,6 +12,7 @@ use super::error::{LoadError, RequestError};
 use super::forward::{empty_cache, feed};
 use super::load::heap::LoadingHeap;
 use super::load::plan::{load_plan, Plan};
+pub use super::load::plan_cache::{CacheUse, PlanCache};
 use super::manifest::Manifest;
 use super::prompt::{Prompt, Turn};
 use super::prefix::{self, Prefix};
@@ -29,6 +30,8 @@ pub struct Model {
     /// The default chat template's head, prefilled at load (see `prefix`).
     pub(crate) prefix: Prefix,
     pub load_time: Duration,
+    /// Whether the plan came from the plan cache, or was made and stored there.
+    pub plan_cache: CacheUse,
 }
 
 impl std::fmt::Debug for Model {
@@ -39,7 +42,13 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     /// Loads and checks a model directory. `threads` sets tract's matrix-multiply threads.
+    /// The plan cache is `$MULMD_PLAN_CACHE`'s or the default one (see [`PlanCache::from_env`]).
     pub fn load(dir: &Path, threads: usize) -> Result<Self, LoadError> {
+        Self::load_with_cache(dir, threads, &PlanCache::from_env())
+    }
+
+    /// [`Model::load`] with the plan kept in, and read from, `cache`.
+    pub fn load_with_cache(dir: &Path, threads: usize, cache: &PlanCache) -> Result<Self, LoadError> {
         let started = Instant::now();
         // A forced kernel level this CPU lacks must stop the load, not fall back unseen.
         crate::engine::ops::isa::configured().map_err(LoadError::Kernels)?;
@@ -51,10 +60,32 @@ impl Model {
             });
         }
         let manifest = Manifest::read(dir)?;
-        let tokenizer = load_tokenizer(dir, &manifest)?;
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "tokenizer read");
-        let plan = load_plan(dir, &manifest, threads)?;
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "plan made");
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(LoadError::MissingFile { path: tokenizer_path, problem: "is missing".into() });
+        }
+        // The tokenizer parses on a thread of its own while the plan loads: SmolLM2's takes
+        // 80 ms, a quarter of a load from the plan cache (bench/RESULTS.md, plan cache).
+        let (tokenizer, plan) = std::thread::scope(|scope| {
+            let tokenizer = std::thread::Builder::new()
+                .name("mulmd-tokenizer".into())
+                .spawn_scoped(scope, || {
+                    let read = load_tokenizer(dir, &manifest);
+                    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "tokenizer read");
+                    read
+                });
+            let plan = load_plan(dir, &manifest, threads, cache);
+            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "plan made");
+            let tokenizer = match tokenizer {
+                Ok(thread) => thread.join().unwrap_or_else(|_| Err(LoadError::BadTokenizer { path: tokenizer_path.clone(), detail: "its parser panicked".into() })),
+                // No thread to be had: parse it here.
+                Err(_) => load_tokenizer(dir, &manifest),
+            };
+            (tokenizer, plan)
+        });
+        // A tokenizer's problem first, as before the two ran side by side.
+        let tokenizer = tokenizer?;
+        let (plan, plan_cache) = plan?;
         let manifest_path = dir.join(super::manifest::FILE);
         let template = ChatTemplate::new(
             &manifest.chat_template,
@@ -94,6 +125,7 @@ impl Model {
             bos_id,
             prefix: Prefix::default(),
             load_time: Duration::ZERO,
+            plan_cache,
         };
         model.prefix = model.prefill_head(&manifest_path, &dir.join("model.onnx"))?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "template head prefilled");

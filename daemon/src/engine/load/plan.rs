@@ -9,6 +9,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 
 use super::onnx_file;
+use super::plan_cache::{self, CacheUse, PlanCache};
 use crate::engine::error::LoadError;
 use crate::engine::manifest::Manifest;
 use crate::engine::ops::{attention, attention_products, f32_products, kv_cache, quantized, rope, softmax};
@@ -16,8 +17,9 @@ use crate::engine::ops::{attention, attention_products, f32_products, kv_cache, 
 /// The optimized, runnable graph every session of a model shares.
 pub type Plan = Arc<TypedRunnableModel>;
 
-/// Reads, checks, rewrites and optimizes `dir/model.onnx` for `threads` matrix-multiply threads.
-pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Result<Plan, LoadError> {
+/// Reads, checks, rewrites and optimizes `dir/model.onnx` for `threads` matrix-multiply threads;
+/// or, when `cache` holds this model's rewritten graph, reads that and only optimizes it.
+pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize, cache: &PlanCache) -> Result<(Plan, CacheUse), LoadError> {
     let path = dir.join("model.onnx");
     if !path.is_file() {
         return Err(LoadError::MissingFile { path, problem: "is missing".into() });
@@ -27,12 +29,52 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     let started = std::time::Instant::now();
     let lap = |stage: &str| tracing::debug!(stage, ms = started.elapsed().as_secs_f64() * 1e3, "load stage done");
     let bad = |e: TractError| LoadError::BadOnnx { path: path.clone(), detail: format!("{e:#}") };
+    let key = cache.dir().and_then(|root| {
+        plan_cache::key(dir)
+            .map_err(|e| tracing::warn!(dir = %root.display(), "the plan cache is skipped: cannot identify the model ({e})"))
+            .ok()
+    });
+    if let Some(typed) = key.as_deref().and_then(|key| cache.load(key)) {
+        lap("cached plan read");
+        return optimize(typed, threads).map(|plan| (plan, CacheUse::Hit)).map_err(bad);
+    }
+    let typed = rewritten(&path, manifest, &lap).map_err(|e| match e {
+        Rewrite::Tract(e) => bad(e),
+        Rewrite::Load(e) => e,
+    })?;
+    let used = match &key {
+        None if cache.dir().is_none() => CacheUse::Off,
+        None => CacheUse::Unstored,
+        Some(key) if cache.store(key, &typed) => CacheUse::Stored,
+        Some(_) => CacheUse::Unstored,
+    };
+    lap("plan stored");
+    optimize(typed, threads).map(|plan| (plan, used)).map_err(bad)
+}
+
+/// Why the model file could not be made into a rewritten graph.
+enum Rewrite {
+    Tract(TractError),
+    Load(LoadError),
+}
+
+impl From<TractError> for Rewrite {
+    fn from(e: TractError) -> Self {
+        Rewrite::Tract(e)
+    }
+}
+
+/// The model file read, checked, decluttered and rewritten onto the engine's ops: what the
+/// plan cache stores.
+fn rewritten(path: &Path, manifest: &Manifest, lap: &dyn Fn(&str)) -> Result<TypedModel, Rewrite> {
+    let path = path.to_path_buf();
+    let bad = |e: TractError| Rewrite::Tract(e);
     let model = onnx_file::read_onnx(&path).map_err(bad)?;
     lap("read");
     let a = &manifest.architecture;
     let expected_inputs = 1 + 2 * a.num_layers;
     if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
-        return Err(LoadError::ShapeMismatch {
+        return Err(Rewrite::Load(LoadError::ShapeMismatch {
             path,
             problem: format!(
                 "it has {} inputs and {} outputs, a {}-layer model needs {expected_inputs} of each",
@@ -40,11 +82,11 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
                 model.outputs.len(),
                 a.num_layers
             ),
-        });
+        }));
     }
     let typed = model.into_typed().map_err(bad)?;
     lap("typed");
-    check_facts(&typed, manifest).map_err(|problem| LoadError::ShapeMismatch { path: path.clone(), problem })?;
+    check_facts(&typed, manifest).map_err(|problem| Rewrite::Load(LoadError::ShapeMismatch { path: path.clone(), problem }))?;
     assert_lengths(&typed).map_err(bad)?;
     let mut typed = typed.into_decluttered().map_err(bad)?;
     lap("decluttered");
@@ -55,7 +97,7 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     for name in ["transformers_detect_all", "unfold_kv_cache"] {
         let transform = tract_onnx::tract_core::transform::get_transform(name)
             .map_err(bad)?
-            .ok_or_else(|| LoadError::BadOnnx { path: path.clone(), detail: format!("tract lacks the {name} transform") })?;
+            .ok_or_else(|| Rewrite::Load(LoadError::BadOnnx { path: path.clone(), detail: format!("tract lacks the {name} transform") }))?;
         transform.transform(&mut typed).map_err(bad)?;
     }
     lap("transformers");
@@ -83,13 +125,18 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize) -> Resu
     let replaced = kv_cache::use_kv_append(&mut typed, manifest.context_length).map_err(bad)?;
     tracing::debug!(replaced, "KV cache appended in place");
     lap("rewrites");
-    let optimized = typed.into_optimized().map_err(bad)?;
-    lap("optimized");
+    Ok(typed)
+}
+
+/// tract's optimisation of a rewritten graph, made runnable with `threads` matrix-multiply threads.
+fn optimize(typed: TypedModel, threads: usize) -> TractResult<Plan> {
+    let optimized = typed.into_optimized()?;
+    tracing::debug!("plan optimized");
     let mut options = RunOptions::default();
     if threads > 1 {
         options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(threads, "mulmd-mm"));
     }
-    optimized.into_runnable_with_options(&options).map_err(bad)
+    optimized.into_runnable_with_options(&options)
 }
 
 /// Gives every matrix product that reads a shared constant a constant node of its own (the
@@ -172,4 +219,5 @@ fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
     }
     Ok(())
 }
+
 

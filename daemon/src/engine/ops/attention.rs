@@ -118,6 +118,17 @@ impl EvalOp for Attention {
 }
 
 impl Attention {
+    /// The scores' product, the softmax and the mix's product, for the plan cache (`nnef`).
+    pub(super) fn parts(&self) -> (&ActivationProduct, &MaskedSoftmax, &ActivationProduct) {
+        (&self.scores, &self.softmax, &self.mix)
+    }
+
+    /// The op [`Attention::parts`] came from, refused where `use_attention` would not fuse them.
+    pub(super) fn from_parts(scores: ActivationProduct, softmax: MaskedSoftmax, mix: ActivationProduct) -> TractResult<Self> {
+        ensure!(fusable(&scores, &mix), "these products do not make an attention");
+        Ok(Self { scores, softmax, mix })
+    }
+
     /// Whether input `slot` (1: keys, 3: values) may be a [`super::kv_cache::KvRows`] tensor:
     /// its product reads it as `[1, heads, positions, depth]` batched over the heads.
     pub(super) fn reads_cache_rows(&self, slot: usize) -> bool {
@@ -190,7 +201,7 @@ fn attention_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMod
     let Some(softmax) = softmax_node.op_as::<MaskedSoftmax>() else { return Ok(None) };
     let Some(mix_node) = sole_reader(softmax_node.id) else { return Ok(None) };
     let Some(mix) = mix_node.op_as::<ActivationProduct>() else { return Ok(None) };
-    if !scores.transposed() || mix.transposed() || !mix.reads_first_operand_in_order() || node.inputs.len() != 2 {
+    if !fusable(scores, mix) || node.inputs.len() != 2 {
         return Ok(None);
     }
     let op = Attention { scores: scores.clone(), softmax: softmax.clone(), mix: mix.clone() };
@@ -207,5 +218,12 @@ fn attention_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedMod
     Ok(Some(patch))
 }
 
+/// Whether a scores product and a mix product fit the fused kernels: keys read `[batch, n,
+/// k]`, values `[batch, k, n]`, the probabilities in the order the scores left them.
+fn fusable(scores: &ActivationProduct, mix: &ActivationProduct) -> bool {
+    scores.transposed() && !mix.transposed() && mix.reads_first_operand_in_order()
+}
+
 #[cfg(test)]
 mod tests;
+

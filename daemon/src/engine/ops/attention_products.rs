@@ -57,6 +57,37 @@ impl Op for ActivationProduct {
 type Dims<D> = (D, TVec<D>, D, D);
 
 impl ActivationProduct {
+    /// The axes as one list, for the plan cache (`nnef`): `[a_batch, a_sum, w_batch, w_col,
+    /// w_sum, a_rows…]`.
+    pub(super) fn axes(&self) -> Vec<usize> {
+        let mut axes = vec![self.a_batch, self.a_sum, self.w_batch, self.w_col, self.w_sum];
+        axes.extend(&self.a_rows);
+        axes
+    }
+
+    /// What [`ActivationProduct::axes`] listed, for operands of `ranks`: every axis within its
+    /// operand's rank and named once.
+    pub(super) fn from_axes(axes: &[usize], ranks: (usize, usize)) -> TractResult<Self> {
+        ensure!(axes.len() >= 5, "an activation product names at least 5 axes");
+        let op = Self {
+            a_batch: axes[0],
+            a_sum: axes[1],
+            w_batch: axes[2],
+            w_col: axes[3],
+            w_sum: axes[4],
+            a_rows: axes[5..].to_vec(),
+        };
+        let mut a: Vec<usize> = op.a_rows.iter().copied().chain([op.a_batch, op.a_sum]).collect();
+        let mut w = vec![op.w_batch, op.w_col, op.w_sum];
+        for (list, rank) in [(&mut a, ranks.0), (&mut w, ranks.1)] {
+            let count = list.len();
+            list.sort_unstable();
+            list.dedup();
+            ensure!(list.len() == count && list.iter().all(|&p| p < rank), "axes {axes:?} do not fit operands of ranks {ranks:?}");
+        }
+        Ok(op)
+    }
+
     /// Whether the second operand is stored `[batch, n, k]` (its rows are what the first
     /// operand's rows meet).
     pub(super) fn transposed(&self) -> bool {

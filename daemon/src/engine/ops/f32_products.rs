@@ -21,6 +21,7 @@ use tract_onnx::tract_core::internal::*;
 use super::aligned::CacheAligned;
 use super::product_rewrite::{replace_products, WeightAxes, WeightMatrix};
 use super::shares::{split_columns, OutputShare};
+use super::stored::{times, RecordReader, RecordWriter, StoredWeights};
 
 /// Outputs per panel: one AVX-512 vector, two AVX2 vectors, four NEON vectors.
 const PANEL: usize = 16;
@@ -260,6 +261,29 @@ impl WeightMatrix for PanelWeights {
 
     fn matmul(&self, a: &[f32], m: usize, out: &mut [f32]) {
         PanelWeights::matmul(self, a, m, out)
+    }
+}
+
+/// A record of `n`, `k` and the panels as they lie in memory.
+impl StoredWeights for PanelWeights {
+    const TAG: u64 = 0x6d75_6c6d_6633_3201;
+
+    fn store<W: std::io::Write>(&self, out: &mut RecordWriter<W>) -> std::io::Result<()> {
+        out.u64(self.n as u64)?;
+        out.u64(self.k as u64)?;
+        out.bytes(&self.panels)
+    }
+
+    fn restore(from: &mut RecordReader) -> Result<Self, String> {
+        let left = from.left();
+        let n = from.size("a float32 weight's outputs", left)?;
+        let k = from.size("a float32 weight's inputs", left)?;
+        if n == 0 || k == 0 {
+            return Err(format!("a float32 weight of {n} × {k}"));
+        }
+        let len = times(times(n.div_ceil(PANEL), k, "float32 panels")?, PANEL * 4, "float32 panels")?;
+        let panels = from.aligned(len, "float32 panels")?;
+        Ok(Self { n, k, panels })
     }
 }
 

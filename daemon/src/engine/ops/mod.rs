@@ -12,6 +12,8 @@
 //! - [`product_rewrite`], [`op_swap`]: how the above replace tract's ops in a graph.
 //! - [`shares`], [`team`], [`aligned`]: splitting a product over threads, the helper team,
 //!   cache-aligned buffers.
+//! - [`stored`], [`nnef`]: laid-out weights as bytes and the engine's ops in NNEF, for the plan
+//!   cache (`load::plan_cache`).
 //! - [`isa`]: which instruction sets the kernels may use (all the CPU has, or a forced level).
 
 pub(crate) mod aligned;
@@ -20,10 +22,12 @@ pub(crate) mod attention_products;
 pub(crate) mod f32_products;
 pub mod isa;
 pub(crate) mod kv_cache;
+pub(crate) mod nnef;
 pub(crate) mod op_swap;
 pub(crate) mod product_rewrite;
 pub(crate) mod quantized;
 pub(crate) mod rope;
 pub(crate) mod shares;
 pub(crate) mod softmax;
+pub(crate) mod stored;
 pub(crate) mod team;

@@ -42,13 +42,18 @@ struct Kernels {
 }
 
 impl MaskedSoftmax {
-    fn new(scale: f32, post_softmax_mask: bool) -> TractResult<Self> {
+    pub(super) fn new(scale: f32, post_softmax_mask: bool) -> TractResult<Self> {
         let kernels = Kernels {
             max: Func::ReduceMax.reduce_f32()?,
             exp_sum: Func::Softmax2.map_reduce_f32()?,
             scale: Func::MulByScalar.ew_f32_param()?,
         };
         Ok(Self { scale, post_softmax_mask, kernels: Arc::new(kernels) })
+    }
+
+    /// The scale and whether masked positions are zeroed after, as `new` takes them.
+    pub(super) fn attributes(&self) -> (f32, bool) {
+        (self.scale, self.post_softmax_mask)
     }
 
     /// Softmax of one row in place, as tract's softmax computes it.

@@ -43,6 +43,7 @@ use tract_onnx::prelude::f16;
 
 use super::aligned::CacheAligned;
 use super::shares::{split_columns, OutputShare};
+use super::stored::{times, RecordReader, RecordWriter, StoredWeights};
 
 /// Inputs per quantization block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -159,6 +160,56 @@ impl Layout {
 
 /// Output columns in a thread's share are a multiple of this: every layout's group divides it.
 const SHARE_ALIGN: usize = 16;
+
+/// A record of the sizes, the code width, the layout, then the codes and scales as the
+/// kernels read them and the Q4_1 offsets if any. Reading one back checks that this CPU has a
+/// kernel for its layout: a cache written under another kernel level is refused, not misread.
+impl StoredWeights for Weights {
+    const TAG: u64 = 0x6d75_6c6d_7162_6c01;
+
+    fn store<W: std::io::Write>(&self, out: &mut RecordWriter<W>) -> std::io::Result<()> {
+        let layout = [Layout::Rows, Layout::Rows8, Layout::Rows16, Layout::Rows4].iter().position(|l| *l == self.layout);
+        for field in [self.n, self.k, self.bits.block_bytes(), layout.unwrap_or(0), usize::from(self.offsets.is_some())] {
+            out.u64(field as u64)?;
+        }
+        out.bytes(&self.codes)?;
+        out.floats(&self.scales)?;
+        match &self.offsets {
+            Some(offsets) => offsets.store(out),
+            None => Ok(()),
+        }
+    }
+
+    fn restore(from: &mut RecordReader) -> Result<Self, String> {
+        let left = from.left();
+        let n = from.size("a quantized weight's outputs", left)?;
+        let k = from.size("a quantized weight's inputs", left.saturating_mul(2))?;
+        let bits = match from.u64("a quantized weight's code width")? {
+            16 => Bits::Four,
+            32 => Bits::Eight,
+            other => return Err(format!("no quantized codes take {other} bytes a block")),
+        };
+        let layout = match from.u64("a quantized weight's layout")? {
+            0 => Layout::Rows,
+            1 => Layout::Rows8,
+            2 => Layout::Rows16,
+            3 => Layout::Rows4,
+            other => return Err(format!("no layout is numbered {other}")),
+        };
+        let has_offsets = from.u64("whether a quantized weight has block offsets")? == 1;
+        if n == 0 || k == 0 || k % BLOCK != 0 || n % layout.group() != 0 {
+            return Err(format!("a {n} × {k} weight does not fit the {layout:?} layout"));
+        }
+        if !layout.runs_here(bits) {
+            return Err(format!("no kernel on this CPU reads the {layout:?} layout"));
+        }
+        let blocks = times(n, k / BLOCK, "quantized blocks")?;
+        let codes = from.aligned(times(blocks, bits.block_bytes(), "quantized codes")?, "quantized codes")?;
+        let scales = from.floats(blocks, "quantized scales")?;
+        let offsets = if has_offsets { Some(BlockOffsets::restore(from, n, k)?) } else { None };
+        Ok(Self { n, k, bits, layout, codes, scales, offsets })
+    }
+}
 
 /// An activation of `m` rows quantized per block to int8 (see the module contract).
 #[derive(Default)]

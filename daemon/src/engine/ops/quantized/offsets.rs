@@ -26,6 +26,7 @@ use tract_onnx::tract_core::internal::Blob;
 use super::BLOCK;
 use crate::engine::ops::f32_products::PanelWeights;
 use crate::engine::ops::product_rewrite::WeightAxes;
+use crate::engine::ops::stored::{RecordReader, RecordWriter, StoredWeights};
 
 /// `y + (block sums of x) · C` for block offsets `C` of `[k/32, n]`.
 #[derive(Debug, Clone)]
@@ -49,6 +50,20 @@ impl BlockOffsets {
         let tensor = Tensor::from_shape(&[blocks, n], offsets).map_err(|e| e.to_string())?;
         let axes = WeightAxes { n, k: blocks, n_axis: 1, contracted: vec![0] };
         let offsets = PanelWeights::new(&tensor, &axes).map_err(|e| e.to_string())?;
+        Ok(Self { n, k, offsets: Arc::new(offsets) })
+    }
+
+    /// Writes the offsets (their float32 panels) into a plan-cache record.
+    pub(super) fn store<W: std::io::Write>(&self, out: &mut RecordWriter<W>) -> std::io::Result<()> {
+        self.offsets.store(out)
+    }
+
+    /// Reads what [`BlockOffsets::store`] wrote, for a weight of `n` × `k`.
+    pub(super) fn restore(from: &mut RecordReader, n: usize, k: usize) -> Result<Self, String> {
+        let offsets = PanelWeights::restore(from)?;
+        if (offsets.n, offsets.k) != (n, k / BLOCK) {
+            return Err(format!("block offsets of {} × {} stored for a {n} × {k} weight", offsets.n, offsets.k));
+        }
         Ok(Self { n, k, offsets: Arc::new(offsets) })
     }
 

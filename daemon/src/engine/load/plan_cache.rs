@@ -1,0 +1,243 @@
+//! The plan cache: the graph `plan` makes from a model file, stored after its rewrites so that
+//! the next load of the same model skips reading the ONNX file, tract's decluttering and every
+//! weight's repacking (SmolLM2-135M q4: 1.4 s of a 1.5 s load, bench/RESULTS.md).
+//!
+//! An entry is a directory named by a hash of everything the plan depends on ([`key`]): the
+//! model file's identity, its manifest, this binary, the target and the kernel level (weights
+//! are laid out for the kernels this CPU runs). It holds the graph in NNEF (`graph/`, the
+//! engine's ops through `ops::nnef`) and the laid-out weights (`weights.bin`, indexed by
+//! `weights.json`). An entry is written to a temporary directory and renamed into place, so a
+//! reader sees a whole entry or none. The cache keeps at most its budget of bytes, dropping the
+//! least recently used entries.
+//!
+//! The cache is never needed: an entry that cannot be read (damaged, truncated, from another
+//! version) is removed and the model loaded from its file, and one that cannot be written
+//! (read-only disk, disk full) is skipped, each with a warning that names the directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tract_onnx::prelude::*;
+use tract_onnx::WithOnnx;
+use tract_transformers::WithTractTransformers;
+
+use crate::engine::ops::isa;
+use crate::engine::ops::nnef::{self, WeightIndex, WeightStore};
+
+/// Bumped whenever what an entry holds changes meaning.
+const FORMAT: &str = "mulmd plan cache 1";
+
+/// The default budget: room for SmolLM2-135M at float32 (a 650 MB entry) and a few smaller plans.
+pub const DEFAULT_MB: u64 = 2048;
+
+/// Where plans are cached, and how many bytes of them are kept; or no cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanCache {
+    dir: Option<PathBuf>,
+    max_bytes: u64,
+}
+
+/// What a load did with the plan cache (`plan_cache` in `mulmd probe`'s JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheUse {
+    /// No cache configured.
+    Off,
+    /// The plan came from the cache.
+    Hit,
+    /// The plan was made from the model file and stored.
+    Stored,
+    /// The plan was made from the model file and could not be stored (the log says why).
+    Unstored,
+}
+
+impl PlanCache {
+    /// No cache: every load reads the model file.
+    pub fn off() -> Self {
+        Self { dir: None, max_bytes: 0 }
+    }
+
+    /// Plans kept under `dir`, at most `max_mb` MiB of them (0: none, the same as off).
+    pub fn at(dir: PathBuf, max_mb: u64) -> Self {
+        match max_mb {
+            0 => Self::off(),
+            mb => Self { dir: Some(dir), max_bytes: mb.saturating_mul(1 << 20) },
+        }
+    }
+
+    /// `$MULMD_PLAN_CACHE` (a directory, or `off`), else [`default_dir`], with the default
+    /// budget; what the CLI and `mulmd bench` use.
+    pub fn from_env() -> Self {
+        match std::env::var_os("MULMD_PLAN_CACHE").filter(|v| !v.is_empty()) {
+            Some(v) if v == "off" => Self::off(),
+            Some(v) => Self::at(PathBuf::from(v), DEFAULT_MB),
+            None => default_dir().map_or_else(Self::off, |d| Self::at(d, DEFAULT_MB)),
+        }
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The plan stored for `key`, if an entry holds one. A damaged entry is removed.
+    pub(crate) fn load(&self, key: &str) -> Option<TypedModel> {
+        let entry = self.dir.as_ref()?.join(key);
+        if !entry.join(WEIGHTS_INDEX).is_file() {
+            return None;
+        }
+        // tract's NNEF reader is not built for damaged input: a panic in it is a damaged
+        // entry like any other, never a failed load.
+        let read = std::panic::catch_unwind(|| read_entry(&entry)).unwrap_or_else(|_| Err(anyhow::anyhow!("reading it panicked")));
+        match read {
+            Ok(model) => {
+                // The entry's last use, for the eviction order.
+                let _ = std::fs::File::open(entry.join(WEIGHTS_INDEX)).and_then(|f| f.set_modified(SystemTime::now()));
+                Some(model)
+            }
+            Err(e) => {
+                tracing::warn!(entry = %entry.display(), "the cached plan cannot be read ({e:#}); removing it and loading the model file");
+                let _ = std::fs::remove_dir_all(&entry);
+                None
+            }
+        }
+    }
+
+    /// Stores `model` under `key`, then drops the least recently used entries past the budget.
+    /// Returns whether the entry is in place.
+    pub(crate) fn store(&self, key: &str, model: &TypedModel) -> bool {
+        let Some(root) = &self.dir else { return false };
+        let entry = root.join(key);
+        // Unique to this process and this store: threads may load the same model at once.
+        static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = root.join(format!(".{key}.{}.{n}.partial", std::process::id()));
+        let written = std::fs::create_dir_all(root)
+            .map_err(TractError::from)
+            .and_then(|_| write_entry(&temp, model))
+            .and_then(|_| match std::fs::rename(&temp, &entry) {
+                // Another process stored the same plan first: theirs is as good.
+                Err(_) if entry.join(WEIGHTS_INDEX).is_file() => Ok(()),
+                other => other.map_err(TractError::from),
+            });
+        let _ = std::fs::remove_dir_all(&temp);
+        if let Err(e) = written {
+            tracing::warn!(dir = %root.display(), "cannot store the model's plan in the plan cache ({e:#}); the next load reads the model file again. Make the directory writable, free space, or set [model] plan_cache = \"off\"");
+            return false;
+        }
+        self.evict(&entry);
+        let kept = entry.is_dir();
+        if !kept {
+            tracing::warn!(dir = %root.display(), budget_mb = self.max_bytes >> 20, "the model's plan is larger than the plan cache's budget and was not kept; raise [model] plan_cache_mb");
+        }
+        kept
+    }
+
+    /// Removes the least recently used entries until the cache fits its budget, `newest` last
+    /// of all; and partial entries a crashed writer left over an hour ago.
+    fn evict(&self, newest: &Path) {
+        let Some(root) = &self.dir else { return };
+        let Ok(listing) = std::fs::read_dir(root) else { return };
+        let mut entries: Vec<(bool, SystemTime, u64, PathBuf)> = Vec::new();
+        for item in listing.flatten() {
+            let path = item.path();
+            let name = item.file_name();
+            let used = std::fs::metadata(path.join(WEIGHTS_INDEX)).and_then(|m| m.modified());
+            if name.to_string_lossy().ends_with(".partial") {
+                let old = item.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if old.is_some_and(|age| age > Duration::from_secs(3600)) {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            } else if let Ok(used) = used {
+                entries.push((path == newest, used, tree_bytes(&path), path));
+            }
+        }
+        // Oldest first, the newest entry after every other.
+        entries.sort_by_key(|(is_newest, used, ..)| (*is_newest, *used));
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        for (_, _, bytes, path) in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            if std::fs::remove_dir_all(&path).is_ok() {
+                total -= bytes;
+            }
+        }
+    }
+}
+
+/// `$CACHE_DIRECTORY/plans` (systemd's `CacheDirectory=`), else `$XDG_CACHE_HOME/mulmd/plans`,
+/// else `~/.cache/mulmd/plans`; none without any of them.
+pub fn default_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(systemd) = var("CACHE_DIRECTORY") {
+        // systemd joins several directories with ':'; the first is this service's own.
+        let first = systemd.to_string_lossy().split(':').next().map(PathBuf::from)?;
+        return Some(first.join("plans"));
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    Some(cache.join("mulmd").join("plans"))
+}
+
+/// The entry name for a model directory's plan: a hash of the format, this binary (its
+/// version, size and modification time: a rebuilt engine may lay weights out differently),
+/// the target, the kernel level, the model file's identity (path, size, modification time,
+/// inode) and the manifest's bytes. Only files' metadata is read, never the weights.
+pub(crate) fn key(dir: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut text = format!("{FORMAT}\n{}\n{}\n", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
+    let stamp = |m: &std::fs::Metadata| format!("{} {} {} {} {}\n", m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev());
+    text += &stamp(&std::fs::metadata(std::env::current_exe()?)?);
+    text += &format!("{:?}\n", isa::configured().map_err(std::io::Error::other)?);
+    let onnx = std::fs::canonicalize(dir.join("model.onnx"))?;
+    text += &format!("{}\n", onnx.display());
+    text += &stamp(&std::fs::metadata(&onnx)?);
+    let manifest = std::fs::read(dir.join(crate::engine::manifest::FILE))?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    hash.update(text.as_bytes());
+    hash.update(&manifest);
+    Ok(hash.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+const GRAPH: &str = "graph";
+const WEIGHTS: &str = "weights.bin";
+const WEIGHTS_INDEX: &str = "weights.json";
+
+/// tract's NNEF with the transformer, ONNX and engine registries: every op a plan holds.
+fn framework() -> tract_nnef::framework::Nnef {
+    tract_nnef::nnef().with_tract_transformers().with_onnx().with_registry(nnef::registry())
+}
+
+fn write_entry(temp: &Path, model: &TypedModel) -> TractResult<()> {
+    let _ = std::fs::remove_dir_all(temp);
+    std::fs::create_dir_all(temp)?;
+    framework().write_to_dir(model, temp.join(GRAPH))?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(temp.join(WEIGHTS))?);
+    let index = nnef::write_weights(model, &mut out)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    // The index last: an entry counts as whole once it is there (and renamed into place).
+    let index = serde_json::to_vec(&index)?;
+    std::fs::write(temp.join(WEIGHTS_INDEX), index)?;
+    Ok(())
+}
+
+fn read_entry(entry: &Path) -> TractResult<TypedModel> {
+    let index: WeightIndex = serde_json::from_slice(&std::fs::read(entry.join(WEIGHTS_INDEX))?)?;
+    let store = WeightStore::open(&entry.join(WEIGHTS), index)?;
+    let framework = framework();
+    let mut proto = framework.proto_model_for_path(entry.join(GRAPH))?;
+    proto.resources.insert(nnef::WEIGHTS.to_string(), Arc::new(store));
+    framework.model_for_proto_model(&proto)
+}
+
+/// Bytes of the files under `path`.
+fn tree_bytes(path: &Path) -> u64 {
+    let Ok(listing) = std::fs::read_dir(path) else { return 0 };
+    listing
+        .flatten()
+        .map(|item| match item.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&item.path()),
+            _ => item.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
