@@ -33,3 +33,21 @@ def test_mulmd_probe_reports_its_own_peak_memory_not_its_parents(fixture_dir, ne
     peak = json.loads(out.stdout)["peak_rss_mb"]
     assert 0 < peak < 300, f"the probe reported {peak:.0f} MB: the 600 MB are its parent's"
     del ballast
+
+
+def test_the_load_column_is_a_restarts_from_the_plan_cache():
+    """The run that made and stored the plan is a first start; the column reports restarts."""
+    run = {"prompt_tokens": 10, "prefill_ms": 5.0, "token_ms": [5.0, 6.0, 7.0], "tokens": [1, 2, 3], "peak_rss_mb": 50}
+    results = [
+        {"load_ms": 900.0, "plan_cache": "stored", "peak_rss_mb": 60, "runs": [run]},
+        {"load_ms": 80.0, "plan_cache": "hit", "peak_rss_mb": 50, "runs": [run]},
+        {"load_ms": 100.0, "plan_cache": "hit", "peak_rss_mb": 50, "runs": [run]},
+    ]
+
+    class NoWords:
+        def decode(self, ids):
+            return ""
+
+    assert compare_runtimes.summarize(results, NoWords())["load_ms"] == 90.0
+    # Peers (and mulmd with the cache off) report every load.
+    assert compare_runtimes.summarize([{**r, "plan_cache": "off"} for r in results], NoWords())["load_ms"] == 100.0

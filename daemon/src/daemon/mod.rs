@@ -280,7 +280,9 @@ pub async fn run(prepared: Prepared, listeners: Listeners, shutdown: impl Future
         fronts.push(front);
         servers.spawn(async move { endpoint.await.map_err(StartError::from) });
     }
-    let model = &engine.model().manifest;
+    let loaded = engine.model();
+    tracing::info!(load_ms = loaded.load_time.as_millis() as u64, plan_cache = ?loaded.plan_cache, "model loaded");
+    let model = &loaded.manifest;
     let offer = discovery::Offer {
         grpc: grpc_addr,
         http: http_addr,

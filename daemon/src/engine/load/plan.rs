@@ -34,7 +34,7 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize, cache: 
             .map_err(|e| tracing::warn!(dir = %root.display(), "the plan cache is skipped: cannot identify the model ({e})"))
             .ok()
     });
-    if let Some(typed) = key.as_deref().and_then(|key| cache.load(key)) {
+    if let Some(typed) = key.as_ref().and_then(|key| cache.load(key)) {
         lap("cached plan read");
         return optimize(typed, threads).map(|plan| (plan, CacheUse::Hit)).map_err(bad);
     }

@@ -81,8 +81,8 @@ impl PlanCache {
     }
 
     /// The plan stored for `key`, if an entry holds one. A damaged entry is removed.
-    pub(crate) fn load(&self, key: &str) -> Option<TypedModel> {
-        let entry = self.dir.as_ref()?.join(key);
+    pub(crate) fn load(&self, key: &PlanKey) -> Option<TypedModel> {
+        let entry = self.dir.as_ref()?.join(&key.name);
         if !entry.join(WEIGHTS_INDEX).is_file() {
             return None;
         }
@@ -103,18 +103,20 @@ impl PlanCache {
         }
     }
 
-    /// Stores `model` under `key`, then drops the least recently used entries past the budget.
-    /// Returns whether the entry is in place.
-    pub(crate) fn store(&self, key: &str, model: &TypedModel) -> bool {
+    /// Stores `model` under `key`, then drops the other entries of the same model file and
+    /// kernel level (made by an older binary or of an older file: never read again) and the
+    /// least recently used entries past the budget. Returns whether the entry is in place.
+    pub(crate) fn store(&self, key: &PlanKey, model: &TypedModel) -> bool {
         let Some(root) = &self.dir else { return false };
-        let entry = root.join(key);
+        let entry = root.join(&key.name);
+        let key_name = &key.name;
         // Unique to this process and this store: threads may load the same model at once.
         static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temp = root.join(format!(".{key}.{}.{n}.partial", std::process::id()));
+        let temp = root.join(format!(".{key_name}.{}.{n}.partial", std::process::id()));
         let written = std::fs::create_dir_all(root)
             .map_err(TractError::from)
-            .and_then(|_| write_entry(&temp, model))
+            .and_then(|_| write_entry(&temp, model, &key.source))
             .and_then(|_| match std::fs::rename(&temp, &entry) {
                 // Another process stored the same plan first: theirs is as good.
                 Err(_) if entry.join(WEIGHTS_INDEX).is_file() => Ok(()),
@@ -125,7 +127,7 @@ impl PlanCache {
             tracing::warn!(dir = %root.display(), "cannot store the model's plan in the plan cache ({e:#}); the next load reads the model file again. Make the directory writable, free space, or set [model] plan_cache = \"off\"");
             return false;
         }
-        self.evict(&entry);
+        self.evict(&entry, &key.source);
         let kept = entry.is_dir();
         if !kept {
             tracing::warn!(dir = %root.display(), budget_mb = self.max_bytes >> 20, "the model's plan is larger than the plan cache's budget and was not kept; raise [model] plan_cache_mb");
@@ -133,9 +135,10 @@ impl PlanCache {
         kept
     }
 
-    /// Removes the least recently used entries until the cache fits its budget, `newest` last
-    /// of all; and partial entries a crashed writer left over an hour ago.
-    fn evict(&self, newest: &Path) {
+    /// Removes the entries other than `newest` made from `source`, then the least recently used
+    /// ones until the cache fits its budget, `newest` last of all; and partial entries a crashed
+    /// writer left over an hour ago.
+    fn evict(&self, newest: &Path, source: &str) {
         let Some(root) = &self.dir else { return };
         let Ok(listing) = std::fs::read_dir(root) else { return };
         let mut entries: Vec<(bool, SystemTime, u64, PathBuf)> = Vec::new();
@@ -148,6 +151,8 @@ impl PlanCache {
                 if old.is_some_and(|age| age > Duration::from_secs(3600)) {
                     let _ = std::fs::remove_dir_all(&path);
                 }
+            } else if path != newest && std::fs::read_to_string(path.join(SOURCE)).is_ok_and(|s| s == source) {
+                let _ = std::fs::remove_dir_all(&path);
             } else if let Ok(used) = used {
                 entries.push((path == newest, used, tree_bytes(&path), path));
             }
@@ -179,38 +184,50 @@ pub fn default_dir() -> Option<PathBuf> {
     Some(cache.join("mulmd").join("plans"))
 }
 
-/// The entry name for a model directory's plan: a hash of the format, this binary (its
-/// version, size and modification time: a rebuilt engine may lay weights out differently),
-/// the target, the kernel level, the model file's identity (path, size, modification time,
-/// inode) and the manifest's bytes. Only files' metadata is read, never the weights.
-pub(crate) fn key(dir: &Path) -> std::io::Result<String> {
+/// What names an entry.
+pub(crate) struct PlanKey {
+    /// The entry's directory name: a hash of everything the plan depends on.
+    name: String,
+    /// The model file and kernel level it is for, kept in the entry: a newer entry for the
+    /// same replaces it.
+    source: String,
+}
+
+/// The key of a model directory's plan: a hash of the format, this binary (its version, size
+/// and modification time: a rebuilt engine may lay weights out differently), the target, the
+/// kernel level, the model file's identity (path, size, modification time, inode) and the
+/// manifest's bytes. Only files' metadata is read, never the weights.
+pub(crate) fn key(dir: &Path) -> std::io::Result<PlanKey> {
     use std::os::unix::fs::MetadataExt;
     let mut text = format!("{FORMAT}\n{}\n{}\n", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
     let stamp = |m: &std::fs::Metadata| format!("{} {} {} {} {}\n", m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev());
     text += &stamp(&std::fs::metadata(std::env::current_exe()?)?);
-    text += &format!("{:?}\n", isa::configured().map_err(std::io::Error::other)?);
     let onnx = std::fs::canonicalize(dir.join("model.onnx"))?;
-    text += &format!("{}\n", onnx.display());
+    let source = format!("{}\n{:?}\n", onnx.display(), isa::configured().map_err(std::io::Error::other)?);
+    text += &source;
     text += &stamp(&std::fs::metadata(&onnx)?);
     let manifest = std::fs::read(dir.join(crate::engine::manifest::FILE))?;
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     hash.update(text.as_bytes());
     hash.update(&manifest);
-    Ok(hash.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect())
+    let name = hash.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(PlanKey { name, source })
 }
 
 const GRAPH: &str = "graph";
 const WEIGHTS: &str = "weights.bin";
 const WEIGHTS_INDEX: &str = "weights.json";
+const SOURCE: &str = "source.txt";
 
 /// tract's NNEF with the transformer, ONNX and engine registries: every op a plan holds.
 fn framework() -> tract_nnef::framework::Nnef {
     tract_nnef::nnef().with_tract_transformers().with_onnx().with_registry(nnef::registry())
 }
 
-fn write_entry(temp: &Path, model: &TypedModel) -> TractResult<()> {
+fn write_entry(temp: &Path, model: &TypedModel, source: &str) -> TractResult<()> {
     let _ = std::fs::remove_dir_all(temp);
     std::fs::create_dir_all(temp)?;
+    std::fs::write(temp.join(SOURCE), source)?;
     framework().write_to_dir(model, temp.join(GRAPH))?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(temp.join(WEIGHTS))?);
     let index = nnef::write_weights(model, &mut out)?;

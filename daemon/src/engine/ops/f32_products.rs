@@ -271,7 +271,7 @@ impl StoredWeights for PanelWeights {
     fn store<W: std::io::Write>(&self, out: &mut RecordWriter<W>) -> std::io::Result<()> {
         out.u64(self.n as u64)?;
         out.u64(self.k as u64)?;
-        out.bytes(&self.panels)
+        out.aligned_bytes(&self.panels)
     }
 
     fn restore(from: &mut RecordReader) -> Result<Self, String> {

@@ -12,6 +12,8 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use memmap2::Mmap;
+
 use tract_nnef::internal::*;
 use tract_nnef::ser::array;
 
@@ -230,9 +232,13 @@ fn write_once<W: StoredWeights, O: std::io::Write>(
 
 /// The weights file of a stored graph, read record by record as its products are wired.
 /// Products that shared a weight when written share it again.
+///
+/// The file is mapped, and the weights' arrays stay its pages. mulmd never changes an entry's
+/// file once written (entries are written whole under another name and renamed; eviction
+/// unlinks, which leaves a mapping intact), so the map holds what was written.
 #[derive(Debug)]
 pub struct WeightStore {
-    file: File,
+    map: Arc<Mmap>,
     index: WeightIndex,
     read: Mutex<HashMap<u64, Arc<dyn std::any::Any + Send + Sync>>>,
 }
@@ -242,11 +248,15 @@ impl Resource for WeightStore {}
 impl WeightStore {
     pub fn open(path: &Path, index: WeightIndex) -> TractResult<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let len = file.metadata()?.len();
+        // SAFETY: the file is a plan-cache entry's, which no one writes once it is in place
+        // (see the type's doc); a mapping of a file truncated behind mulmd's back would fault,
+        // as a mapped model file does in llama.cpp, and the README says not to edit entries.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
+        let len = map.len() as u64;
         if let Some((key, (at, size))) = index.iter().find(|(_, (at, size))| at.checked_add(*size).is_none_or(|end| end > len)) {
             bail!("the weight {key:?} lies at {at}+{size}, past the end of {} ({len} bytes)", path.display());
         }
-        Ok(Self { file, index, read: Mutex::new(HashMap::new()) })
+        Ok(Self { map, index, read: Mutex::new(HashMap::new()) })
     }
 
     /// The weight stored under `key`, read on first use.
@@ -256,7 +266,7 @@ impl WeightStore {
         if let Some(done) = read.get(&at) {
             return done.clone().downcast::<W>().map_err(|_| format_err!("the weight at {at} was read as another kind"));
         }
-        let mut from = RecordReader::new(&self.file, at, len);
+        let mut from = RecordReader::new(&self.map, at, len);
         let tag = from.u64("a record's kind").map_err(|e| format_err!("{e}"))?;
         ensure!(tag == W::TAG, "the record for {key:?} holds another kind of weight");
         let weights = W::restore(&mut from).and_then(|w| from.finish("a weight").map(|_| w));

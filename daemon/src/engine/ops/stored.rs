@@ -8,11 +8,15 @@
 //! the bytes left in the record before it allocates: a damaged file gives an error, never a
 //! huge allocation or a misread weight.
 
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use memmap2::Mmap;
 
 use super::aligned::CacheAligned;
+
+/// Where a record's kernel arrays start: a cache line.
+const ALIGN: usize = 64;
 
 /// Appends records to a file, counting where each starts.
 pub struct RecordWriter<W: Write> {
@@ -40,6 +44,14 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
+    /// Bytes a reader takes as [`CacheAligned`]: they start on a cache line of the file, so
+    /// that they can stay where the file is mapped.
+    pub fn aligned_bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        let pad = self.at.next_multiple_of(ALIGN as u64) - self.at;
+        self.bytes(&[0u8; ALIGN][..pad as usize])?;
+        self.bytes(b)
+    }
+
     pub fn floats(&mut self, values: &[f32]) -> io::Result<()> {
         // Through a bounded buffer: scales run to millions of values.
         for chunk in values.chunks(16 * 1024) {
@@ -50,19 +62,26 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// Reads one record, `[at, end)` of a file, front to back.
+/// Reads one record, `[at, end)` of a mapped file, front to back. The kernels' arrays are
+/// not copied: they stay the map's pages (see [`CacheAligned::mapped`]), so a cached load
+/// reads SmolLM2's 538 MB of float32 panels in the time the kernel takes to map them, where
+/// reading them into fresh memory took 330 ms (bench/RESULTS.md, plan cache).
 pub struct RecordReader<'a> {
-    file: &'a File,
-    at: u64,
-    end: u64,
+    map: &'a Arc<Mmap>,
+    at: usize,
+    end: usize,
 }
 
 impl<'a> RecordReader<'a> {
-    pub fn new(file: &'a File, at: u64, len: u64) -> Self {
-        Self { file, at, end: at.saturating_add(len) }
+    /// The record of `len` bytes at `at`; one that runs past the map is cut at its end (and
+    /// its reader then finds bytes missing).
+    pub fn new(map: &'a Arc<Mmap>, at: u64, len: u64) -> Self {
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX).min(map.len());
+        let at = clamp(at);
+        Self { map, at, end: clamp((at as u64).saturating_add(len)).max(at) }
     }
 
-    fn take(&mut self, len: u64, what: &str) -> Result<u64, String> {
+    fn take(&mut self, len: usize, what: &str) -> Result<usize, String> {
         if len > self.end - self.at {
             return Err(format!("{what} needs {len} bytes, the record has {} left", self.end - self.at));
         }
@@ -71,16 +90,9 @@ impl<'a> RecordReader<'a> {
         Ok(from)
     }
 
-    /// Fills `buf` from the record.
-    pub fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), String> {
-        let from = self.take(buf.len() as u64, what)?;
-        self.file.read_exact_at(buf, from).map_err(|e| format!("reading {what}: {e}"))
-    }
-
     pub fn u64(&mut self, what: &str) -> Result<u64, String> {
-        let mut b = [0u8; 8];
-        self.fill(&mut b, what)?;
-        Ok(u64::from_le_bytes(b))
+        let from = self.take(8, what)?;
+        Ok(u64::from_le_bytes(self.map[from..from + 8].try_into().expect("8 bytes")))
     }
 
     /// A size field, refused above `max`.
@@ -91,26 +103,20 @@ impl<'a> RecordReader<'a> {
 
     /// The bytes the record has left.
     pub fn left(&self) -> usize {
-        usize::try_from(self.end - self.at).unwrap_or(usize::MAX)
+        self.end - self.at
     }
 
-    /// `len` bytes into a cache-aligned buffer.
+    /// `len` bytes that [`RecordWriter::aligned_bytes`] wrote, as the map's own.
     pub fn aligned(&mut self, len: usize, what: &str) -> Result<CacheAligned, String> {
-        self.take(len as u64, what)?;
-        self.at -= len as u64;
-        let mut buf = CacheAligned::zeroed(len);
-        self.fill(&mut buf, what)?;
-        Ok(buf)
+        self.take(self.at.next_multiple_of(ALIGN) - self.at, what)?;
+        let from = self.take(len, what)?;
+        CacheAligned::mapped(self.map.clone(), from, len)
     }
 
     /// `n` float32 values.
     pub fn floats(&mut self, n: usize, what: &str) -> Result<Vec<f32>, String> {
-        let bytes = n.checked_mul(4).ok_or_else(|| format!("{what}: {n} floats overflow"))?;
-        self.take(bytes as u64, what)?;
-        self.at -= bytes as u64;
-        let mut raw = vec![0u8; bytes];
-        self.fill(&mut raw, what)?;
-        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        let from = self.take(times(n, 4, what)?, what)?;
+        Ok(self.map[from..from + 4 * n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// Ends the record: every byte must have been read.

@@ -172,7 +172,7 @@ impl StoredWeights for Weights {
         for field in [self.n, self.k, self.bits.block_bytes(), layout.unwrap_or(0), usize::from(self.offsets.is_some())] {
             out.u64(field as u64)?;
         }
-        out.bytes(&self.codes)?;
+        out.aligned_bytes(&self.codes)?;
         out.floats(&self.scales)?;
         match &self.offsets {
             Some(offsets) => offsets.store(out),

@@ -274,6 +274,8 @@ fn stored_weights_read_back_to_the_same_products() {
     let (m, n, k) = (3, 48, 96);
     let a = random_activation(&mut rng, m, k);
     let file = tempfile::tempfile().unwrap();
+    // SAFETY: the test's own temporary file, not changed while mapped.
+    let map = |file: &std::fs::File| std::sync::Arc::new(unsafe { memmap2::Mmap::map(file) }.unwrap());
     for bits in [Bits::Four, Bits::Eight] {
         let (bytes, _) = random_weight(&mut rng, bits, n, k);
         for layout in [Layout::Rows, Layout::Rows16, Layout::Rows8, Layout::Rows4] {
@@ -287,15 +289,17 @@ fn stored_weights_read_back_to_the_same_products() {
                 w.store(&mut out).unwrap();
                 let len = out.position();
                 drop(out);
-                let back = Weights::restore(&mut RecordReader::new(&file, 0, len)).unwrap();
+                let map = map(&file);
+                let back = Weights::restore(&mut RecordReader::new(&map, 0, len)).unwrap();
+                assert!(back.codes.is_mapped(), "the codes stay the map's pages");
                 assert_eq!((back.layout, back.bits, back.offsets.is_some()), (w.layout, w.bits, w.offsets.is_some()));
                 let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
                 w.matmul(&a, m, &mut want);
                 back.matmul(&a, m, &mut got);
                 assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{w:?} in {layout:?}");
-                let cut = Weights::restore(&mut RecordReader::new(&file, 0, len - 1)).map(|_| ());
+                let cut = Weights::restore(&mut RecordReader::new(&map, 0, len - 1)).map(|_| ());
                 assert!(cut.is_err(), "a record one byte short must be refused");
-                assert!(PanelWeights::restore(&mut RecordReader::new(&file, 0, len)).is_err(), "quantized codes are not float32 panels");
+                assert!(PanelWeights::restore(&mut RecordReader::new(&map, 0, len)).is_err(), "quantized codes are not float32 panels");
             }
         }
     }
