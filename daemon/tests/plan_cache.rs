@@ -85,6 +85,19 @@ fn damage(entry: &Path, how: usize) {
         4 => std::fs::write(entry.join("graph/graph.nnef"), b"version 1.0;\ngraph g( ) -> ( ) { x = ;").unwrap(),
         // The graph gone.
         5 => std::fs::remove_dir_all(entry.join("graph")).unwrap(),
+        // Another model's entry under this one's name (its record of what it was made from).
+        6 => std::fs::write(entry.join("source.txt"), "/elsewhere/model.onnx\nAvx2\n").unwrap(),
+        // A graph that reads back but does not fit the manifest: one output fewer.
+        7 => {
+            let graph = entry.join("graph/graph.nnef");
+            let text = std::fs::read_to_string(&graph).unwrap();
+            let (fragments, graph_line) = text.split_once("\ngraph ").unwrap();
+            let (head, rest) = graph_line.split_once("->").unwrap();
+            let head = format!("{fragments}\ngraph {head}");
+            let (outputs, body) = rest.split_once(')').unwrap();
+            let fewer = outputs.rsplit_once(',').unwrap().0;
+            std::fs::write(&graph, format!("{head}->{fewer}){body}")).unwrap();
+        }
         _ => unreachable!(),
     }
 }
@@ -93,7 +106,7 @@ fn damage(entry: &Path, how: usize) {
 fn a_damaged_entry_is_replaced_and_the_model_still_loads() {
     let Some(dir) = common::fixture("tiny-q4") else { return };
     let reference = bits(&logits(&load(&dir, &PlanCache::off())));
-    for how in 0..6 {
+    for how in 0..8 {
         let root = tempfile::tempdir().unwrap();
         let cache = PlanCache::at(root.path().to_path_buf(), 1024);
         load(&dir, &cache);

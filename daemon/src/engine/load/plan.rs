@@ -34,9 +34,22 @@ pub(crate) fn load_plan(dir: &Path, manifest: &Manifest, threads: usize, cache: 
             .map_err(|e| tracing::warn!(dir = %root.display(), "the plan cache is skipped: cannot identify the model ({e})"))
             .ok()
     });
-    if let Some(typed) = key.as_ref().and_then(|key| cache.load(key)) {
-        lap("cached plan read");
-        return optimize(typed, threads).map(|plan| (plan, CacheUse::Hit)).map_err(bad);
+    if let Some(key) = &key {
+        if let Some(typed) = cache.load(key) {
+            lap("cached plan read");
+            // A stored graph that does not fit the manifest or fails tract's optimisation is
+            // a damaged entry like one that cannot be read: the model file still can be.
+            let checked = fits_manifest(&typed, manifest).map_err(|problem| anyhow::anyhow!("{problem}"));
+            let optimized = checked.and_then(|_| {
+                // Unwind-safe in fact: the graph is moved in and nothing of it is seen after a panic.
+                let optimize = std::panic::AssertUnwindSafe(|| optimize(typed, threads));
+                std::panic::catch_unwind(optimize).unwrap_or_else(|_| Err(anyhow::anyhow!("optimizing it panicked")))
+            });
+            match optimized {
+                Ok(plan) => return Ok((plan, CacheUse::Hit)),
+                Err(e) => cache.discard(key, &e),
+            }
+        }
     }
     let typed = rewritten(&path, manifest, &lap).map_err(|e| match e {
         Rewrite::Tract(e) => bad(e),
@@ -74,15 +87,7 @@ fn rewritten(path: &Path, manifest: &Manifest, lap: &dyn Fn(&str)) -> Result<Typ
     let a = &manifest.architecture;
     let expected_inputs = 1 + 2 * a.num_layers;
     if model.inputs.len() != expected_inputs || model.outputs.len() != expected_inputs {
-        return Err(Rewrite::Load(LoadError::ShapeMismatch {
-            path,
-            problem: format!(
-                "it has {} inputs and {} outputs, a {}-layer model needs {expected_inputs} of each",
-                model.inputs.len(),
-                model.outputs.len(),
-                a.num_layers
-            ),
-        }));
+        return Err(Rewrite::Load(LoadError::ShapeMismatch { path, problem: io_count_problem(model.inputs.len(), model.outputs.len(), a.num_layers) }));
     }
     let typed = model.into_typed().map_err(bad)?;
     lap("typed");
@@ -197,6 +202,22 @@ fn assert_lengths(model: &TypedModel) -> TractResult<()> {
 }
 
 /// The graph's declared tensor shapes against the manifest's architecture.
+/// A graph's inputs and outputs against a model of `layers` layers: the ids and a key and a
+/// value cache per layer, the logits and the caches again.
+fn io_count_problem(inputs: usize, outputs: usize, layers: usize) -> String {
+    let expected = 1 + 2 * layers;
+    format!("it has {inputs} inputs and {outputs} outputs, a {layers}-layer model needs {expected} of each")
+}
+
+/// Whether a stored plan has the inputs, outputs and shapes the manifest describes.
+fn fits_manifest(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
+    let layers = manifest.architecture.num_layers;
+    if model.inputs.len() != 1 + 2 * layers || model.outputs.len() != 1 + 2 * layers {
+        return Err(io_count_problem(model.inputs.len(), model.outputs.len(), layers));
+    }
+    check_facts(model, manifest)
+}
+
 fn check_facts(model: &TypedModel, manifest: &Manifest) -> Result<(), String> {
     let a = &manifest.architecture;
     let ids = model.input_fact(0).map_err(|e| e.to_string())?;

@@ -88,7 +88,7 @@ impl PlanCache {
         }
         // tract's NNEF reader is not built for damaged input: a panic in it is a damaged
         // entry like any other, never a failed load.
-        let read = std::panic::catch_unwind(|| read_entry(&entry)).unwrap_or_else(|_| Err(anyhow::anyhow!("reading it panicked")));
+        let read = std::panic::catch_unwind(|| read_entry(&entry, &key.source)).unwrap_or_else(|_| Err(anyhow::anyhow!("reading it panicked")));
         match read {
             Ok(model) => {
                 // The entry's last use, for the eviction order.
@@ -96,11 +96,18 @@ impl PlanCache {
                 Some(model)
             }
             Err(e) => {
-                tracing::warn!(entry = %entry.display(), "the cached plan cannot be read ({e:#}); removing it and loading the model file");
-                let _ = std::fs::remove_dir_all(&entry);
+                self.discard(key, &e);
                 None
             }
         }
+    }
+
+    /// Removes the entry for `key`, which `problem` makes unusable, with a warning.
+    pub(crate) fn discard(&self, key: &PlanKey, problem: &TractError) {
+        let Some(root) = &self.dir else { return };
+        let entry = root.join(&key.name);
+        tracing::warn!(entry = %entry.display(), "the cached plan cannot be used ({problem:#}); removing it and loading the model file");
+        let _ = std::fs::remove_dir_all(&entry);
     }
 
     /// Stores `model` under `key`, then drops the other entries of the same model file and
@@ -238,7 +245,10 @@ fn write_entry(temp: &Path, model: &TypedModel, source: &str) -> TractResult<()>
     Ok(())
 }
 
-fn read_entry(entry: &Path) -> TractResult<TypedModel> {
+fn read_entry(entry: &Path, source: &str) -> TractResult<TypedModel> {
+    // An entry copied or renamed from another model's is not this model's plan.
+    let made_from = std::fs::read_to_string(entry.join(SOURCE))?;
+    anyhow::ensure!(made_from == source, "it was made from {:?}, not from {:?}", made_from.trim(), source.trim());
     let index: WeightIndex = serde_json::from_slice(&std::fs::read(entry.join(WEIGHTS_INDEX))?)?;
     let store = WeightStore::open(&entry.join(WEIGHTS), index)?;
     let framework = framework();
