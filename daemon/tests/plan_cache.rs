@@ -98,6 +98,35 @@ fn damage(entry: &Path, how: usize) {
             let fewer = outputs.rsplit_once(',').unwrap().0;
             std::fs::write(&graph, format!("{head}->{fewer}){body}")).unwrap();
         }
+        // The graph a link to an endless file: refused, not read without end.
+        8 => {
+            std::fs::remove_file(entry.join("graph/graph.nnef")).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", entry.join("graph/graph.nnef")).unwrap();
+        }
+        // The index a directory: the entry must still be replaced, not block storing for ever.
+        9 => {
+            std::fs::remove_file(entry.join("weights.json")).unwrap();
+            std::fs::create_dir(entry.join("weights.json")).unwrap();
+        }
+        // Every record's layout field zeroed, the file's length unchanged: every size still
+        // fits, so only the entry's digest tells the weights would be misread.
+        10 => {
+            let index: std::collections::HashMap<String, (u64, u64)> =
+                serde_json::from_slice(&std::fs::read(entry.join("weights.json")).unwrap()).unwrap();
+            let file = std::fs::File::options().write(true).open(&weights).unwrap();
+            for (at, _) in index.values() {
+                std::os::unix::fs::FileExt::write_all_at(&file, &0u64.to_le_bytes(), at + 32).unwrap();
+            }
+        }
+        // Two products' weights swapped in the graph: both still parse and fit.
+        11 => {
+            let graph = entry.join("graph/graph.nnef");
+            let text = std::fs::read_to_string(&graph).unwrap();
+            let keys: Vec<&str> = text.split("weights = \"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+            let (a, b) = (keys[0].to_string(), keys.iter().find(|k| **k != keys[0]).unwrap().to_string());
+            let swapped = text.replace(&format!("\"{a}\""), "\"SWAP\"").replace(&format!("\"{b}\""), &format!("\"{a}\"")).replace("\"SWAP\"", &format!("\"{b}\""));
+            std::fs::write(&graph, swapped).unwrap();
+        }
         _ => unreachable!(),
     }
 }
@@ -106,7 +135,7 @@ fn damage(entry: &Path, how: usize) {
 fn a_damaged_entry_is_replaced_and_the_model_still_loads() {
     let Some(dir) = common::fixture("tiny-q4") else { return };
     let reference = bits(&logits(&load(&dir, &PlanCache::off())));
-    for how in 0..8 {
+    for how in 0..12 {
         let root = tempfile::tempdir().unwrap();
         let cache = PlanCache::at(root.path().to_path_buf(), 1024);
         load(&dir, &cache);

@@ -127,7 +127,17 @@ impl Model {
             load_time: Duration::ZERO,
             plan_cache,
         };
-        model.prefix = model.prefill_head(&manifest_path, &dir.join("model.onnx"))?;
+        model.prefix = match model.prefill_head(&manifest_path, &dir.join("model.onnx")) {
+            Ok(prefix) => prefix,
+            // A plan from the cache that cannot run the template head is a damaged entry: the
+            // model file may still load. (Loaded from the file, the error is the file's.)
+            Err(e) if model.plan_cache == CacheUse::Hit => {
+                cache.discard_for(dir, &anyhow::anyhow!("running the chat template's head: {e}"));
+                drop((model, heap));
+                return Self::load_with_cache(dir, threads, cache);
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "template head prefilled");
         drop(heap);
         model.load_time = started.elapsed();

@@ -71,7 +71,8 @@ impl PlanCache {
     pub fn from_env() -> Self {
         match std::env::var_os("MULMD_PLAN_CACHE").filter(|v| !v.is_empty()) {
             Some(v) if v == "off" => Self::off(),
-            Some(v) => Self::at(PathBuf::from(v), DEFAULT_MB),
+            // Relative to where the command runs, made absolute once.
+            Some(v) => Self::at(std::env::current_dir().map(|cwd| cwd.join(&v)).unwrap_or_else(|_| PathBuf::from(v)), DEFAULT_MB),
             None => default_dir().map_or_else(Self::off, |d| Self::at(d, DEFAULT_MB)),
         }
     }
@@ -83,9 +84,9 @@ impl PlanCache {
     /// The plan stored for `key`, if an entry holds one. A damaged entry is removed.
     pub(crate) fn load(&self, key: &PlanKey) -> Option<TypedModel> {
         let entry = self.dir.as_ref()?.join(&key.name);
-        if !entry.join(WEIGHTS_INDEX).is_file() {
-            return None;
-        }
+        // Whatever is under the entry's name, even not a directory, is read or discarded:
+        // something left there would otherwise block storing a good entry for ever.
+        std::fs::symlink_metadata(&entry).ok()?;
         // tract's NNEF reader is not built for damaged input: a panic in it is a damaged
         // entry like any other, never a failed load.
         let read = std::panic::catch_unwind(|| read_entry(&entry, &key.source)).unwrap_or_else(|_| Err(anyhow::anyhow!("reading it panicked")));
@@ -106,8 +107,21 @@ impl PlanCache {
     pub(crate) fn discard(&self, key: &PlanKey, problem: &TractError) {
         let Some(root) = &self.dir else { return };
         let entry = root.join(&key.name);
-        tracing::warn!(entry = %entry.display(), "the cached plan cannot be used ({problem:#}); removing it and loading the model file");
-        let _ = std::fs::remove_dir_all(&entry);
+        // Bounded: a parse error may quote a damaged file's line, however long.
+        let mut problem = format!("{problem:#}");
+        if let Some((cut, _)) = problem.char_indices().nth(400) {
+            problem.truncate(cut);
+            problem.push('…');
+        }
+        tracing::warn!(entry = %entry.display(), "the cached plan cannot be used ({problem}); removing it and loading the model file");
+        let _ = std::fs::remove_dir_all(&entry).or_else(|_| std::fs::remove_file(&entry));
+    }
+
+    /// Removes `dir`'s entry, which `problem` showed to be unusable after it was read.
+    pub(crate) fn discard_for(&self, dir: &Path, problem: &TractError) {
+        if let Ok(key) = key(dir) {
+            self.discard(&key, problem);
+        }
     }
 
     /// Stores `model` under `key`, then drops the other entries of the same model file and
@@ -225,6 +239,50 @@ const GRAPH: &str = "graph";
 const WEIGHTS: &str = "weights.bin";
 const WEIGHTS_INDEX: &str = "weights.json";
 const SOURCE: &str = "source.txt";
+const DIGEST: &str = "digest.txt";
+
+/// The most a graph, an index or a record of its source may take: SmolLM2's graph is 104 KB.
+const SMALL_FILE: u64 = 64 << 20;
+
+/// A small file of an entry, refused unless it is a regular file within [`SMALL_FILE`]: a
+/// damaged entry must not make a load read without end (a link to /dev/zero, a FIFO).
+fn read_small(path: &Path) -> TractResult<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::symlink_metadata(path)?;
+    anyhow::ensure!(meta.is_file(), "{} is not a regular file", path.display());
+    anyhow::ensure!(meta.len() <= SMALL_FILE, "{} is {} bytes, more than a plan's ever is", path.display(), meta.len());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(SMALL_FILE).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// What an entry's `digest.txt` holds: a hash of its graph, index and source and of the head
+/// of every weight record (its kind, sizes, code width and layout). A damaged or edited entry
+/// whose files still parse (a layout number changed, two keys swapped) is refused, not run.
+/// The weights' bulk is not hashed: that would cost as much as the cache saves, and a flipped
+/// bit there is what one in model.onnx would be.
+fn digest(entry: &Path, index: &WeightIndex) -> TractResult<String> {
+    use std::os::unix::fs::FileExt;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    for file in [entry.join(GRAPH).join("graph.nnef"), entry.join(WEIGHTS_INDEX), entry.join(SOURCE)] {
+        let bytes = read_small(&file)?;
+        hash.update(&(bytes.len() as u64).to_le_bytes());
+        hash.update(&bytes);
+    }
+    let weights = std::fs::File::open(entry.join(WEIGHTS))?;
+    let mut records: Vec<(u64, u64)> = index.values().copied().collect();
+    records.sort_unstable();
+    records.dedup();
+    let mut head = [0u8; 64];
+    for (at, len) in records {
+        let take = len.min(head.len() as u64) as usize;
+        weights.read_exact_at(&mut head[..take], at)?;
+        hash.update(&at.to_le_bytes());
+        hash.update(&len.to_le_bytes());
+        hash.update(&head[..take]);
+    }
+    Ok(hash.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// tract's NNEF with the transformer, ONNX and engine registries: every op a plan holds.
 fn framework() -> tract_nnef::framework::Nnef {
@@ -239,17 +297,24 @@ fn write_entry(temp: &Path, model: &TypedModel, source: &str) -> TractResult<()>
     let mut out = std::io::BufWriter::new(std::fs::File::create(temp.join(WEIGHTS))?);
     let index = nnef::write_weights(model, &mut out)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    // The index last: an entry counts as whole once it is there (and renamed into place).
-    let index = serde_json::to_vec(&index)?;
-    std::fs::write(temp.join(WEIGHTS_INDEX), index)?;
+    std::fs::write(temp.join(WEIGHTS_INDEX), serde_json::to_vec(&index)?)?;
+    std::fs::write(temp.join(DIGEST), digest(temp, &index)?)?;
     Ok(())
 }
 
 fn read_entry(entry: &Path, source: &str) -> TractResult<TypedModel> {
     // An entry copied or renamed from another model's is not this model's plan.
-    let made_from = std::fs::read_to_string(entry.join(SOURCE))?;
+    let made_from = String::from_utf8_lossy(&read_small(&entry.join(SOURCE))?).into_owned();
     anyhow::ensure!(made_from == source, "it was made from {:?}, not from {:?}", made_from.trim(), source.trim());
-    let index: WeightIndex = serde_json::from_slice(&std::fs::read(entry.join(WEIGHTS_INDEX))?)?;
+    let index: WeightIndex = serde_json::from_slice(&read_small(&entry.join(WEIGHTS_INDEX))?)?;
+    anyhow::ensure!(read_small(&entry.join(DIGEST))? == digest(entry, &index)?.as_bytes(), "its files are not the ones it was written with");
+    // tract reads every file of the graph's directory: each must be a plain file.
+    let graph = entry.join(GRAPH);
+    anyhow::ensure!(std::fs::symlink_metadata(&graph)?.is_dir(), "{} is not a directory", graph.display());
+    for file in std::fs::read_dir(&graph)? {
+        let file = file?;
+        anyhow::ensure!(file.file_type()?.is_file(), "{} is not a regular file", file.path().display());
+    }
     let store = WeightStore::open(&entry.join(WEIGHTS), index)?;
     let framework = framework();
     let mut proto = framework.proto_model_for_path(entry.join(GRAPH))?;

@@ -247,6 +247,7 @@ impl Resource for WeightStore {}
 
 impl WeightStore {
     pub fn open(path: &Path, index: WeightIndex) -> TractResult<Self> {
+        ensure!(std::fs::symlink_metadata(path)?.is_file(), "{} is not a regular file", path.display());
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the file is a plan-cache entry's, which no one writes once it is in place
         // (see the type's doc); a mapping of a file truncated behind mulmd's back would fault,
