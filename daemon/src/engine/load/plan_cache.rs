@@ -5,14 +5,17 @@
 //! An entry is a directory named by a hash of everything the plan depends on ([`key`]): the
 //! model file's identity, its manifest, this binary, the target and the kernel level (weights
 //! are laid out for the kernels this CPU runs). It holds the graph in NNEF (`graph/`, the
-//! engine's ops through `ops::nnef`) and the laid-out weights (`weights.bin`, indexed by
-//! `weights.json`). An entry is written to a temporary directory and renamed into place, so a
-//! reader sees a whole entry or none. The cache keeps at most its budget of bytes, dropping the
-//! least recently used entries.
+//! engine's ops through `ops::nnef`), the laid-out weights (`weights.bin`, mapped when read,
+//! indexed by `weights.json`), what it was made from (`source.txt`) and a digest of all that
+//! but the weights' bulk (`digest.txt`). An entry is written to a temporary directory and
+//! renamed into place, so a reader sees a whole entry or none. A new entry replaces the older
+//! ones of its model file and kernel level, and the cache keeps at most its budget of bytes,
+//! dropping the least recently used entries.
 //!
-//! The cache is never needed: an entry that cannot be read (damaged, truncated, from another
-//! version) is removed and the model loaded from its file, and one that cannot be written
-//! (read-only disk, disk full) is skipped, each with a warning that names the directory.
+//! The cache is never needed: an entry that cannot be used (unreadable, damaged, edited, made
+//! from another model, failing to optimize or to run the template head) is removed and the
+//! model loaded from its file, and one that cannot be written (read-only disk, disk full) is
+//! skipped, each with a warning that names the directory.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +31,7 @@ use crate::engine::ops::nnef::{self, WeightIndex, WeightStore};
 /// Bumped whenever what an entry holds changes meaning.
 const FORMAT: &str = "mulmd plan cache 1";
 
-/// The default budget: room for SmolLM2-135M at float32 (a 650 MB entry) and a few smaller plans.
+/// The default budget: room for SmolLM2-135M at float32 (a 630 MB entry) and a few smaller plans.
 pub const DEFAULT_MB: u64 = 2048;
 
 /// Where plans are cached, and how many bytes of them are kept; or no cache.
