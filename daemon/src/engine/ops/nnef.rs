@@ -251,7 +251,7 @@ impl WeightStore {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the file is a plan-cache entry's, which no one writes once it is in place
         // (see the type's doc); a mapping of a file truncated behind mulmd's back would fault,
-        // as a mapped model file does in llama.cpp, and the README says not to edit entries.
+        // as a mapped model file does in llama.cpp (the README warns against it).
         let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
         let len = map.len() as u64;
         if let Some((key, (at, size))) = index.iter().find(|(_, (at, size))| at.checked_add(*size).is_none_or(|end| end > len)) {
