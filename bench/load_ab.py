@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from compare_runtimes import cpu_name, prepare
+from prefill_ab import decode_rate, parse_builds
 
 QUERY = "How do I remove odor from inside my shoes?"
 
@@ -33,11 +34,6 @@ def probe(binary: str, model: Path, kernels: str, plans: str) -> dict:
     return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
 
 
-def decode_rate(run: dict) -> float:
-    t = run["token_ms"]
-    return (len(t) - 1) / ((t[-1] - t[0]) / 1000)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--build", action="append", required=True, help="NAME=PATH of a mulmd binary; the first is the base")
@@ -46,9 +42,7 @@ def main() -> None:
     p.add_argument("--kernels", default="auto", help="MULMD_KERNELS for every build: auto, portable, avx2, avx-vnni, avx512")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    if bad := [b for b in a.build if "=" not in b]:
-        p.error(f"--build takes NAME=PATH, e.g. --build after=target/release/mulmd; got {bad[0]!r}")
-    builds = dict(b.split("=", 1) for b in a.build)
+    builds = parse_builds(p, a.build)
     dirs = prepare(Path(os.environ.get("MULMD_BENCH_MODELS", Path.home() / ".cache/mulmd/bench-models")), a.models)
     root = tempfile.mkdtemp(prefix="mulmd-load-ab-")
     try:

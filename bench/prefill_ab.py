@@ -35,6 +35,13 @@ def decode_rate(run: dict) -> float:
     return (len(t) - 1) / ((t[-1] - t[0]) / 1000)
 
 
+def parse_builds(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str]:
+    """`--build NAME=PATH` values as {name: path}, in order; a value without `=` is a usage error."""
+    if bad := [b for b in values if "=" not in b]:
+        parser.error(f"--build takes NAME=PATH, e.g. --build after=target/release/mulmd; got {bad[0]!r}")
+    return dict(b.split("=", 1) for b in values)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--build", action="append", required=True, help="NAME=PATH of a mulmd binary; the first is the base")
@@ -44,9 +51,7 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=8, help="tokens generated after the prompt")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    if bad := [b for b in a.build if "=" not in b]:
-        p.error(f"--build takes NAME=PATH, e.g. --build after=target/release/mulmd; got {bad[0]!r}")
-    builds = dict(b.split("=", 1) for b in a.build)
+    builds = parse_builds(p, a.build)
     cache = Path(os.environ.get("MULMD_BENCH_MODELS", Path.home() / ".cache/mulmd/bench-models"))
     dirs = prepare(cache, a.models)
     from tokenizers import Tokenizer
