@@ -58,11 +58,11 @@ fn kernels_here() -> Vec<(&'static str, Kernel)> {
 fn products_match_float64_for_every_tile_and_tail() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     // n: whole panels and a part panel; k: multiples of the 4-way unroll and not; m: decode,
-    // whole tiles of 4 and 8, and leftover rows.
+    // whole tiles of 4, 6 (AVX2) and 12 (AVX-512), and leftover rows after each.
     for (n, k) in [(16, 8), (40, 7), (33, 64), (128, 130), (5, 1)] {
         let w = random(&mut rng, n * k);
         let panels = panels_of(&w, n, k);
-        for m in [1, 3, 4, 5, 8, 9, 17] {
+        for m in [1, 3, 4, 5, 6, 8, 9, 11, 12, 17, 25] {
             let a = random(&mut rng, m * k);
             let want = reference(&w, &a, m, n, k);
             for (name, kernel) in kernels_here() {
