@@ -247,7 +247,7 @@ mod kernels {
     /// broadcast input fill 15 of the 16 vector registers (the compiler keeps them there: no
     /// spills in the loop). Per input that is 12 fused multiply-adds for 8 loads, where tiles
     /// of 4 did 8 for 6. SmolLM2's products of 40 rows ran 6–8% faster than in tiles of 4 in
-    /// a scratch comparison; whole prompts gained 0–11%, near the VM's noise (bench/RESULTS.md,
+    /// a scratch comparison; whole prompts ran 0.98–1.11× as fast, near the VM's noise (bench/RESULTS.md,
     /// "AVX2 float32 prompts in tiles of 6 rows").
     ///
     /// # Safety
