@@ -14,6 +14,7 @@
 //! causal prompt's) and mixes values only as far as its weights are not zero.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -22,6 +23,7 @@ use super::aligned::CacheAligned;
 use super::attention_products::{kernels, ActivationProduct};
 use super::kv_cache::Heads;
 use super::rope::tables_fit;
+use super::shares::split_parts;
 use super::softmax::{Mask, MaskRow, MaskedSoftmax};
 
 /// Query rows per tile: their scores stay in the L2 cache up to a few thousand keys.
@@ -82,38 +84,91 @@ impl EvalOp for Attention {
             let q = q.as_slice::<f32>()?;
             // Keys and values may be a cache with room between its heads (see `kv_cache`).
             let (k_heads, v_heads) = (Heads::of(&k)?, Heads::of(&v)?);
-            SCORES.with_borrow_mut(|buffer| -> TractResult<()> {
-                let floats = (TILE.min(m) * keys + SKEWS) * 4;
-                if buffer.len() < floats {
-                    *buffer = CacheAligned::zeroed(floats);
+            let keys_of: Vec<&[f32]> = (0..batch).map(|b| k_heads.head(b, keys * depth)).collect();
+            let values_of: Vec<&[f32]> = (0..batch).map(|b| v_heads.head(b, keys * width)).collect();
+            let keys_t: Vec<Vec<f32>> = if transposed { Vec::new() } else { keys_of.iter().map(|k| kernels::transpose(k, keys, depth)).collect() };
+            let tiles = m.div_ceil(TILE);
+            let out = TileRows { ptr: y.as_mut_ptr(), len: y.len() };
+            let failed = Mutex::new(None);
+            // Every tile of every key head is a part of its own: it reads only the inputs and
+            // writes only its rows, with the scores in its thread's own buffer.
+            split_parts(batch * m * keys * (depth + width), batch * tiles, &|part| {
+                let (b, i0) = (part / tiles, part % tiles * TILE);
+                let tile = TILE.min(m - i0);
+                let first = b * m + i0;
+                let k = if transposed { keys_of[b] } else { &keys_t[b][..] };
+                let limits = if transposed { &[][..] } else { &limits[first..first + tile] };
+                let q = &q[first * depth..][..tile * depth];
+                // SAFETY: parts cover disjoint rows of the output: tile `i0` of head `b`.
+                let y = unsafe { out.rows(first * width..(first + tile) * width) };
+                if let Err(e) = self.tile(q, k, values_of[b], &mask, limits, y, Tile { first, rows: tile, depth, keys, width, transposed }) {
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                 }
-                let buffer = buffer.floats_mut();
-                for b in 0..batch {
-                    let q = &q[b * m * depth..][..m * depth];
-                    let k = k_heads.head(b, keys * depth);
-                    let v = v_heads.head(b, keys * width);
-                    let keys_t = if transposed { Vec::new() } else { kernels::transpose(k, keys, depth) };
-                    let k = if transposed { k } else { &keys_t[..] };
-                    for i0 in (0..m).step_by(TILE) {
-                        let tile = TILE.min(m - i0);
-                        let first = b * m + i0;
-                        // Each row lies as far past a cache line as it would in the scores
-                        // tensor of the ops replaced: tract's softmax kernels sum the part
-                        // before the first aligned vector apart, so the sums would differ.
-                        let skew = (first * keys) % SKEWS;
-                        let scores = &mut buffer[skew..][..tile * keys];
-                        let limits = if transposed { &[][..] } else { &limits[first..first + tile] };
-                        kernels::run(transposed, &q[i0 * depth..][..tile * depth], k, scores, tile, depth, keys, limits);
-                        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
-                            self.softmax.row(row, mask.row(first + r, keys))?;
-                        }
-                        kernels::run(false, scores, v, &mut y[first * width..][..tile * width], tile, keys, width, &[]);
-                    }
-                }
-                Ok(())
-            })?;
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(e);
+            }
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// One tile's place: its first row among all heads' rows, its row count and the sizes.
+struct Tile {
+    first: usize,
+    rows: usize,
+    depth: usize,
+    keys: usize,
+    width: usize,
+    transposed: bool,
+}
+
+/// The output's rows, written by tiles that may run on different threads.
+struct TileRows {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: each tile writes only its own rows (see `rows`), so threads sharing it never write
+// the same element; the output outlives the parts (they end before `eval` goes on).
+unsafe impl Sync for TileRows {}
+
+impl TileRows {
+    /// The floats `range` of the output.
+    ///
+    /// # Safety
+    /// No other caller may hold a range that overlaps it while this one is in use.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.len, "rows outside the output");
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+impl Attention {
+    /// One tile of query rows `q` against one key head's keys `k` (transposed for a prompt)
+    /// and values `v`: scores, softmax under the mask, mix into `y`, the scores in this
+    /// thread's [`SCORES`].
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, q: &[f32], k: &[f32], v: &[f32], mask: &Mask, limits: &[usize], y: &mut [f32], t: Tile) -> TractResult<()> {
+        SCORES.with_borrow_mut(|buffer| {
+            let floats = (t.rows * t.keys + SKEWS) * 4;
+            if buffer.len() < floats {
+                *buffer = CacheAligned::zeroed(floats);
+            }
+            // Each row lies as far past a cache line as it would in the scores tensor of the
+            // ops replaced: tract's softmax kernels sum the part before the first aligned
+            // vector apart, so the sums would differ.
+            let skew = (t.first * t.keys) % SKEWS;
+            let scores = &mut buffer.floats_mut()[skew..][..t.rows * t.keys];
+            kernels::run(t.transposed, q, k, scores, t.rows, t.depth, t.keys, limits);
+            for (r, row) in scores.chunks_exact_mut(t.keys).enumerate() {
+                self.softmax.row(row, mask.row(t.first + r, t.keys))?;
+            }
+            kernels::run(false, scores, v, y, t.rows, t.keys, t.width, &[]);
+            Ok(())
+        })
     }
 }
 

@@ -1,9 +1,11 @@
 //! Splitting one matrix product over the threads of a [`Team`]: each thread writes its own
 //! columns of the output, so no two write the same element and nothing is merged afterwards.
+//! Other work that falls into independent parts (attention's tiles) splits with [`split_parts`].
 
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tract_linalg::multithread::Executor;
 
@@ -97,18 +99,32 @@ impl<'a> ColumnShares<'a> {
 /// (`--threads`), when the product has `macs` ≥ [`PARALLEL_PRODUCT`] multiply-adds; on this
 /// thread alone otherwise.
 pub fn split_columns(macs: usize, out: &mut [f32], n: usize, align: usize, kernel: &(dyn Fn(OutputShare) + Sync)) {
-    let threads = match tract_linalg::multithread::current_tract_executor() {
-        Executor::MultiThread(pool) if macs >= PARALLEL_PRODUCT => pool.current_num_threads(),
-        _ => return kernel(OutputShare::whole(out, n)),
-    };
-    let team = Team::for_threads(threads);
-    if team.threads() < 2 {
-        return kernel(OutputShare::whole(out, n));
-    }
+    let Some(team) = team_for(macs) else { return kernel(OutputShare::whole(out, n)) };
     // Twice as many shares as threads, taken in turn, so a thread that started late or runs
     // slower still finishes close to the others.
     let shares = ColumnShares::new(out, n, 2 * team.threads(), align);
     team.run(shares.count(), &|i| kernel(shares.take(i)));
+}
+
+/// Runs `part(i)` once for every `i` in `0..count`: spread over the threads of the pool tract
+/// runs the plan with (`--threads`) when the work has `macs` ≥ [`PARALLEL_PRODUCT`]
+/// multiply-adds, each part taken by whichever thread is free next; on this thread, in order,
+/// otherwise. The parts must not write the same memory.
+pub fn split_parts(macs: usize, count: usize, part: &(dyn Fn(usize) + Sync)) {
+    match team_for(macs) {
+        Some(team) => team.run(count, part),
+        None => (0..count).for_each(part),
+    }
+}
+
+/// The team that work of `macs` multiply-adds is split over, or `None` to run it on this
+/// thread: a single-threaded plan, a team of one, or too little work to share.
+fn team_for(macs: usize) -> Option<Arc<Team>> {
+    let threads = match tract_linalg::multithread::current_tract_executor() {
+        Executor::MultiThread(pool) if macs >= PARALLEL_PRODUCT => pool.current_num_threads(),
+        _ => return None,
+    };
+    Some(Team::for_threads(threads)).filter(|team| team.threads() >= 2)
 }
 
 

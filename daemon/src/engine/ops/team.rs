@@ -1,5 +1,6 @@
 //! A small team of helper threads that spin while products keep coming, for splitting matrix
-//! products (4-bit and float32) across `--threads` without a wake-up per product.
+//! products (4-bit and float32) and attention's tiles across `--threads` without a wake-up per
+//! product.
 //!
 //! tract's rayon pool parks its workers between jobs, and a decode step of mulm-28m q4 runs 57
 //! products of 10–60 µs each: waking a parked worker costs about as long as the share it

@@ -109,3 +109,34 @@ fn a_mask_that_does_not_fit_is_an_error_that_names_both_shapes() {
     let err = op.eval(&EvalContext::out_of_plan(), inputs).unwrap_err().to_string();
     assert!(err.contains("[1, 1, 3, 3]") && err.contains("[2, 4, 2, 2]"), "{err}");
 }
+
+/// With `--threads`, a tile of each key head may run on another thread: the output must be
+/// the single thread's to the bit, for decode against a long cache and for a prompt.
+#[test]
+fn attention_split_over_threads_equals_the_single_threaded_one() {
+    use crate::engine::ops::shares::PARALLEL_PRODUCT;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let pool = Executor::multithread(3);
+    for (positions, keys) in [(1, 300), (40, 40), (12, 200)] {
+        assert!(2 * 4 * positions * keys * 128 >= PARALLEL_PRODUCT, "large enough to be split");
+        let mask = causal(&mut rng, positions, keys, false);
+        let mut fused = attention_model(positions, keys, &mask, false);
+        use_masked_softmax(&mut fused).unwrap();
+        use_activation_products(&mut fused).unwrap();
+        assert_eq!(use_attention(&mut fused).unwrap(), 1);
+        let op = fused.nodes().iter().find_map(|n| n.op_as::<Attention>()).unwrap().clone();
+        let inputs: TVec<TValue> = tvec![
+            random(&mut rng, &[1, 2, 4, positions, 64]).into_tvalue(),
+            random(&mut rng, &[1, 2, keys, 64]).into_tvalue(),
+            mask.into_tvalue(),
+            random(&mut rng, &[1, 2, keys, 64]).into_tvalue(),
+        ];
+        let single = op.eval(&EvalContext::out_of_plan(), inputs.clone()).unwrap().remove(0);
+        for round in 0..10 {
+            let split = multithread_tract_scope(pool.clone(), || op.eval(&EvalContext::out_of_plan(), inputs.clone())).unwrap().remove(0);
+            let (s, p) = (single.to_plain_array_view::<f32>().unwrap(), split.to_plain_array_view::<f32>().unwrap());
+            assert!(s.iter().zip(p.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{positions} positions, {keys} keys, round {round}");
+        }
+    }
+}
