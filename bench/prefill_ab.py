@@ -24,9 +24,10 @@ from assistant_prompts import home_prompt
 from compare_runtimes import cpu_name, prepare
 
 
-def probe(binary: str, model: Path, query: str, kernels: str, tokens: int) -> dict:
+def probe(binary: str, model: Path, query: str, kernels: str, tokens: int, threads: int = 1) -> dict:
     env = dict(os.environ, MULMD_KERNELS=kernels)
-    cmd = [binary, "probe", "--model", str(model), "--query", query, "--tokens", str(tokens), "--runs", "1"]
+    cmd = [binary, "probe", "--model", str(model), "--query", query, "--tokens", str(tokens), "--runs", "1",
+           "--threads", str(threads)]
     return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)["runs"][0]
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1000, help="prompt size, about (counted by the model's tokenizer)")
     p.add_argument("--generate", type=int, default=8, help="tokens generated after the prompt")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="mulmd's --threads for every build")
     a = p.parse_args()
     builds = parse_builds(p, a.build)
     cache = Path(os.environ.get("MULMD_BENCH_MODELS", Path.home() / ".cache/mulmd/bench-models"))
@@ -63,7 +65,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {b: [] for b in builds}
         for r in range(a.rounds):
             for b in (list(builds) if r % 2 == 0 else list(reversed(builds))):
-                runs[b].append(probe(builds[b], dirs[name], query, a.kernels, a.generate))
+                runs[b].append(probe(builds[b], dirs[name], query, a.kernels, a.generate, a.threads))
         base = statistics.median(x["prefill_ms"] for x in runs[next(iter(builds))])
         base_decode = statistics.median(map(decode_rate, runs[next(iter(builds))]))
         tokens = {b: {tuple(x["tokens"]) for x in runs[b]} for b in builds}
@@ -72,7 +74,7 @@ def main() -> None:
             decode = statistics.median(map(decode_rate, rs))
             rows.append((name, rs[0]["prompt_tokens"], b, prefill, base / prefill, decode, decode / base_decode,
                          tokens[b] == tokens[next(iter(builds))]))
-    print(f"\n{cpu_name()}, {os.cpu_count()} cores; MULMD_KERNELS={a.kernels}, 1 thread, {a.rounds} rounds, medians")
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores; MULMD_KERNELS={a.kernels}, {a.threads} thread{'s' if a.threads > 1 else ''}, {a.rounds} rounds, medians")
     print("| model | prompt tokens | build | prefill ms | base / build | decode tok/s | build / base | tokens as the base's |")
     print("|---|---|---|---|---|---|---|---|")
     for name, n, b, prefill, ratio, decode, decode_ratio, same in rows:
