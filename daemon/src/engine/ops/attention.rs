@@ -14,7 +14,7 @@
 //! causal prompt's) and mixes values only as far as its weights are not zero.
 
 use std::cell::RefCell;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -86,7 +86,9 @@ impl EvalOp for Attention {
             let (k_heads, v_heads) = (Heads::of(&k)?, Heads::of(&v)?);
             let keys_of: Vec<&[f32]> = (0..batch).map(|b| k_heads.head(b, keys * depth)).collect();
             let values_of: Vec<&[f32]> = (0..batch).map(|b| v_heads.head(b, keys * width)).collect();
-            let keys_t: Vec<Vec<f32>> = if transposed { Vec::new() } else { keys_of.iter().map(|k| kernels::transpose(k, keys, depth)).collect() };
+            // A prompt's keys transposed, per head, by the first of its tiles to need them: on
+            // one thread just before that head's tiles, as they are read, not all heads' at once.
+            let keys_t: Vec<OnceLock<Vec<f32>>> = (0..batch).map(|_| OnceLock::new()).collect();
             let tiles = m.div_ceil(TILE);
             let out = TileRows { ptr: y.as_mut_ptr(), len: y.len() };
             let failed = Mutex::new(None);
@@ -96,7 +98,7 @@ impl EvalOp for Attention {
                 let (b, i0) = (part / tiles, part % tiles * TILE);
                 let tile = TILE.min(m - i0);
                 let first = b * m + i0;
-                let k = if transposed { keys_of[b] } else { &keys_t[b][..] };
+                let k = if transposed { keys_of[b] } else { &keys_t[b].get_or_init(|| kernels::transpose(keys_of[b], keys, depth))[..] };
                 let limits = if transposed { &[][..] } else { &limits[first..first + tile] };
                 let q = &q[first * depth..][..tile * depth];
                 // SAFETY: parts cover disjoint rows of the output: tile `i0` of head `b`.
