@@ -205,8 +205,8 @@ impl Attention {
 const SKEWS: usize = 16;
 
 thread_local! {
-    /// One tile's scores, kept between calls: at most [`TILE`] × the context's keys (1 MB
-    /// for 8,192 keys).
+    /// One tile's scores, kept between calls by each thread that runs tiles (the caller and
+    /// the team's helpers): at most [`TILE`] × the context's keys (1 MB for 8,192 keys) each.
     static SCORES: RefCell<CacheAligned> = RefCell::new(CacheAligned::zeroed(0));
 }
 
