@@ -88,11 +88,12 @@ impl EvalOp for Attention {
             let q = q.as_slice::<f32>()?;
             // Keys and values may be a cache with room between its heads (see `kv_cache`).
             let (k_heads, v_heads) = (Heads::of(&k)?, Heads::of(&v)?);
-            let keys_of: Vec<&[f32]> = (0..batch).map(|b| k_heads.head(b, keys * depth)).collect();
-            let values_of: Vec<&[f32]> = (0..batch).map(|b| v_heads.head(b, keys * width)).collect();
+            // Per key head (TVec: inline up to 4, so a decode step allocates nothing for them).
+            let keys_of: TVec<&[f32]> = (0..batch).map(|b| k_heads.head(b, keys * depth)).collect();
+            let values_of: TVec<&[f32]> = (0..batch).map(|b| v_heads.head(b, keys * width)).collect();
             // A prompt's keys transposed, per head, by the first of its tiles to need them: on
             // one thread just before that head's tiles, as they are read, not all heads' at once.
-            let keys_t: Vec<OnceLock<Vec<f32>>> = (0..batch).map(|_| OnceLock::new()).collect();
+            let keys_t: TVec<OnceLock<Vec<f32>>> = (0..batch).map(|_| OnceLock::new()).collect();
             let tiles = m.div_ceil(TILE);
             let out = TileRows { ptr: y.as_mut_ptr(), len: y.len() };
             let failed = Mutex::new(None);
