@@ -123,60 +123,111 @@ mod kernels {
 
     /// Runs over the share's panels with activation tiles of `T` rows, then 4, then the last
     /// one to three rows together.
+    ///
+    /// A prompt's panel comes from memory once and from the cache for every further pass over
+    /// it, so each pass also asks for its even share of the next panel's lines ([`Fetch`]):
+    /// memory delivers the next panel while this one computes, all passes long.
     #[inline(always)]
     fn panels<const T: usize>(w: &PanelWeights, a: &[f32], m: usize, out: &OutputShare) {
         let cols = out.cols();
         let last = w.n.div_ceil(PANEL) - 1;
+        let passes = passes::<T>(m);
         for p in cols.start / PANEL..cols.end.div_ceil(PANEL) {
             let panel = w.panel(p);
             let next = w.panel((p + 1).min(last)).as_ptr();
             let (j0, len) = (p * PANEL, PANEL.min(w.n - p * PANEL));
-            let mut r = 0;
-            // The panel comes from memory for the first tile, which fetches the next panel
-            // ahead as it goes, and from the cache for the others.
+            // A decode step (one row) streams each panel once, and the CPU's own prefetcher
+            // follows that stream: hints there made it slower (see [`Fetch`]).
+            let fetch = |pass: usize| if m == 1 { Fetch::NONE } else { Fetch { next, first: pass, every: passes } };
+            let (mut r, mut pass) = (0, 0);
             while m - r >= T {
-                write_tile(out, r, j0, len, &tile_at::<T>(panel, next, a, w.k, r));
-                r += T;
+                write_tile(out, r, j0, len, &tile::<T>(panel, a, w.k, r, fetch(pass)));
+                (r, pass) = (r + T, pass + 1);
             }
             // Leftover rows: one at a time reads the panel once per row, so narrower tiles
             // first (a 20-token prompt in tiles of 12 leaves 8; in tiles of 6, 2).
             while m - r >= 4 {
-                write_tile(out, r, j0, len, &tile_at::<4>(panel, next, a, w.k, r));
-                r += 4;
+                write_tile(out, r, j0, len, &tile::<4>(panel, a, w.k, r, fetch(pass)));
+                (r, pass) = (r + 4, pass + 1);
             }
+            debug_assert_eq!(pass + usize::from(m > r), passes, "passes::<{T}>({m}) counts the passes made");
             match m - r {
                 0 => {}
-                1 => write(out, r, j0, &row(panel, &a[r * w.k..][..w.k])[..len]),
-                2 => write_tile(out, r, j0, len, &tile_at::<2>(panel, next, a, w.k, r)),
-                _ => write_tile(out, r, j0, len, &tile_at::<3>(panel, next, a, w.k, r)),
+                1 => write(out, r, j0, &row(panel, &a[r * w.k..][..w.k], fetch(pass))[..len]),
+                2 => write_tile(out, r, j0, len, &tile::<2>(panel, a, w.k, r, fetch(pass))),
+                _ => write_tile(out, r, j0, len, &tile::<3>(panel, a, w.k, r, fetch(pass))),
             }
         }
     }
 
-    /// [`tile`] at row `r0`: the panel's first tile (`r0 == 0`) fetches the next panel ahead.
-    #[inline(always)]
-    fn tile_at<const T: usize>(panel: &[f32], next: *const f32, a: &[f32], k: usize, r0: usize) -> [[f32; PANEL]; T] {
-        if r0 == 0 {
-            tile::<T, true>(panel, next, a, k, r0)
-        } else {
-            tile::<T, false>(panel, next, a, k, r0)
+    /// How many passes [`panels`] makes over each panel for `m` rows: tiles of `T`, then of 4,
+    /// then one for the one to three rows left.
+    pub(super) fn passes<const T: usize>(m: usize) -> usize {
+        let rest = m % T;
+        m / T + rest / 4 + usize::from(rest % 4 > 0)
+    }
+
+    /// The lines of the next panel one pass over a panel asks the cache for: input `first`'s,
+    /// then every `every`-th (a panel's 16 floats per input are one 64-byte line), so the
+    /// passes share them out evenly and all of them are asked for once.
+    ///
+    /// Why into L2 and spread: asking for the whole next panel during the first pass, into L1
+    /// (as before), ended that pass before memory could deliver it, left memory idle through
+    /// the others, and pushed the panel being read out of L1 (a panel of 512 inputs is 32 KB,
+    /// all of L1 on the AMD EPYC measured). There, with 1 thread, a cold prompt's prefill went
+    /// from 15.8 to 12.9 ms (mulm-28m f32, 20 tokens) and 113 to 106 ms (SmolLM2 f32, 40) on
+    /// the AVX2 path, 17.1 to 14.3 and 117 to 94 ms on AVX-512's; 1,000-token prompts and
+    /// decode steps did not change (bench/RESULTS.md, "Float32 prompts: the next panel fetched
+    /// by every pass"; bench/scratch/f32_panel_fetch.rs compares the ways of fetching).
+    #[derive(Clone, Copy)]
+    pub(super) struct Fetch {
+        pub(super) next: *const f32,
+        pub(super) first: usize,
+        pub(super) every: usize,
+    }
+
+    impl Fetch {
+        /// Asks for nothing.
+        pub(super) const NONE: Fetch = Fetch { next: std::ptr::null(), first: usize::MAX, every: usize::MAX };
+
+        /// A countdown to this pass's first line.
+        #[inline(always)]
+        pub(super) fn start(&self) -> usize {
+            self.first
+        }
+
+        /// At input `i` with `countdown` steps to the next line to ask for: asks for input
+        /// `i`'s line when it is due, and counts down.
+        #[inline(always)]
+        fn step(&self, i: usize, countdown: &mut usize) {
+            if self.due(countdown) {
+                prefetch_l2(self.next.wrapping_add(i * PANEL));
+            }
+        }
+
+        /// Whether this step's line is to be asked for; counts down to the next.
+        #[inline(always)]
+        pub(super) fn due(&self, countdown: &mut usize) -> bool {
+            let due = *countdown == 0;
+            if due {
+                *countdown = self.every;
+            }
+            *countdown -= 1;
+            due
         }
     }
 
     /// Rows `r0..r0 + T` of the activation against one panel: each group of 16 weights is
-    /// loaded once for the `T` rows. With `FETCH_NEXT`, each step also asks for the line of
-    /// `next` (the next panel) at the same place, so the next panel's first tile finds it in
-    /// the cache instead of waiting on memory. mulm-28m f32's 20-token prompt products took
-    /// 6.8 ms this way, 11.0 without (tiles of 12), 9.5 in tiles of 8 without (`mulmd probe
-    /// --profile`).
+    /// loaded once for the `T` rows, and `fetch`'s lines of the next panel are asked for
+    /// (without any, mulm-28m f32's 20-token prompt products took 11.0 ms rather than 6.8 in
+    /// tiles of 12, `mulmd probe --profile`).
     #[inline(always)]
-    fn tile<const T: usize, const FETCH_NEXT: bool>(panel: &[f32], next: *const f32, a: &[f32], k: usize, r0: usize) -> [[f32; PANEL]; T] {
+    fn tile<const T: usize>(panel: &[f32], a: &[f32], k: usize, r0: usize, fetch: Fetch) -> [[f32; PANEL]; T] {
         let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(r0 + t) * k..][..k]);
         let mut acc = [[0f32; PANEL]; T];
+        let mut countdown = fetch.start();
         for (i, weights) in panel.chunks_exact(PANEL).enumerate() {
-            if FETCH_NEXT {
-                prefetch(next.wrapping_add(i * PANEL));
-            }
+            fetch.step(i, &mut countdown);
             for t in 0..T {
                 let x = rows[t][i];
                 for (s, w) in acc[t].iter_mut().zip(weights) {
@@ -187,27 +238,31 @@ mod kernels {
         acc
     }
 
-    /// A hint to bring the cache line at `at` in; no effect where there is no such hint.
+    /// A hint to bring the cache line at `at` into L2 (not L1: see [`Fetch`]); no effect
+    /// where there is no such hint.
     #[inline(always)]
-    fn prefetch(at: *const f32) {
+    fn prefetch_l2(at: *const f32) {
         // SAFETY: a prefetch does not access memory; any address is allowed.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at.cast())
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = at;
     }
 
     /// One row against one panel, four inputs at a time into four sums, so four fused
-    /// multiply-add chains are in flight rather than one waiting on its own latency.
+    /// multiply-add chains are in flight rather than one waiting on its own latency; `fetch`'s
+    /// lines of the next panel are asked for as in [`tile`].
     #[inline(always)]
-    fn row(panel: &[f32], x: &[f32]) -> [f32; PANEL] {
+    fn row(panel: &[f32], x: &[f32], fetch: Fetch) -> [f32; PANEL] {
         const U: usize = 4;
         let mut acc = [[0f32; PANEL]; U];
         let whole = x.len() / U * U;
-        for (weights, xs) in panel.chunks_exact(U * PANEL).zip(x[..whole].chunks_exact(U)) {
+        let mut countdown = fetch.start();
+        for (q, (weights, xs)) in panel.chunks_exact(U * PANEL).zip(x[..whole].chunks_exact(U)).enumerate() {
             for u in 0..U {
+                fetch.step(q * U + u, &mut countdown);
                 for (s, w) in acc[u].iter_mut().zip(&weights[u * PANEL..][..PANEL]) {
                     *s = w.mul_add(xs[u], *s);
                 }

@@ -75,6 +75,34 @@ fn products_match_float64_for_every_tile_and_tail() {
     }
 }
 
+/// The inputs whose lines of the next panel pass `pass` of `passes` asks for over `k` inputs.
+fn asked(pass: usize, passes: usize, k: usize) -> Vec<usize> {
+    let fetch = kernels::Fetch { next: std::ptr::null(), first: pass, every: passes };
+    let mut countdown = fetch.start();
+    (0..k).filter(|_| fetch.due(&mut countdown)).collect()
+}
+
+#[test]
+fn a_prompts_passes_ask_for_every_line_of_the_next_panel_once() {
+    // Asking for a line twice costs an instruction; never asking leaves that line to come
+    // from memory when the next panel's first pass reads it.
+    // (`panels` checks in debug builds that it makes as many passes as `passes` says.)
+    for (tile, passes) in [(6, kernels::passes::<6> as fn(usize) -> usize), (12, kernels::passes::<12>), (4, kernels::passes::<4>)] {
+        for m in 2..=40 {
+            let passes = passes(m);
+            for k in [7, 64, 576] {
+                let mut all: Vec<usize> = (0..passes).flat_map(|pass| asked(pass, passes, k)).collect();
+                all.sort_unstable();
+                assert_eq!(all, (0..k).collect::<Vec<_>>(), "tiles of {tile}, m = {m}, k = {k}");
+            }
+        }
+    }
+    assert!(asked(0, 1, 64).len() == 64, "one pass asks for the whole next panel");
+    let none = kernels::Fetch::NONE;
+    let mut countdown = none.start();
+    assert!((0..4096).all(|_| !none.due(&mut countdown)), "a decode step asks for nothing");
+}
+
 #[test]
 fn weights_are_read_in_any_axis_order() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
