@@ -167,8 +167,8 @@ mod kernels {
         m / T + rest / 4 + usize::from(rest % 4 > 0)
     }
 
-    /// The lines of the next panel one pass over a panel asks the cache for: input `first`'s,
-    /// then every `every`-th (a panel's 16 floats per input are one 64-byte line), so the
+    /// The lines of the next panel one pass over a panel asks the cache for: input `first`'s
+    /// (the countdown to it starts at `first`), then every `every`-th (a panel's 16 floats per input are one 64-byte line), so the
     /// passes share them out evenly and all of them are asked for once.
     ///
     /// Why into L2 and spread: asking for the whole next panel during the first pass, into L1
@@ -189,12 +189,6 @@ mod kernels {
     impl Fetch {
         /// Asks for nothing.
         pub(super) const NONE: Fetch = Fetch { next: std::ptr::null(), first: usize::MAX, every: usize::MAX };
-
-        /// A countdown to this pass's first line.
-        #[inline(always)]
-        pub(super) fn start(&self) -> usize {
-            self.first
-        }
 
         /// At input `i` with `countdown` steps to the next line to ask for: asks for input
         /// `i`'s line when it is due, and counts down.
@@ -225,7 +219,7 @@ mod kernels {
     fn tile<const T: usize>(panel: &[f32], a: &[f32], k: usize, r0: usize, fetch: Fetch) -> [[f32; PANEL]; T] {
         let rows: [&[f32]; T] = std::array::from_fn(|t| &a[(r0 + t) * k..][..k]);
         let mut acc = [[0f32; PANEL]; T];
-        let mut countdown = fetch.start();
+        let mut countdown = fetch.first;
         for (i, weights) in panel.chunks_exact(PANEL).enumerate() {
             fetch.step(i, &mut countdown);
             for t in 0..T {
@@ -259,7 +253,7 @@ mod kernels {
         const U: usize = 4;
         let mut acc = [[0f32; PANEL]; U];
         let whole = x.len() / U * U;
-        let mut countdown = fetch.start();
+        let mut countdown = fetch.first;
         for (q, (weights, xs)) in panel.chunks_exact(U * PANEL).zip(x[..whole].chunks_exact(U)).enumerate() {
             for u in 0..U {
                 fetch.step(q * U + u, &mut countdown);
@@ -268,7 +262,8 @@ mod kernels {
                 }
             }
         }
-        for (weights, x) in panel[whole * PANEL..].chunks_exact(PANEL).zip(&x[whole..]) {
+        for (i, (weights, x)) in panel[whole * PANEL..].chunks_exact(PANEL).zip(&x[whole..]).enumerate() {
+            fetch.step(whole + i, &mut countdown);
             for (s, w) in acc[0].iter_mut().zip(weights) {
                 *s = w.mul_add(*x, *s);
             }

@@ -78,7 +78,7 @@ fn products_match_float64_for_every_tile_and_tail() {
 /// The inputs whose lines of the next panel pass `pass` of `passes` asks for over `k` inputs.
 fn asked(pass: usize, passes: usize, k: usize) -> Vec<usize> {
     let fetch = kernels::Fetch { next: std::ptr::null(), first: pass, every: passes };
-    let mut countdown = fetch.start();
+    let mut countdown = fetch.first;
     (0..k).filter(|_| fetch.due(&mut countdown)).collect()
 }
 
@@ -99,7 +99,7 @@ fn a_prompts_passes_ask_for_every_line_of_the_next_panel_once() {
     }
     assert!(asked(0, 1, 64).len() == 64, "one pass asks for the whole next panel");
     let none = kernels::Fetch::NONE;
-    let mut countdown = none.start();
+    let mut countdown = none.first;
     assert!((0..4096).all(|_| !none.due(&mut countdown)), "a decode step asks for nothing");
 }
 
